@@ -1,0 +1,76 @@
+"""The Message Type Indicator: four digits, version / class / function / origin."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from codec.errors import DecodeError
+
+__all__ = ["Mti"]
+
+
+@dataclass(frozen=True, slots=True)
+class Mti:
+    """An MTI such as ``0200``. Invalid text raises DecodeError (without echoing it)."""
+
+    code: str
+
+    def __post_init__(self) -> None:
+        code = self.code
+        if not (isinstance(code, str) and len(code) == 4 and code.isascii() and code.isdigit()):
+            raise DecodeError("invalid MTI")
+
+    @classmethod
+    def parse(cls, text: str) -> Mti:
+        return cls(text)
+
+    @property
+    def version(self) -> int:
+        return int(self.code[0])
+
+    @property
+    def message_class(self) -> int:
+        return int(self.code[1])
+
+    @property
+    def function(self) -> int:
+        return int(self.code[2])
+
+    @property
+    def origin(self) -> int:
+        return int(self.code[3])
+
+    @property
+    def is_response(self) -> bool:
+        return self.function % 2 == 1
+
+    @property
+    def is_request(self) -> bool:
+        return not self.is_response
+
+    @property
+    def is_advice(self) -> bool:
+        return self.function in (2, 3)
+
+    @property
+    def is_repeat(self) -> bool:
+        return self.origin % 2 == 1
+
+    def response(self) -> Mti:
+        """The response MTI (function + 1, repeat digit cleared); a response returns itself."""
+        if self.is_response:
+            return self
+        return Mti(f"{self.code[:2]}{self.function + 1}{self.origin & ~1}")
+
+    def original(self) -> Mti:
+        """This MTI with the repeat digit cleared: 0201 -> 0200."""
+        if not self.is_repeat:
+            return self
+        return Mti(f"{self.code[:3]}{self.origin & ~1}")
+
+    def match_code(self) -> str:
+        """The code a request and its response share: 0200, 0201 and 0210 all give 0200."""
+        return f"{self.code[:2]}{self.function & ~1}{self.origin & ~1}"
+
+    def __str__(self) -> str:
+        return self.code
