@@ -1,0 +1,388 @@
+"""YAML configuration, validated into frozen dataclasses.
+
+Every problem is collected with its key path (``switches[1].port: ...``) and reported at
+once by `ConfigError`, so an operator fixes a file in one pass.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from codec import FrameFormat, LengthPrefix, Spec, SpecError, load_spec
+from proxy.errors import ConfigError
+
+T = TypeVar("T")
+
+STRATEGIES = ("round_robin",)
+DEFAULT_MATCH_KEY = ("41", "11")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """How one side of the proxy frames and encodes messages."""
+
+    framing: FrameFormat
+    spec_ref: str
+    spec: Spec = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    host: str
+    port: int
+    endpoint: Endpoint
+    max_connections: int
+    max_inflight_per_connection: int
+    write_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectConfig:
+    initial_delay: float
+    max_delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchConfig:
+    name: str
+    host: str
+    port: int
+    connections: int
+    timeout: float
+    endpoint: Endpoint
+    tpdu: bytes | None
+    max_inflight: int
+    connect_timeout: float
+    reconnect: ReconnectConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    strategy: str
+    match_key: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: ListenConfig
+    switches: tuple[SwitchConfig, ...]
+    routing: RoutingConfig
+    log: LogConfig
+
+
+class _Reader:
+    """Walks raw YAML values, collecting problems instead of stopping at the first."""
+
+    def __init__(self, base_dir: Path) -> None:
+        self.base_dir = base_dir
+        self.problems: list[str] = []
+
+    def fail(self, path: str, problem: str) -> None:
+        self.problems.append(f"{path}: {problem}")
+
+    def mapping(self, raw: object, path: str, known: tuple[str, ...]) -> Mapping[str, Any]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, Mapping):
+            self.fail(path, f"must be a mapping, got {_kind(raw)}")
+            return {}
+        for key in raw:
+            if key not in known:
+                self.fail(_join(path, str(key)), f"unknown key (known: {', '.join(known)})")
+        return raw
+
+    def value(
+        self,
+        raw: Mapping[str, Any],
+        path: str,
+        key: str,
+        kind: type[T],
+        default: T | None,
+        check: Callable[[T], str | None] | None = None,
+    ) -> T | None:
+        """Read `raw[key]` as `kind`; None (after recording a problem) when it is unusable."""
+        where = _join(path, key)
+        if key not in raw or raw[key] is None:
+            if default is None:
+                self.fail(where, "is required")
+            return default
+        value = raw[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            self.fail(where, f"must be {kind.__name__}, got {_kind(value)}")
+            return None
+        if check is not None and (problem := check(value)) is not None:
+            self.fail(where, problem)
+            return None
+        return value
+
+    def endpoint(self, raw: Mapping[str, Any], path: str, tpdu: bool) -> Endpoint | None:
+        framing = self.value(raw, path, "framing", str, "binary2", _one_of(LengthPrefix))
+        max_frame = self.value(raw, path, "max_frame", int, 8192, _between(16, 65535))
+        spec_ref = self.value(raw, path, "spec", str, "default")
+        spec: Spec | None = None
+        if spec_ref is not None:
+            try:
+                spec = load_spec(spec_ref, base_dir=self.base_dir)
+            except SpecError as exc:
+                self.fail(_join(path, "spec"), str(exc))
+        if framing is None or max_frame is None or spec_ref is None or spec is None:
+            return None
+        prefix = LengthPrefix(framing)
+        if max_frame > prefix.max_length:
+            self.fail(
+                _join(path, "max_frame"),
+                f"{max_frame} does not fit a {framing} length prefix (max {prefix.max_length})",
+            )
+            return None
+        return Endpoint(FrameFormat(prefix, tpdu, max_frame), spec_ref, spec)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a YAML config file; raise `ConfigError` listing every problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError([f"{path}: invalid YAML{where}"]) from None
+    return parse_config(raw, base_dir=path.parent)
+
+
+def parse_config(raw: object, *, base_dir: Path) -> Config:
+    """Validate an already-parsed YAML document."""
+    reader = _Reader(base_dir)
+    top = reader.mapping(raw, "config", ("listen", "switches", "routing", "log"))
+    listen = _listen(reader, top.get("listen"))
+    switches = _switches(reader, top.get("switches"))
+    routing = _routing(reader, top.get("routing"))
+    log = _log(reader, top.get("log"))
+    if reader.problems or listen is None or switches is None or routing is None or log is None:
+        raise ConfigError(reader.problems or ["config: invalid"])
+    return Config(listen, switches, routing, log)
+
+
+def _listen(reader: _Reader, raw_value: object) -> ListenConfig | None:
+    path = "listen"
+    raw = reader.mapping(
+        raw_value,
+        path,
+        (
+            "host",
+            "port",
+            "framing",
+            "tpdu",
+            "spec",
+            "max_frame",
+            "max_connections",
+            "max_inflight_per_connection",
+            "write_timeout",
+        ),
+    )
+    host = reader.value(raw, path, "host", str, "0.0.0.0", _host)  # noqa: S104 - a proxy listens
+    port = reader.value(raw, path, "port", int, 6000, _between(0, 65535))
+    tpdu = reader.value(raw, path, "tpdu", bool, False)
+    endpoint = reader.endpoint(raw, path, bool(tpdu))
+    max_connections = reader.value(raw, path, "max_connections", int, 1000, _between(1, 100_000))
+    max_inflight = reader.value(
+        raw, path, "max_inflight_per_connection", int, 64, _between(1, 10_000)
+    )
+    write_timeout = reader.value(raw, path, "write_timeout", float, 10.0, _positive(300))
+    if (
+        host is None
+        or port is None
+        or endpoint is None
+        or max_connections is None
+        or max_inflight is None
+        or write_timeout is None
+    ):
+        return None
+    return ListenConfig(host, port, endpoint, max_connections, max_inflight, write_timeout)
+
+
+def _switches(reader: _Reader, raw: object) -> tuple[SwitchConfig, ...] | None:
+    if not isinstance(raw, list) or not raw:
+        reader.fail("switches", "must be a non-empty list of switches")
+        return None
+    switches: list[SwitchConfig] = []
+    names: set[str] = set()
+    for index, item in enumerate(raw):
+        switch = _switch(reader, item, f"switches[{index}]")
+        if switch is None:
+            continue
+        if switch.name in names:
+            reader.fail(f"switches[{index}].name", f"duplicate switch name {switch.name!r}")
+        names.add(switch.name)
+        switches.append(switch)
+    return tuple(switches) if len(switches) == len(raw) else None
+
+
+def _switch(reader: _Reader, raw_value: object, path: str) -> SwitchConfig | None:
+    raw = reader.mapping(
+        raw_value,
+        path,
+        (
+            "name",
+            "host",
+            "port",
+            "connections",
+            "timeout",
+            "framing",
+            "tpdu",
+            "spec",
+            "max_frame",
+            "max_inflight",
+            "connect_timeout",
+            "reconnect",
+        ),
+    )
+    name = reader.value(raw, path, "name", str, None, _name)
+    host = reader.value(raw, path, "host", str, None, _host)
+    port = reader.value(raw, path, "port", int, None, _between(1, 65535))
+    connections = reader.value(raw, path, "connections", int, 1, _between(1, 64))
+    timeout = reader.value(raw, path, "timeout", float, 20.0, _positive(120))
+    tpdu_hex = reader.value(raw, path, "tpdu", str, "", _tpdu)
+    endpoint = reader.endpoint(raw, path, bool(tpdu_hex))
+    max_inflight = reader.value(raw, path, "max_inflight", int, 1000, _between(1, 100_000))
+    connect_timeout = reader.value(raw, path, "connect_timeout", float, 5.0, _positive(120))
+    reconnect = _reconnect(reader, raw.get("reconnect"), _join(path, "reconnect"))
+    if (
+        name is None
+        or host is None
+        or port is None
+        or connections is None
+        or timeout is None
+        or tpdu_hex is None
+        or endpoint is None
+        or max_inflight is None
+        or connect_timeout is None
+        or reconnect is None
+    ):
+        return None
+    tpdu = bytes.fromhex(tpdu_hex) if tpdu_hex else None
+    return SwitchConfig(
+        name,
+        host,
+        port,
+        connections,
+        timeout,
+        endpoint,
+        tpdu,
+        max_inflight,
+        connect_timeout,
+        reconnect,
+    )
+
+
+def _reconnect(reader: _Reader, raw_value: object, path: str) -> ReconnectConfig | None:
+    raw = reader.mapping(raw_value, path, ("initial_delay", "max_delay"))
+    initial = reader.value(raw, path, "initial_delay", float, 0.5, _positive(60))
+    maximum = reader.value(raw, path, "max_delay", float, 30.0, _positive(3600))
+    if initial is None or maximum is None:
+        return None
+    if maximum < initial:
+        reader.fail(_join(path, "max_delay"), "must be >= initial_delay")
+        return None
+    return ReconnectConfig(initial, maximum)
+
+
+def _routing(reader: _Reader, raw_value: object) -> RoutingConfig | None:
+    path = "routing"
+    raw = reader.mapping(raw_value, path, ("strategy", "match_key"))
+    strategy = reader.value(raw, path, "strategy", str, "round_robin", _one_of(STRATEGIES))
+    match_key = reader.value(raw, path, "match_key", list, list(DEFAULT_MATCH_KEY), _field_list)
+    if strategy is None or match_key is None:
+        return None
+    return RoutingConfig(strategy, tuple(str(f) for f in match_key))
+
+
+def _log(reader: _Reader, raw_value: object) -> LogConfig | None:
+    raw = reader.mapping(raw_value, "log", ("level",))
+    level = reader.value(raw, "log", "level", str, "INFO", _one_of(LOG_LEVELS))
+    return None if level is None else LogConfig(level)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _between(low: int, high: int) -> Callable[[int], str | None]:
+    def check(value: int) -> str | None:
+        return None if low <= value <= high else f"must be between {low} and {high}"
+
+    return check
+
+
+def _positive(high: float) -> Callable[[float], str | None]:
+    def check(value: float) -> str | None:
+        return None if 0 < value <= high else f"must be > 0 and <= {high:g}"
+
+    return check
+
+
+def _one_of(choices: Any) -> Callable[[str], str | None]:
+    allowed = [str(c) for c in choices]
+
+    def check(value: str) -> str | None:
+        return None if value in allowed else f"must be one of {', '.join(allowed)}"
+
+    return check
+
+
+def _name(value: str) -> str | None:
+    ok = value and len(value) <= 64 and all(c.isalnum() or c in "-_." for c in value)
+    return None if ok else "must be 1-64 letters, digits, '-', '_' or '.'"
+
+
+def _host(value: str) -> str | None:
+    if not value:
+        return "must not be empty"
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        labels = value.rstrip(".").split(".")
+        if not all(
+            label and len(label) <= 63 and label.replace("-", "").isalnum() for label in labels
+        ):
+            return "must be an IP address or a host name"
+    return None
+
+
+def _tpdu(value: str) -> str | None:
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        return "must be 10 hex digits (5 bytes), e.g. '6000010000'"
+    return None if len(raw) in (0, 5) else "must be 10 hex digits (5 bytes), e.g. '6000010000'"
+
+
+def _field_list(value: list[Any]) -> str | None:
+    fields = [str(f) for f in value]
+    if not fields:
+        return "must name at least one field"
+    if any(not f.isdigit() or not 2 <= int(f) <= 128 for f in fields):
+        return "fields must be data field numbers 2-128"
+    if len(set(fields)) != len(fields):
+        return "must not repeat a field"
+    return None

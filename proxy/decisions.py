@@ -1,0 +1,104 @@
+"""The policy table: what the proxy does with each message, and which RC each failure gets.
+
+Everything the proxy decides about a message lives here, as plain functions of values, so
+the policy can be read in one place and tested table by table.
+
+From a terminal:
+- Requests and advices of classes 1 (authorization), 2 (financial) and 4 (reversal),
+  including repeats, are forwarded to a switch.
+- A network-management echo (0800, field 70 = 301) is the operators' test of the proxy
+  itself: answered 0810 RC 00 here, never forwarded.
+- Any other request (other network-management codes, file actions, reconciliation...) is
+  not the proxy's to carry: answered RC 12 (invalid transaction).
+- A response sent by a terminal answers nothing we asked: dropped (and logged).
+
+From a switch:
+- Responses go to the correlator to find their request.
+- An 0800 request (the switch's own echo or sign-on) is answered 0810 RC 00 on the link.
+- Anything else is unsolicited: dropped and logged.
+
+When forwarding fails, the terminal still gets an answer; the RC says why (`FAILURE_RC`).
+A request whose match-key fields are missing is a format error (30): its answer could never
+be matched; so is one that the chosen switch's spec cannot encode. A second request with a
+key already in flight is a duplicate transmission (94). No healthy link, a lost link, or no
+answer by the deadline: issuer or switch inoperative (91).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from codec import Message
+from proxy.errors import (
+    KeyInFlight,
+    LinkLost,
+    MissingKeyField,
+    NoLinkAvailable,
+    ProxyError,
+    UnencodableMessage,
+    UpstreamTimeout,
+)
+
+APPROVED = "00"
+INVALID_TRANSACTION = "12"
+FORMAT_ERROR = "30"
+SWITCH_INOPERATIVE = "91"
+DUPLICATE_TRANSMISSION = "94"
+SYSTEM_MALFUNCTION = "96"
+
+FORWARDED_CLASSES = frozenset({1, 2, 4})
+NETWORK_MANAGEMENT = 8
+ECHO_TEST = "301"
+
+
+class Action(StrEnum):
+    FORWARD = "forward"
+    ANSWER = "answer"
+    MATCH = "match"
+    DROP = "drop"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    rc: str | None = None
+    reason: str = ""
+
+
+FAILURE_RC: dict[type[ProxyError], str] = {
+    MissingKeyField: FORMAT_ERROR,
+    UnencodableMessage: FORMAT_ERROR,
+    KeyInFlight: DUPLICATE_TRANSMISSION,
+    NoLinkAvailable: SWITCH_INOPERATIVE,
+    LinkLost: SWITCH_INOPERATIVE,
+    UpstreamTimeout: SWITCH_INOPERATIVE,
+}
+
+
+def from_terminal(message: Message) -> Decision:
+    mti = message.mti
+    if mti.is_response:
+        return Decision(Action.DROP, reason="response from a terminal")
+    if mti.message_class in FORWARDED_CLASSES:
+        return Decision(Action.FORWARD)
+    if mti.message_class == NETWORK_MANAGEMENT and message.get("70") == ECHO_TEST:
+        return Decision(Action.ANSWER, APPROVED, "echo test of the proxy")
+    return Decision(Action.ANSWER, INVALID_TRANSACTION, "message type not carried")
+
+
+def from_switch(message: Message) -> Decision:
+    mti = message.mti
+    if mti.is_response:
+        return Decision(Action.MATCH)
+    if mti.message_class == NETWORK_MANAGEMENT and not mti.is_advice:
+        return Decision(Action.ANSWER, APPROVED, "network management from the switch")
+    return Decision(Action.DROP, reason="unsolicited request from a switch")
+
+
+def failure_rc(error: ProxyError) -> str:
+    """The RC a terminal gets when its request could not be completed."""
+    for kind, rc in FAILURE_RC.items():
+        if isinstance(error, kind):
+            return rc
+    return SYSTEM_MALFUNCTION
