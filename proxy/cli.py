@@ -1,0 +1,119 @@
+"""Command line: `iso-proxy run | check-config | sim-switch`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import trio
+
+from codec import FrameFormat, LengthPrefix, SpecError, load_spec
+from fixtures.sim_switch import SimSwitch, SimSwitchOptions
+from proxy.app import App
+from proxy.config import Config, load_config
+from proxy.errors import ConfigError
+
+EXIT_BAD_CONFIG = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command: int = args.command(args)
+    return command
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iso-proxy", description="ISO 8583 switch proxy")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the proxy")
+    run.add_argument("-c", "--config", type=Path, default=Path("config.yaml"))
+    run.set_defaults(command=_run)
+
+    check = commands.add_parser("check-config", help="validate a config file and list problems")
+    check.add_argument("-c", "--config", type=Path, default=Path("config.yaml"))
+    check.set_defaults(command=_check_config)
+
+    sim = commands.add_parser("sim-switch", help="run a simulated switch")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, required=True)
+    sim.add_argument("--framing", choices=[p.value for p in LengthPrefix], default="binary2")
+    sim.add_argument("--tpdu", action="store_true", help="frames carry a 5-byte TPDU")
+    sim.add_argument("--spec", default="default", help="default, default_ascii or a YAML file")
+    sim.add_argument("--rc", default="00", help="response code for financial requests")
+    sim.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
+    sim.add_argument("--drop", action="store_true", help="never answer financial requests")
+    sim.add_argument("--mute", action="store_true", help="never answer anything")
+    sim.add_argument("--close-after", type=int, help="close a connection after N messages")
+    sim.set_defaults(command=_sim_switch)
+    return parser
+
+
+def _load(path: Path) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as error:
+        print(f"{path}: invalid configuration:", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_BAD_CONFIG
+    print(f"{args.config}: ok ({len(config.switches)} switch(es))")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_BAD_CONFIG
+    _setup_logging(config.log.level)
+    trio.run(_until_signal, App(config).run)
+    return 0
+
+
+def _sim_switch(args: argparse.Namespace) -> int:
+    _setup_logging("INFO")
+    try:
+        spec = load_spec(args.spec, base_dir=Path.cwd())
+    except SpecError as error:
+        print(f"--spec: {error}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    options = SimSwitchOptions(
+        host=args.host,
+        port=args.port,
+        framing=FrameFormat(LengthPrefix(args.framing), args.tpdu),
+        spec=spec,
+        rc=args.rc,
+        delay=args.delay,
+        drop=args.drop,
+        mute=args.mute,
+        close_after=args.close_after,
+    )
+    trio.run(_until_signal, SimSwitch(options).run)
+    return 0
+
+
+async def _until_signal(service: Callable[[], Awaitable[object]]) -> None:
+    """Run a service until SIGINT or SIGTERM, then cancel it cleanly."""
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            nursery.start_soon(service)
+            async for signum in signals:
+                logging.getLogger("iso_proxy").info("%s: stopping", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )

@@ -1,0 +1,144 @@
+"""The terminal-facing listener: one task per connection, many requests in flight on each."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import trio
+
+from codec import (
+    CodecError,
+    DecodeError,
+    Frame,
+    Framer,
+    FramingError,
+    Message,
+    decode,
+    encode,
+    encode_frame,
+    swap_tpdu,
+)
+from proxy.config import ListenConfig
+from proxy.decisions import FORMAT_ERROR, SYSTEM_MALFUNCTION
+from proxy.forwarder import Forwarder
+from proxy.responses import answer, answer_salvaged
+
+log = logging.getLogger("iso_proxy.server")
+
+READ_SIZE = 16384
+
+
+class Server:
+    """Accepts terminal connections and serves each until it closes."""
+
+    def __init__(self, listen: ListenConfig, forwarder: Forwarder) -> None:
+        self._listen = listen
+        self._forwarder = forwarder
+        self.connections = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; reports the bound port (useful with port 0)."""
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                partial(trio.serve_tcp, self._serve, self._listen.port, host=self._listen.host)
+            )
+            port: int = listeners[0].socket.getsockname()[1]
+            log.info("listening on %s:%d", self._listen.host, port)
+            task_status.started(port)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        if self.connections >= self._listen.max_connections:
+            log.warning("connection refused: %d connections open", self.connections)
+            await stream.aclose()
+            return
+        self.connections += 1
+        try:
+            await _Connection(stream, self._listen, self._forwarder).run()
+        except Exception as exc:  # a handler's failure must never take the server down
+            log.error("connection failed: %s", type(exc).__name__)
+        finally:
+            self.connections -= 1
+
+
+class _Connection:
+    """One terminal connection: a reader, a task per request, frames written whole."""
+
+    def __init__(self, stream: trio.SocketStream, listen: ListenConfig, forwarder: Forwarder):
+        self._stream = stream
+        self._listen = listen
+        self._endpoint = listen.endpoint
+        self._forwarder = forwarder
+        self._write_lock = trio.Lock()
+        self._in_flight = trio.Semaphore(listen.max_inflight_per_connection)
+
+    async def run(self) -> None:
+        # When reading stops, requests in flight still run to completion: a terminal that
+        # half-closed its side still gets every answer.
+        async with trio.open_nursery() as nursery:
+            await self._read(nursery)
+        await self._stream.aclose()
+
+    async def _read(self, nursery: trio.Nursery) -> None:
+        framer = Framer(self._endpoint.framing)
+        try:
+            while True:
+                frame = framer.next_frame()
+                if frame is None:
+                    data = await self._stream.receive_some(READ_SIZE)
+                    if not data:
+                        return
+                    framer.feed(data)
+                    continue
+                try:
+                    message = decode(frame.message, self._endpoint.spec)
+                except DecodeError as exc:
+                    salvage = exc.salvage
+                    if salvage is None or not salvage.mti.is_request:
+                        log.warning("closing connection: undecodable message (%s)", exc)
+                        await self._stream.aclose()
+                        return
+                    log.warning("format error from terminal %s: %s", salvage.terminal, exc)
+                    await self._write(answer_salvaged(salvage, FORMAT_ERROR), frame.tpdu)
+                    continue
+                await self._in_flight.acquire()  # backpressure: stop reading at the cap
+                nursery.start_soon(self._handle, message, frame.tpdu)
+        except FramingError as exc:
+            log.warning("closing connection: %s", exc)
+            await self._stream.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+    async def _handle(self, message: Message, tpdu: bytes | None) -> None:
+        try:
+            try:
+                response = await self._forwarder.handle(message)
+            except Exception as exc:  # one request's failure must not cancel its neighbours
+                log.error("%s failed inside the proxy: %s", message.mti, type(exc).__name__)
+                response = answer(message, SYSTEM_MALFUNCTION)
+            if response is not None:
+                await self._write(response, tpdu)
+        finally:
+            self._in_flight.release()
+
+    async def _write(self, message: Message, tpdu: bytes | None) -> None:
+        """Write one whole frame; a cancel never leaves half a frame on the wire."""
+        try:
+            data = encode_frame(
+                self._endpoint.framing,
+                Frame(encode(message, self._endpoint.spec), swap_tpdu(tpdu) if tpdu else None),
+            )
+        except CodecError as exc:
+            log.error("answer %s not encodable for the terminal: %s", message.mti, exc)
+            return
+        async with self._write_lock:
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + self._listen.write_timeout
+                try:
+                    await self._stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    log.warning("answer %s undelivered: terminal gone", message.mti)
+                    return
+            if scope.cancelled_caught:
+                log.warning("terminal not reading; closing connection")
+                await self._stream.aclose()

@@ -1,0 +1,188 @@
+"""Links: persistent connections to a switch, kept up with reconnects and backoff."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+from enum import StrEnum
+
+import trio
+
+from codec import (
+    CodecError,
+    Frame,
+    Framer,
+    Message,
+    decode,
+    encode,
+    encode_frame,
+)
+from proxy import decisions
+from proxy.backoff import Backoff
+from proxy.config import SwitchConfig
+from proxy.errors import LinkLost, NotWritten
+from proxy.responses import answer
+
+log = logging.getLogger("iso_proxy.upstream")
+
+READ_SIZE = 65536
+
+# Called by a link's reader for every response it receives; returns False when the
+# response matched no request in flight on that link.
+ResponseSink = Callable[["Link", Message], bool]
+# Called after every change of a link's state.
+StateSink = Callable[["Link"], None]
+
+
+class LinkState(StrEnum):
+    CONNECTING = "connecting"
+    UP = "up"
+    DOWN = "down"
+
+
+class Link:
+    """One persistent TCP connection to a switch.
+
+    `run` connects, reads answers and reconnects with backoff until cancelled. `send`
+    writes one whole frame or raises: `NotWritten` when no byte left (safe to fail over),
+    `LinkLost` when the write broke part-way (the request may have reached the switch).
+    """
+
+    def __init__(
+        self,
+        switch: SwitchConfig,
+        index: int,
+        on_response: ResponseSink,
+        on_state: StateSink,
+        rng: random.Random,
+    ) -> None:
+        self.switch = switch
+        self.name = f"{switch.name}/{index}"
+        self.state = LinkState.CONNECTING
+        self._on_response = on_response
+        self._on_state = on_state
+        self._rng = rng
+        self._backoff = Backoff(switch.reconnect.initial_delay, switch.reconnect.max_delay)
+        self._stream: trio.SocketStream | None = None
+        self._write_lock = trio.Lock()
+        self.connects = 0
+
+    @property
+    def is_up(self) -> bool:
+        return self.state is LinkState.UP
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the link connected until cancelled; ready as soon as the first attempt ends."""
+        attempt = 0
+        ready = False
+        while True:
+            stream = await self._connect()
+            if not ready:
+                task_status.started()
+                ready = True
+            if stream is None:
+                await trio.sleep(self._backoff.delay(attempt, self._rng))
+                attempt += 1
+                continue
+            attempt = 0
+            try:
+                await self._serve(stream)
+            except Exception as exc:  # a bug must cost one connection, not the whole pool
+                log.error("link %s: internal error: %s", self.name, type(exc).__name__)
+            finally:
+                self._mark_down()
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+            await trio.sleep(self._backoff.delay(attempt, self._rng))
+            attempt += 1
+
+    async def send(self, message: Message) -> None:
+        data = self._frame(message)
+        async with self._write_lock:
+            stream = self._stream
+            if stream is None or not self.is_up:
+                raise NotWritten(f"link {self.name} is not up")
+            failure = None
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + self.switch.timeout
+                try:
+                    await stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    failure = "failed"
+            if scope.cancelled_caught:
+                failure = "timed out"
+            if failure is not None:
+                # The frame may be partly on the wire: the stream is unusable from here on.
+                self._mark_down()
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+                raise LinkLost(f"write to link {self.name} {failure}")
+
+    def _frame(self, message: Message) -> bytes:
+        endpoint = self.switch.endpoint
+        return encode_frame(
+            endpoint.framing, Frame(encode(message, endpoint.spec), self.switch.tpdu)
+        )
+
+    async def _connect(self) -> trio.SocketStream | None:
+        self._set_state(LinkState.CONNECTING)
+        with trio.move_on_after(self.switch.connect_timeout):
+            try:
+                stream = await trio.open_tcp_stream(self.switch.host, self.switch.port)
+            except OSError as exc:
+                log.debug("link %s: connect failed: %s", self.name, exc.strerror)
+                self._set_state(LinkState.DOWN)
+                return None
+            self._stream = stream
+            self.connects += 1
+            log.info("link %s: up", self.name)
+            self._set_state(LinkState.UP)
+            return stream
+        log.debug("link %s: connect timed out", self.name)
+        self._set_state(LinkState.DOWN)
+        return None
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        """Read frames until the switch closes, the stream breaks or the switch misbehaves."""
+        framer = Framer(self.switch.endpoint.framing)
+        try:
+            while True:
+                frame = framer.next_frame()
+                if frame is None:
+                    data = await stream.receive_some(READ_SIZE)
+                    if not data:
+                        log.warning("link %s: closed by the switch", self.name)
+                        return
+                    framer.feed(data)
+                    continue
+                await self._dispatch(decode(frame.message, self.switch.endpoint.spec))
+        except CodecError as exc:
+            log.warning("link %s: bad frame from the switch (%s); reconnecting", self.name, exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            log.warning("link %s: connection lost", self.name)
+
+    async def _dispatch(self, message: Message) -> None:
+        decision = decisions.from_switch(message)
+        if decision.action is decisions.Action.MATCH:
+            if not self._on_response(self, message):
+                log.warning(
+                    "link %s: unmatched %s response (late or unknown)", self.name, message.mti
+                )
+        elif decision.action is decisions.Action.ANSWER and decision.rc is not None:
+            with contextlib.suppress(NotWritten, LinkLost):
+                await self.send(answer(message, decision.rc))
+        else:
+            log.warning("link %s: dropped %s (%s)", self.name, message.mti, decision.reason)
+
+    def _mark_down(self) -> None:
+        if self._stream is None:
+            return
+        self._stream = None
+        log.warning("link %s: down", self.name)
+        self._set_state(LinkState.DOWN)
+
+    def _set_state(self, state: LinkState) -> None:
+        self.state = state
+        self._on_state(self)

@@ -1,0 +1,256 @@
+"""The proxy path over real loopback sockets: terminals -> proxy -> simulated switches."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import trio
+
+from codec import FrameFormat, LengthPrefix, Message, Mti, decode
+from fixtures.messages import echo, financial
+from fixtures.sim_switch import SimSwitch
+from fixtures.terminal import Terminal
+from proxy.upstream import LinkState
+from tests.conftest import Terminals, proxy_config, start_proxy, start_switch
+
+
+async def _pipeline(terminal: Terminal, requests: list[Message]) -> list[Message]:
+    """Write every request in one go, then read as many answers (in whatever order)."""
+    await terminal.stream.send_all(b"".join(terminal.frame(request) for request in requests))
+    return [await terminal.receive() for _ in requests]
+
+
+async def test_pipelined_terminals_with_colliding_stans_get_their_own_answers(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+) -> None:
+    alpha = await start_switch(nursery)
+    beta = await start_switch(nursery)
+    _, port = await start_proxy(nursery, proxy_config({"alpha": alpha.port, "beta": beta.port}))
+    answers: dict[str, list[Message]] = {}
+
+    async def terminal_session(tid: str) -> None:
+        terminal = await terminals.connect(port)
+        requests = [financial(stan, tid) for stan in range(1, 51)]
+        answers[tid] = await _pipeline(terminal, requests)
+        await terminal.aclose()
+
+    async with trio.open_nursery() as sessions:
+        for n in range(20):
+            sessions.start_soon(terminal_session, f"TERM{n:04d}")
+
+    assert len(answers) == 20
+    for tid, received in answers.items():
+        assert sorted(m.get("11") or "" for m in received) == [f"{s:06d}" for s in range(1, 51)]
+        assert {m.get("41") for m in received} == {tid}
+        assert {m.mti.code for m in received} == {"0210"}
+        assert {m.get("39") for m in received} == {"00"}
+    total = alpha.financial_total() + beta.financial_total()
+    assert total == 1000
+    assert abs(alpha.financial_total() - 500) <= 50
+    assert abs(beta.financial_total() - 500) <= 50
+
+
+async def test_backpressure_at_the_in_flight_cap_loses_nothing(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+) -> None:
+    switch = await start_switch(nursery, delay=0.01)
+    _, port = await start_proxy(
+        nursery,
+        proxy_config({"alpha": switch.port}, listen={"max_inflight_per_connection": 4}),
+    )
+    terminal = await terminals.connect(port)
+    received = await _pipeline(terminal, [financial(stan) for stan in range(1, 101)])
+    assert sorted(int(m.get("11") or 0) for m in received) == list(range(1, 101))
+    assert switch.financial_total() == 100
+
+
+async def test_a_killed_switch_reconnects_while_traffic_flows_elsewhere(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+) -> None:
+    beta = await start_switch(nursery)
+    alpha = SimSwitch()
+    alpha_scope = trio.CancelScope()
+
+    async def run_alpha(task_status: trio.TaskStatus[int]) -> None:
+        with alpha_scope:
+            await alpha.run(task_status=task_status)
+
+    alpha_port: int = await nursery.start(run_alpha)
+    app, port = await start_proxy(nursery, proxy_config({"alpha": alpha_port, "beta": beta.port}))
+    alpha_links = app.pool.links["alpha"]
+    terminal = await terminals.connect(port)
+
+    for stan in range(1, 21):
+        assert (await terminal.request(financial(stan))).get("39") == "00"
+    assert alpha.financial_total() == 10
+
+    alpha_scope.cancel()
+    await app.pool.wait_until(lambda: all(not link.is_up for link in alpha_links))
+    before = beta.financial_total()
+    for stan in range(21, 41):
+        assert (await terminal.request(financial(stan))).get("39") == "00"
+    assert beta.financial_total() == before + 20
+
+    revived = SimSwitch()
+    revived.options = alpha.options.__class__(port=alpha_port)
+    await nursery.start(revived.run)
+    await app.pool.wait_until(lambda: all(link.is_up for link in alpha_links))
+    assert all(link.connects == 2 for link in alpha_links)
+    for stan in range(41, 61):
+        assert (await terminal.request(financial(stan))).get("39") == "00"
+    assert revived.financial_total() == 10
+
+
+async def test_a_switch_that_never_answers_gives_rc_91_at_the_deadline(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+) -> None:
+    switch = await start_switch(nursery, drop=True)
+    _, port = await start_proxy(
+        nursery, proxy_config({"alpha": switch.port}, switch={"timeout": 0.5})
+    )
+    terminal = await terminals.connect(port)
+    started = trio.current_time()
+    response = await terminal.request(financial(7))
+    elapsed = trio.current_time() - started
+    assert (response.mti.code, response.get("39"), response.get("11")) == ("0210", "91", "000007")
+    assert elapsed >= 0.5
+    assert switch.financial_total() == 1
+
+
+async def test_no_link_up_answers_rc_91_at_once(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+) -> None:
+    closed = trio.socket.socket()
+    await closed.bind(("127.0.0.1", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()
+    _, port = await start_proxy(nursery, proxy_config({"alpha": dead_port}))
+    terminal = await terminals.connect(port)
+    with trio.fail_after(2):  # far below the switch's 5 s timeout
+        response = await terminal.request(financial(1))
+    assert response.get("39") == "91"
+
+
+async def test_a_link_lost_mid_flight_fails_its_requests_at_once(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+) -> None:
+    switch = await start_switch(nursery, close_after=1)
+    _, port = await start_proxy(
+        nursery, proxy_config({"alpha": switch.port}, switch={"connections": 1, "timeout": 30})
+    )
+    terminal = await terminals.connect(port)
+    with trio.fail_after(5):  # not at the 30 s timeout
+        response = await terminal.request(financial(3))
+    assert response.get("39") == "91"
+    assert switch.financial_total() == 1
+
+
+async def test_the_proxy_answers_echo_tests_itself(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+) -> None:
+    switch = await start_switch(nursery)
+    _, port = await start_proxy(nursery, proxy_config({"alpha": switch.port}))
+    terminal = await terminals.connect(port)
+    response = await terminal.request(echo(42))
+    assert (response.mti.code, response.get("39"), response.get("11"), response.get("70")) == (
+        "0810",
+        "00",
+        "000042",
+        "301",
+    )
+    assert switch.total == 0
+
+
+async def test_same_key_in_flight_is_refused_with_rc_94_and_not_forwarded(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+) -> None:
+    switch = await start_switch(nursery, delay=0.3)
+    _, port = await start_proxy(nursery, proxy_config({"alpha": switch.port}))
+    terminal = await terminals.connect(port)
+    received = await _pipeline(terminal, [financial(5), financial(5)])
+    assert Counter(m.get("39") for m in received) == Counter({"00": 1, "94": 1})
+    assert switch.financial_total() == 1
+
+
+async def test_messages_without_optional_fields_are_forwarded(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+) -> None:
+    switch = await start_switch(nursery)
+    _, port = await start_proxy(nursery, proxy_config({"alpha": switch.port}))
+    terminal = await terminals.connect(port)
+    request = financial(9, optional=False)
+    response = await terminal.request(request)
+    assert response.get("39") == "00"
+    assert switch.requests[-1] == request
+
+
+async def test_classes_1_2_and_4_and_their_repeats_are_forwarded(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+) -> None:
+    switch = await start_switch(nursery)
+    _, port = await start_proxy(nursery, proxy_config({"alpha": switch.port}))
+    terminal = await terminals.connect(port)
+    mtis = ["0100", "0101", "0200", "0201", "0220", "0221", "0400", "0401", "0420", "0421"]
+    for stan, mti in enumerate(mtis, start=1):
+        response = await terminal.request(financial(stan, mti=mti))
+        assert response.mti == Mti.parse(mti).response()
+        assert response.get("39") == "00"
+    assert switch.received == Counter(mtis)
+
+
+async def test_terminal_and_switch_speak_different_framings(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+) -> None:
+    switch = await start_switch(nursery)  # binary2, default spec
+    _, port = await start_proxy(
+        nursery,
+        proxy_config(
+            {"alpha": switch.port},
+            listen={"framing": "ascii4", "tpdu": True, "spec": "default_ascii"},
+        ),
+    )
+    terminal = await terminals.connect(
+        port, FrameFormat(LengthPrefix.ASCII4, tpdu=True), "default_ascii"
+    )
+    await terminal.send(financial(11), tpdu=bytes.fromhex("6000120034"))
+    frame = await terminal.receive_frame()
+    assert frame is not None
+    assert frame.tpdu == bytes.fromhex("6000340012")
+    response = decode(frame.message, terminal.spec)
+    assert (response.mti.code, response.get("39"), response.get("11")) == ("0210", "00", "000011")
+    assert switch.financial_total() == 1
+
+
+async def test_switch_echo_to_the_proxy_is_answered(
+    nursery: trio.Nursery, terminals: Terminals
+) -> None:
+    accepted: trio.MemorySendChannel[trio.SocketStream]
+    accepted, streams = trio.open_memory_channel[trio.SocketStream](1)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await accepted.send(stream)
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(trio.serve_tcp, handler, 0)
+    switch_port = listeners[0].socket.getsockname()[1]
+    app, _ = await start_proxy(
+        nursery, proxy_config({"alpha": switch_port}, switch={"connections": 1})
+    )
+    stream = await streams.receive()
+    fake_switch = terminals.adopt(
+        Terminal(stream, FrameFormat(), app.config.switches[0].endpoint.spec)
+    )
+    answer = await fake_switch.request(echo(901))
+    assert (answer.mti.code, answer.get("39"), answer.get("11")) == ("0810", "00", "000901")
+    assert app.pool.links["alpha"][0].state is LinkState.UP

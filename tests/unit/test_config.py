@@ -1,0 +1,111 @@
+"""Config loading: the shipped file is valid, and every problem is reported by key path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from codec import LengthPrefix
+from proxy.config import load_config, parse_config
+from proxy.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_config_is_valid_and_documented_defaults_apply() -> None:
+    config = load_config(REPO / "config.yaml")
+    assert (config.listen.host, config.listen.port) == ("0.0.0.0", 6000)
+    assert config.listen.endpoint.framing.prefix is LengthPrefix.BINARY2
+    assert config.listen.endpoint.framing.max_frame == 8192
+    assert [s.name for s in config.switches] == ["alpha", "beta"]
+    assert config.switches[0].connections == 2
+    assert config.routing.strategy == "round_robin"
+    assert config.routing.match_key == ("41", "11")
+
+
+def test_minimal_config_gets_defaults() -> None:
+    config = parse_config(
+        {"switches": [{"name": "a", "host": "127.0.0.1", "port": 7001}]}, base_dir=REPO
+    )
+    switch = config.switches[0]
+    assert (switch.connections, switch.timeout, switch.tpdu) == (1, 20.0, None)
+    assert switch.endpoint.spec_ref == "default"
+    assert config.listen.port == 6000
+
+
+def test_every_problem_is_reported_at_once_with_its_key_path(tmp_path: Path) -> None:
+    raw = {
+        "listen": {"port": 70000, "framing": "ascii2", "colour": "red"},
+        "switches": [
+            {"name": "a", "host": "127.0.0.1", "port": 7001, "timeout": -1},
+            {"name": "a", "host": "", "port": "x", "tpdu": "zz"},
+            {"host": "127.0.0.1", "port": 7003, "framing": "ascii4", "max_frame": 20000},
+            {"name": "d", "host": "127.0.0.1", "port": 7004, "spec": "missing.yaml"},
+        ],
+        "routing": {"strategy": "random", "match_key": ["41", "41"]},
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, base_dir=tmp_path)
+    problems = "\n".join(caught.value.problems)
+    for path in (
+        "listen.port:",
+        "listen.framing:",
+        "listen.colour: unknown key",
+        "switches[0].timeout:",
+        "switches[1].host:",
+        "switches[1].port: must be int",
+        "switches[1].tpdu:",
+        "switches[2].name: is required",
+        "switches[2].max_frame: 20000 does not fit a ascii4",
+        "switches[3].spec:",
+        "routing.strategy:",
+        "routing.match_key:",
+    ):
+        assert path in problems, path
+    assert len(caught.value.problems) == 12
+
+
+def test_duplicate_switch_names_and_empty_switch_list() -> None:
+    same = {"host": "127.0.0.1", "port": 7001}
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"switches": [{"name": "a", **same}, {"name": "a", **same}]}, base_dir=REPO)
+    assert caught.value.problems == ["switches[1].name: duplicate switch name 'a'"]
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"switches": []}, base_dir=REPO)
+    assert caught.value.problems == ["switches: must be a non-empty list of switches"]
+
+
+def test_unreadable_and_invalid_yaml_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("listen: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML at line"):
+        load_config(broken)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args], capture_output=True, text=True, check=False
+    )
+
+
+def test_check_config_command(tmp_path: Path) -> None:
+    ok = _cli("check-config", "-c", str(REPO / "config.yaml"))
+    assert ok.returncode == 0, ok.stderr
+    assert "ok (2 switch(es))" in ok.stdout
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listen: {port: -1}\nswitches: [{name: a, port: 99999}]\n")
+    failed = _cli("check-config", "-c", str(bad))
+    assert failed.returncode == 2
+    assert "listen.port: must be between 0 and 65535" in failed.stderr
+    assert "switches[0].host: is required" in failed.stderr
+    assert "switches[0].port: must be between 1 and 65535" in failed.stderr
+
+    refused = _cli("run", "-c", str(bad))
+    assert refused.returncode == 2
+    assert "switches[0].host: is required" in refused.stderr
