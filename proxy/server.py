@@ -54,7 +54,8 @@ class Server:
             return
         self.connections += 1
         try:
-            await _Connection(stream, self._listen, self._forwarder).run()
+            async with stream:
+                await _Connection(stream, self._listen, self._forwarder).run()
         except Exception as exc:  # a handler's failure must never take the server down
             log.error("connection failed: %s", type(exc).__name__)
         finally:
@@ -77,7 +78,6 @@ class _Connection:
         # half-closed its side still gets every answer.
         async with trio.open_nursery() as nursery:
             await self._read(nursery)
-        await self._stream.aclose()
 
     async def _read(self, nursery: trio.Nursery) -> None:
         framer = Framer(self._endpoint.framing)

@@ -232,25 +232,62 @@ async def test_terminal_and_switch_speak_different_framings(
     assert switch.financial_total() == 1
 
 
-async def test_switch_echo_to_the_proxy_is_answered(
-    nursery: trio.Nursery, terminals: Terminals
-) -> None:
-    accepted: trio.MemorySendChannel[trio.SocketStream]
-    accepted, streams = trio.open_memory_channel[trio.SocketStream](1)
+async def _fake_switch(
+    nursery: trio.Nursery,
+) -> tuple[int, trio.MemoryReceiveChannel[trio.SocketStream]]:
+    """A bare listener: the test plays the switch on each connection the proxy opens."""
+    accepted, streams = trio.open_memory_channel[trio.SocketStream](8)
 
     async def handler(stream: trio.SocketStream) -> None:
         await accepted.send(stream)
         await trio.sleep_forever()
 
     listeners = await nursery.start(trio.serve_tcp, handler, 0)
-    switch_port = listeners[0].socket.getsockname()[1]
-    app, _ = await start_proxy(
+    return listeners[0].socket.getsockname()[1], streams
+
+
+async def test_switch_traffic_the_proxy_did_not_ask_for(
+    nursery: trio.Nursery, terminals: Terminals
+) -> None:
+    switch_port, streams = await _fake_switch(nursery)
+    app, port = await start_proxy(
         nursery, proxy_config({"alpha": switch_port}, switch={"connections": 1})
     )
-    stream = await streams.receive()
-    fake_switch = terminals.adopt(
-        Terminal(stream, FrameFormat(), app.config.switches[0].endpoint.spec)
-    )
-    answer = await fake_switch.request(echo(901))
+    spec = app.config.switches[0].endpoint.spec
+    switch = terminals.adopt(Terminal(await streams.receive(), FrameFormat(), spec))
+    terminal = await terminals.connect(port)
+
+    # The switch's own echo is answered on the link.
+    answer = await switch.request(echo(901))
     assert (answer.mti.code, answer.get("39"), answer.get("11")) == ("0810", "00", "000901")
+
+    # An answer nobody asked for reaches no terminal; a duplicate answer is delivered once.
+    await switch.send(financial(555, "NOBODY01").with_fields({"39": "00"}, mti=Mti.parse("0210")))
+    await terminal.send(financial(21))
+    request = await switch.receive()
+    response = request.with_fields({"39": "00", "38": "AUTH01"}, mti=request.mti.response())
+    await switch.send(response)
+    await switch.send(response.with_fields({"38": "AUTH02"}))
+    first = await terminal.receive()
+    assert (first.get("11"), first.get("38")) == ("000021", "AUTH01")
+    assert (await terminal.request(echo(22))).mti.code == "0810"  # nothing else was queued
     assert app.pool.links["alpha"][0].state is LinkState.UP
+
+
+async def test_a_switch_down_at_start_is_connected_when_it_comes_up(
+    nursery: trio.Nursery, terminals: Terminals
+) -> None:
+    reserved = trio.socket.socket()
+    await reserved.bind(("127.0.0.1", 0))
+    switch_port = reserved.getsockname()[1]
+    reserved.close()
+    app, port = await start_proxy(nursery, proxy_config({"alpha": switch_port}))
+    terminal = await terminals.connect(port)
+    assert (await terminal.request(financial(1))).get("39") == "91"
+
+    switch = await start_switch(nursery, port=switch_port)
+    links = app.pool.links["alpha"]
+    with trio.fail_after(5):
+        await app.pool.wait_until(lambda: all(link.is_up for link in links))
+    assert (await terminal.request(financial(2))).get("39") == "00"
+    assert switch.financial_total() == 1

@@ -1,0 +1,96 @@
+"""The README quick start, as real processes: two `sim-switch`es and `iso-proxy run`."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from fixtures.messages import echo, financial
+from tests.conftest import Terminals
+
+LISTENING = re.compile(rb"listening on [^ ]+:(\d+)")
+
+
+class _Process:
+    """A child process whose stderr is read line by line (and kept, for assertions)."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.output = bytearray()
+        self._lines: trio.MemorySendChannel[bytes]
+        self._lines, self.lines = trio.open_memory_channel[bytes](1000)
+
+    async def pump(self) -> None:
+        assert self.process.stderr is not None
+        pending = b""
+        async with self._lines:
+            while chunk := await self.process.stderr.receive_some(4096):
+                self.output += chunk
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    self._lines.send_nowait(line)
+
+    async def port(self) -> int:
+        async for line in self.lines:
+            if match := LISTENING.search(line):
+                return int(match.group(1))
+        raise AssertionError(f"exited before listening: {self.output.decode(errors='replace')}")
+
+
+async def _spawn(nursery: trio.Nursery, children: list[_Process], *args: str) -> _Process:
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "proxy", *args], stderr=subprocess.PIPE
+    )
+    child = _Process(process)
+    children.append(child)
+    nursery.start_soon(child.pump)
+    return child
+
+
+async def test_quick_start_processes_carry_traffic_and_stop_cleanly(
+    tmp_path: Path, terminals: Terminals
+) -> None:
+    children: list[_Process] = []
+    try:
+        await _run_quick_start(tmp_path, terminals, children)
+    finally:
+        for child in children:
+            if child.process.returncode is None:
+                child.process.kill()
+                await child.process.wait()
+
+
+async def _run_quick_start(tmp_path: Path, terminals: Terminals, children: list[_Process]) -> None:
+    async with trio.open_nursery() as nursery:
+        alpha = await _spawn(nursery, children, "sim-switch", "--port", "0")
+        beta = await _spawn(nursery, children, "sim-switch", "--port", "0", "--delay", "0.01")
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            "listen: {host: 127.0.0.1, port: 0}\n"
+            "switches:\n"
+            f"  - {{name: alpha, host: 127.0.0.1, port: {await alpha.port()}, connections: 2}}\n"
+            f"  - {{name: beta, host: 127.0.0.1, port: {await beta.port()}, connections: 2}}\n"
+        )
+        proxy = await _spawn(nursery, children, "run", "-c", str(config))
+        with trio.fail_after(20):
+            terminal = await terminals.connect(await proxy.port())
+            reply = await terminal.request(echo(1))
+            assert (reply.mti.code, reply.get("39")) == ("0810", "00")
+            for stan in range(2, 12):
+                reply = await terminal.request(financial(stan))
+                assert (reply.mti.code, reply.get("39"), reply.get("11")) == (
+                    "0210",
+                    "00",
+                    f"{stan:06d}",
+                )
+            await terminal.aclose()
+            for child in (proxy, alpha, beta):
+                child.process.send_signal(signal.SIGTERM)
+                assert await child.process.wait() == 0, child.output.decode(errors="replace")
+    assert b"4111111111111111" not in proxy.output
