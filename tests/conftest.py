@@ -59,6 +59,22 @@ async def start_proxy(nursery: trio.Nursery, config: Config) -> tuple[App, int]:
     return app, port
 
 
+async def proxy_with_one_switch(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+    *,
+    listen: Mapping[str, Any] | None = None,
+    switch: Mapping[str, Any] | None = None,
+    **switch_options: Any,
+) -> tuple[SimSwitch, App, Terminal]:
+    """A simulated switch `alpha`, the proxy in front of it, and a terminal connected to it."""
+    sim = await start_switch(nursery, **switch_options)
+    app, port = await start_proxy(
+        nursery, proxy_config({"alpha": sim.port}, listen=listen, switch=switch)
+    )
+    return sim, app, await terminals.connect(port)
+
+
 class Terminals:
     """Opens terminal connections for a test and closes them all when it ends."""
 

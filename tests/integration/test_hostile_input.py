@@ -9,7 +9,7 @@ import trio
 from codec import encode
 from fixtures.messages import financial
 from fixtures.terminal import Terminal
-from tests.conftest import Terminals, proxy_config, start_proxy, start_switch
+from tests.conftest import Terminals, proxy_config, proxy_with_one_switch, start_proxy, start_switch
 
 
 def _binary2(body: bytes) -> bytes:
@@ -67,9 +67,7 @@ async def test_one_byte_chunks_and_many_frames_in_one_write(
     nursery: trio.Nursery,
     terminals: Terminals,
 ) -> None:
-    switch = await start_switch(nursery)
-    _, port = await start_proxy(nursery, proxy_config({"alpha": switch.port}))
-    terminal = await terminals.connect(port)
+    switch, _, terminal = await proxy_with_one_switch(nursery, terminals)
     data = b"".join(terminal.frame(financial(stan)) for stan in range(1, 11))
     for i in range(len(data)):
         await terminal.stream.send_all(data[i : i + 1])
@@ -87,8 +85,6 @@ async def test_keepalive_frames_are_ignored(
     nursery: trio.Nursery,
     terminals: Terminals,
 ) -> None:
-    switch = await start_switch(nursery)
-    _, port = await start_proxy(nursery, proxy_config({"alpha": switch.port}))
-    terminal = await terminals.connect(port)
+    _, _, terminal = await proxy_with_one_switch(nursery, terminals)
     await terminal.stream.send_all(b"\x00\x00" * 3 + terminal.frame(financial(4)) + b"\x00\x00")
     assert (await terminal.receive()).get("39") == "00"

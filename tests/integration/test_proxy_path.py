@@ -11,7 +11,7 @@ from fixtures.messages import echo, financial
 from fixtures.sim_switch import SimSwitch
 from fixtures.terminal import Terminal
 from proxy.upstream import LinkState
-from tests.conftest import Terminals, proxy_config, start_proxy, start_switch
+from tests.conftest import Terminals, proxy_config, proxy_with_one_switch, start_proxy, start_switch
 
 
 async def _pipeline(terminal: Terminal, requests: list[Message]) -> list[Message]:
@@ -108,11 +108,9 @@ async def test_a_switch_that_never_answers_gives_rc_91_at_the_deadline(
     nursery: trio.Nursery,
     terminals: Terminals,
 ) -> None:
-    switch = await start_switch(nursery, drop=True)
-    _, port = await start_proxy(
-        nursery, proxy_config({"alpha": switch.port}, switch={"timeout": 0.5})
+    switch, _, terminal = await proxy_with_one_switch(
+        nursery, terminals, switch={"timeout": 0.5}, drop=True
     )
-    terminal = await terminals.connect(port)
     started = trio.current_time()
     response = await terminal.request(financial(7))
     elapsed = trio.current_time() - started
@@ -140,11 +138,9 @@ async def test_a_link_lost_mid_flight_fails_its_requests_at_once(
     nursery: trio.Nursery,
     terminals: Terminals,
 ) -> None:
-    switch = await start_switch(nursery, close_after=1)
-    _, port = await start_proxy(
-        nursery, proxy_config({"alpha": switch.port}, switch={"connections": 1, "timeout": 30})
+    switch, _, terminal = await proxy_with_one_switch(
+        nursery, terminals, switch={"connections": 1, "timeout": 30}, close_after=1
     )
-    terminal = await terminals.connect(port)
     with trio.fail_after(5):  # not at the 30 s timeout
         response = await terminal.request(financial(3))
     assert response.get("39") == "91"
@@ -155,9 +151,7 @@ async def test_the_proxy_answers_echo_tests_itself(
     nursery: trio.Nursery,
     terminals: Terminals,
 ) -> None:
-    switch = await start_switch(nursery)
-    _, port = await start_proxy(nursery, proxy_config({"alpha": switch.port}))
-    terminal = await terminals.connect(port)
+    switch, _, terminal = await proxy_with_one_switch(nursery, terminals)
     response = await terminal.request(echo(42))
     assert (response.mti.code, response.get("39"), response.get("11"), response.get("70")) == (
         "0810",
@@ -172,9 +166,7 @@ async def test_same_key_in_flight_is_refused_with_rc_94_and_not_forwarded(
     nursery: trio.Nursery,
     terminals: Terminals,
 ) -> None:
-    switch = await start_switch(nursery, delay=0.3)
-    _, port = await start_proxy(nursery, proxy_config({"alpha": switch.port}))
-    terminal = await terminals.connect(port)
+    switch, _, terminal = await proxy_with_one_switch(nursery, terminals, delay=0.3)
     received = await _pipeline(terminal, [financial(5), financial(5)])
     assert Counter(m.get("39") for m in received) == Counter({"00": 1, "94": 1})
     assert switch.financial_total() == 1
@@ -184,9 +176,7 @@ async def test_messages_without_optional_fields_are_forwarded(
     nursery: trio.Nursery,
     terminals: Terminals,
 ) -> None:
-    switch = await start_switch(nursery)
-    _, port = await start_proxy(nursery, proxy_config({"alpha": switch.port}))
-    terminal = await terminals.connect(port)
+    switch, _, terminal = await proxy_with_one_switch(nursery, terminals)
     request = financial(9, optional=False)
     response = await terminal.request(request)
     assert response.get("39") == "00"
@@ -197,9 +187,7 @@ async def test_classes_1_2_and_4_and_their_repeats_are_forwarded(
     nursery: trio.Nursery,
     terminals: Terminals,
 ) -> None:
-    switch = await start_switch(nursery)
-    _, port = await start_proxy(nursery, proxy_config({"alpha": switch.port}))
-    terminal = await terminals.connect(port)
+    switch, _, terminal = await proxy_with_one_switch(nursery, terminals)
     mtis = ["0100", "0101", "0200", "0201", "0220", "0221", "0400", "0401", "0420", "0421"]
     for stan, mti in enumerate(mtis, start=1):
         response = await terminal.request(financial(stan, mti=mti))
