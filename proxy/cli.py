@@ -44,13 +44,19 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--framing", choices=[p.value for p in LengthPrefix], default="binary2")
     sim.add_argument("--tpdu", action="store_true", help="frames carry a 5-byte TPDU")
     sim.add_argument("--spec", default="default", help="default, default_ascii or a YAML file")
-    sim.add_argument("--rc", default="00", help="response code for financial requests")
+    sim.add_argument("--rc", type=_rc, default="00", help="response code for financial requests")
     sim.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
     sim.add_argument("--drop", action="store_true", help="never answer financial requests")
     sim.add_argument("--mute", action="store_true", help="never answer anything")
     sim.add_argument("--close-after", type=int, help="close a connection after N messages")
     sim.set_defaults(command=_sim_switch)
     return parser
+
+
+def _rc(text: str) -> str:
+    if len(text) != 2 or not text.isalnum():
+        raise argparse.ArgumentTypeError("a response code is 2 letters or digits, e.g. 00 or 05")
+    return text
 
 
 def _load(path: Path) -> Config | None:
@@ -76,8 +82,7 @@ def _run(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_BAD_CONFIG
     _setup_logging(config.log.level)
-    trio.run(_until_signal, App(config).run)
-    return 0
+    return _serve(App(config).run)
 
 
 def _sim_switch(args: argparse.Namespace) -> int:
@@ -98,8 +103,25 @@ def _sim_switch(args: argparse.Namespace) -> int:
         mute=args.mute,
         close_after=args.close_after,
     )
-    trio.run(_until_signal, SimSwitch(options).run)
-    return 0
+    return _serve(SimSwitch(options).run)
+
+
+def _serve(service: Callable[[], Awaitable[object]]) -> int:
+    """Run a service until a signal; a socket that cannot be opened is a clear error."""
+    failures: list[str] = []
+    try:
+        trio.run(_until_signal, service)
+    except* OSError as group:
+        failures = [str(exc) for exc in _leaves(group)]
+    for failure in failures:
+        print(f"iso-proxy: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
 
 
 async def _until_signal(service: Callable[[], Awaitable[object]]) -> None:

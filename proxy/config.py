@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from codec import FrameFormat, LengthPrefix, Spec, SpecError, load_spec
+from codec import SENSITIVE_FIELDS, FrameFormat, LengthPrefix, Spec, SpecError, load_spec
 from proxy.errors import ConfigError
 
 T = TypeVar("T")
@@ -22,6 +22,8 @@ T = TypeVar("T")
 STRATEGIES = ("round_robin",)
 DEFAULT_MATCH_KEY = ("41", "11")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Fields the proxy reads or writes itself: MTI, bitmap, STAN, RC, terminal, NMI code.
+REQUIRED_FIELDS = ("t", "p", "11", "39", "41", "70")
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +141,9 @@ class _Reader:
                 spec = load_spec(spec_ref, base_dir=self.base_dir)
             except SpecError as exc:
                 self.fail(_join(path, "spec"), str(exc))
+        if spec is not None and (missing := [f for f in REQUIRED_FIELDS if f not in spec]):
+            self.fail(_join(path, "spec"), f"must define fields {', '.join(missing)}")
+            return None
         if framing is None or max_frame is None or spec_ref is None or spec is None:
             return None
         prefix = LengthPrefix(framing)
@@ -157,6 +162,8 @@ def load_config(path: Path) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -176,6 +183,14 @@ def parse_config(raw: object, *, base_dir: Path) -> Config:
     log = _log(reader, top.get("log"))
     if reader.problems or listen is None or switches is None or routing is None or log is None:
         raise ConfigError(reader.problems or ["config: invalid"])
+    endpoints = {"listen": listen.endpoint} | {
+        f"switches[{i}]": s.endpoint for i, s in enumerate(switches)
+    }
+    for path, endpoint in endpoints.items():
+        if missing := [f for f in routing.match_key if f not in endpoint.spec]:
+            reader.fail(f"{path}.spec", f"lacks match_key field(s) {', '.join(missing)}")
+    if reader.problems:
+        raise ConfigError(reader.problems)
     return Config(listen, switches, routing, log)
 
 
@@ -307,10 +322,10 @@ def _routing(reader: _Reader, raw_value: object) -> RoutingConfig | None:
     path = "routing"
     raw = reader.mapping(raw_value, path, ("strategy", "match_key"))
     strategy = reader.value(raw, path, "strategy", str, "round_robin", _one_of(STRATEGIES))
-    match_key = reader.value(raw, path, "match_key", list, list(DEFAULT_MATCH_KEY), _field_list)
+    match_key = reader.value(raw, path, "match_key", list, list(DEFAULT_MATCH_KEY), _match_key)
     if strategy is None or match_key is None:
         return None
-    return RoutingConfig(strategy, tuple(str(f) for f in match_key))
+    return RoutingConfig(strategy, tuple(_field_names(match_key)))
 
 
 def _log(reader: _Reader, raw_value: object) -> LogConfig | None:
@@ -377,12 +392,20 @@ def _tpdu(value: str) -> str | None:
     return None if len(raw) in (0, 5) else "must be 10 hex digits (5 bytes), e.g. '6000010000'"
 
 
-def _field_list(value: list[Any]) -> str | None:
+def _match_key(value: list[Any]) -> str | None:
     fields = [str(f) for f in value]
-    if not fields:
-        return "must name at least one field"
     if any(not f.isdigit() or not 2 <= int(f) <= 128 for f in fields):
         return "fields must be data field numbers 2-128"
+    fields = _field_names(value)
     if len(set(fields)) != len(fields):
         return "must not repeat a field"
+    if not {"11", "41"} <= set(fields):
+        return "must include 41 (terminal) and 11 (STAN): a STAN is unique per terminal only"
+    if card_data := sorted(set(fields) & SENSITIVE_FIELDS, key=int):
+        return f"must not use card data fields ({', '.join(card_data)})"
     return None
+
+
+def _field_names(value: list[Any]) -> list[str]:
+    """Field numbers as the codec names them: "041" and 41 are both "41"."""
+    return [str(int(str(f))) for f in value]

@@ -36,7 +36,7 @@ class Forwarder:
         except ProxyError as error:
             rc = decisions.failure_rc(error)
             log.info(
-                "%s stan=%s tid=%s rc=%s (%s) %.1fms",
+                "%s stan=%r tid=%r rc=%s (%s) %.1fms",
                 message.mti,
                 message.get("11"),
                 message.get("41"),
@@ -46,7 +46,7 @@ class Forwarder:
             )
             return answer(message, rc)
         log.info(
-            "%s stan=%s tid=%s rc=%s %.1fms",
+            "%s stan=%r tid=%r rc=%r %.1fms",
             message.mti,
             message.get("11"),
             message.get("41"),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 
 import trio
 
@@ -22,6 +24,8 @@ from proxy.errors import (
 )
 from proxy.keys import MatchKey, match_key
 from proxy.upstream import Link, LinkState
+
+log = logging.getLogger("iso_proxy.upstream")
 
 
 class _Waiter:
@@ -85,38 +89,55 @@ class Pool:
     async def forward(self, message: Message, key: MatchKey) -> Message:
         """Send `message` over a healthy link and return the switch's answer.
 
-        Raises KeyInFlight, NoLinkAvailable, LinkLost, UpstreamTimeout or UnencodableMessage.
+        One deadline, the chosen switch's `timeout` from now, bounds the whole request:
+        waiting to write, writing, and waiting for the answer. Raises KeyInFlight,
+        NoLinkAvailable, LinkLost, UpstreamTimeout or UnencodableMessage.
         """
+        started = trio.current_time()
+        self._correlator.expire(started)
         waiter = _Waiter()
-        self._correlator.open(key, waiter)
+        self._correlator.open(key, waiter, started)
+        late_until = None
         try:
-            link = await self._send(message, key)
-            with trio.move_on_after(link.switch.timeout):
+            link, deadline = await self._send(message, key, waiter, started)
+            with trio.move_on_at(deadline):
                 await waiter.event.wait()
             if waiter.error is not None:
                 raise waiter.error
             if waiter.response is None:
+                # Keep the key until the late answer comes (or a second timeout passes), so
+                # it can never be handed to a newer request that reuses the key.
+                late_until = deadline + link.switch.timeout
                 raise UpstreamTimeout(f"no answer from {link.switch.name} in time")
             return waiter.response
         finally:
-            self._correlator.close(key, waiter)
+            self._correlator.finish(key, waiter, late_until)
 
-    async def _send(self, message: Message, key: MatchKey) -> Link:
+    async def _send(
+        self, message: Message, key: MatchKey, waiter: _Waiter, started: float
+    ) -> tuple[Link, float]:
+        unencodable = False
         for link in self._candidates():
+            deadline = started + link.switch.timeout
             try:
-                self._correlator.bind(key, link.name, link.switch.max_inflight)
-                await link.send(message)
-            except NotWritten:  # also LinkFull: try the next link
+                self._correlator.bind(key, waiter, link.name, link.switch.max_inflight)
+                await link.send(
+                    message,
+                    deadline=deadline,
+                    before_write=partial(self._correlator.mark_sent, key, waiter),
+                )
+            except NotWritten:  # down, full, or no turn before the deadline: try the next
                 continue
-            except CodecError:
-                raise UnencodableMessage(
-                    f"request does not fit switch {link.switch.name}"
-                ) from None
-            return link
-        raise NoLinkAvailable("no switch link is up")
+            except CodecError:  # this switch's spec cannot carry it; another's may
+                unencodable = True
+                continue
+            return link, deadline
+        if unencodable:
+            raise UnencodableMessage("request does not fit any available switch's spec")
+        raise NoLinkAvailable("no switch link could take the request")
 
     def _candidates(self) -> Iterator[Link]:
-        """One up link per up switch, switches and links each taken in turn.
+        """Every up link: first one per switch, switches in turn, then the rest.
 
         Lazy, so a switch's own turn moves on only when one of its links is offered.
         """
@@ -125,19 +146,26 @@ class Pool:
             for name, links in self.links.items()
             if (up := [link for link in links if link.is_up])
         }
+        others: list[Link] = []
         for name in self._switch_turns.order(list(per_switch)):
-            yield self._link_turns[name].order(per_switch[name])[0]
+            first, *rest = self._link_turns[name].order(per_switch[name])
+            others.extend(rest)
+            yield first
+        yield from others
 
-    def _on_response(self, link: Link, response: Message) -> bool:
+    def _on_response(self, link: Link, response: Message) -> None:
         try:
             key = match_key(response, self._match_fields)
         except MissingKeyField:
-            return False
-        waiter = self._correlator.resolve(link.name, key)
-        if waiter is None:
-            return False
-        waiter.deliver(response)
-        return True
+            match = None
+        else:
+            match = self._correlator.resolve(link.name, key)
+        if match is None:
+            log.warning("link %s: %s answer matches no request; dropped", link.name, response.mti)
+        elif match.late:
+            log.warning("link %s: late %s answer; not delivered", link.name, response.mti)
+        else:
+            match.waiter.deliver(response)
 
     def _on_state(self, link: Link) -> None:
         if link.state is LinkState.DOWN:

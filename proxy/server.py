@@ -98,8 +98,8 @@ class _Connection:
                         log.warning("closing connection: undecodable message (%s)", exc)
                         await self._stream.aclose()
                         return
-                    log.warning("format error from terminal %s: %s", salvage.terminal, exc)
-                    await self._write(answer_salvaged(salvage, FORMAT_ERROR), frame.tpdu)
+                    log.warning("format error from terminal %r: %s", salvage.terminal, exc)
+                    await self._reply(None, answer_salvaged(salvage, FORMAT_ERROR), frame.tpdu)
                     continue
                 await self._in_flight.acquire()  # backpressure: stop reading at the cap
                 nursery.start_soon(self._handle, message, frame.tpdu)
@@ -109,28 +109,40 @@ class _Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
 
-    async def _handle(self, message: Message, tpdu: bytes | None) -> None:
+    async def _handle(self, request: Message, tpdu: bytes | None) -> None:
         try:
             try:
-                response = await self._forwarder.handle(message)
+                response = await self._forwarder.handle(request)
             except Exception as exc:  # one request's failure must not cancel its neighbours
-                log.error("%s failed inside the proxy: %s", message.mti, type(exc).__name__)
-                response = answer(message, SYSTEM_MALFUNCTION)
+                log.error("%s failed inside the proxy: %s", request.mti, type(exc).__name__)
+                response = answer(request, SYSTEM_MALFUNCTION)
             if response is not None:
-                await self._write(response, tpdu)
+                await self._reply(request, response, tpdu)
         finally:
             self._in_flight.release()
 
-    async def _write(self, message: Message, tpdu: bytes | None) -> None:
-        """Write one whole frame; a cancel never leaves half a frame on the wire."""
+    async def _reply(self, request: Message | None, response: Message, tpdu: bytes | None) -> None:
+        """Send `response`; one the terminal's format cannot carry becomes RC 96."""
         try:
-            data = encode_frame(
-                self._endpoint.framing,
-                Frame(encode(message, self._endpoint.spec), swap_tpdu(tpdu) if tpdu else None),
-            )
+            data = self._frame(response, tpdu)
         except CodecError as exc:
-            log.error("answer %s not encodable for the terminal: %s", message.mti, exc)
-            return
+            log.error("%s answer does not fit the terminal's format: %s", response.mti, exc)
+            if request is None:
+                return
+            try:
+                data = self._frame(answer(request, SYSTEM_MALFUNCTION), tpdu)
+            except CodecError:
+                return
+        await self._write(data, response)
+
+    def _frame(self, message: Message, tpdu: bytes | None) -> bytes:
+        return encode_frame(
+            self._endpoint.framing,
+            Frame(encode(message, self._endpoint.spec), swap_tpdu(tpdu) if tpdu else None),
+        )
+
+    async def _write(self, data: bytes, message: Message) -> None:
+        """Write one whole frame; a cancel never leaves half a frame on the wire."""
         async with self._write_lock:
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + self._listen.write_timeout

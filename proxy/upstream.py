@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -10,15 +9,7 @@ from enum import StrEnum
 
 import trio
 
-from codec import (
-    CodecError,
-    Frame,
-    Framer,
-    Message,
-    decode,
-    encode,
-    encode_frame,
-)
+from codec import CodecError, Frame, Framer, Message, decode, encode, encode_frame
 from proxy import decisions
 from proxy.backoff import Backoff
 from proxy.config import SwitchConfig
@@ -28,10 +19,15 @@ from proxy.responses import answer
 log = logging.getLogger("iso_proxy.upstream")
 
 READ_SIZE = 65536
+# A connection that stayed up this long was healthy: the next reconnect starts from the
+# initial delay again. Shorter ones (a switch that accepts and closes) keep backing off.
+STABLE_AFTER = 10.0
+# Answers to a switch's own network-management requests waiting to be written; beyond
+# this a flood of them is dropped rather than queued.
+MAX_PENDING_REPLIES = 8
 
-# Called by a link's reader for every response it receives; returns False when the
-# response matched no request in flight on that link.
-ResponseSink = Callable[["Link", Message], bool]
+# Called by a link's reader with every response it receives.
+ResponseSink = Callable[["Link", Message], None]
 # Called after every change of a link's state.
 StateSink = Callable[["Link"], None]
 
@@ -61,13 +57,14 @@ class Link:
         self.switch = switch
         self.name = f"{switch.name}/{index}"
         self.state = LinkState.CONNECTING
+        self.connects = 0
         self._on_response = on_response
         self._on_state = on_state
         self._rng = rng
         self._backoff = Backoff(switch.reconnect.initial_delay, switch.reconnect.max_delay)
         self._stream: trio.SocketStream | None = None
         self._write_lock = trio.Lock()
-        self.connects = 0
+        self._pending_replies = 0
 
     @property
     def is_up(self) -> bool:
@@ -76,37 +73,54 @@ class Link:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the link connected until cancelled; ready as soon as the first attempt ends."""
         attempt = 0
-        ready = False
         while True:
             stream = await self._connect()
-            if not ready:
-                task_status.started()
-                ready = True
-            if stream is None:
-                await trio.sleep(self._backoff.delay(attempt, self._rng))
-                attempt += 1
-                continue
-            attempt = 0
-            try:
-                await self._serve(stream)
-            except Exception as exc:  # a bug must cost one connection, not the whole pool
-                log.error("link %s: internal error: %s", self.name, type(exc).__name__)
-            finally:
-                self._mark_down()
-                with trio.CancelScope(shield=True):
-                    await stream.aclose()
+            task_status.started()
+            task_status = trio.TASK_STATUS_IGNORED
+            if stream is not None:
+                connected_at = trio.current_time()
+                try:
+                    await self._serve(stream)
+                except Exception as exc:  # a bug must cost one connection, not the whole pool
+                    log.error("link %s: internal error: %s", self.name, type(exc).__name__)
+                finally:
+                    self._mark_down()
+                    with trio.CancelScope(shield=True):
+                        await stream.aclose()
+                if trio.current_time() - connected_at >= STABLE_AFTER:
+                    attempt = 0
             await trio.sleep(self._backoff.delay(attempt, self._rng))
             attempt += 1
 
-    async def send(self, message: Message) -> None:
+    async def send(
+        self,
+        message: Message,
+        *,
+        deadline: float,
+        before_write: Callable[[], None] | None = None,
+    ) -> None:
+        """Write `message` as one frame, starting before `deadline`.
+
+        `before_write` runs once the link is known to be up, right before the first byte.
+        Raises CodecError when the message does not fit this switch's spec.
+        """
         data = self._frame(message)
-        async with self._write_lock:
+        acquired = False
+        with trio.move_on_at(deadline):
+            await self._write_lock.acquire()
+            acquired = True
+        if not acquired:
+            raise NotWritten(f"link {self.name}: no turn to write before the deadline")
+        try:
             stream = self._stream
             if stream is None or not self.is_up:
                 raise NotWritten(f"link {self.name} is not up")
+            if before_write is not None:
+                before_write()
             failure = None
-            with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + self.switch.timeout
+            # Shielded: a cancel must not leave half a frame on the wire. Bounded by the
+            # deadline: a switch that stops reading cannot hold the writer forever.
+            with trio.CancelScope(deadline=deadline, shield=True) as scope:
                 try:
                     await stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -119,6 +133,8 @@ class Link:
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
                 raise LinkLost(f"write to link {self.name} {failure}")
+        finally:
+            self._write_lock.release()
 
     def _frame(self, message: Message) -> bytes:
         endpoint = self.switch.endpoint
@@ -147,34 +163,45 @@ class Link:
     async def _serve(self, stream: trio.SocketStream) -> None:
         """Read frames until the switch closes, the stream breaks or the switch misbehaves."""
         framer = Framer(self.switch.endpoint.framing)
-        try:
-            while True:
-                frame = framer.next_frame()
-                if frame is None:
-                    data = await stream.receive_some(READ_SIZE)
-                    if not data:
-                        log.warning("link %s: closed by the switch", self.name)
-                        return
-                    framer.feed(data)
-                    continue
-                await self._dispatch(decode(frame.message, self.switch.endpoint.spec))
-        except CodecError as exc:
-            log.warning("link %s: bad frame from the switch (%s); reconnecting", self.name, exc)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            log.warning("link %s: connection lost", self.name)
+        async with trio.open_nursery() as replies:
+            try:
+                while True:
+                    frame = framer.next_frame()
+                    if frame is None:
+                        data = await stream.receive_some(READ_SIZE)
+                        if not data:
+                            log.warning("link %s: closed by the switch", self.name)
+                            break
+                        framer.feed(data)
+                        continue
+                    self._dispatch(decode(frame.message, self.switch.endpoint.spec), replies)
+            except CodecError as exc:
+                log.warning("link %s: bad frame from the switch (%s); reconnecting", self.name, exc)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                log.warning("link %s: connection lost", self.name)
+            replies.cancel_scope.cancel()
 
-    async def _dispatch(self, message: Message) -> None:
+    def _dispatch(self, message: Message, replies: trio.Nursery) -> None:
         decision = decisions.from_switch(message)
         if decision.action is decisions.Action.MATCH:
-            if not self._on_response(self, message):
-                log.warning(
-                    "link %s: unmatched %s response (late or unknown)", self.name, message.mti
-                )
+            self._on_response(self, message)
         elif decision.action is decisions.Action.ANSWER and decision.rc is not None:
-            with contextlib.suppress(NotWritten, LinkLost):
-                await self.send(answer(message, decision.rc))
+            if self._pending_replies >= MAX_PENDING_REPLIES:
+                log.warning("link %s: %s from the switch dropped (flood)", self.name, message.mti)
+                return
+            self._pending_replies += 1
+            replies.start_soon(self._reply, answer(message, decision.rc))
         else:
             log.warning("link %s: dropped %s (%s)", self.name, message.mti, decision.reason)
+
+    async def _reply(self, message: Message) -> None:
+        """Answer the switch without holding up the reader (it may be waiting to write)."""
+        try:
+            await self.send(message, deadline=trio.current_time() + self.switch.timeout)
+        except (NotWritten, LinkLost, CodecError) as exc:
+            log.warning("link %s: %s to the switch not sent: %s", self.name, message.mti, exc)
+        finally:
+            self._pending_replies -= 1
 
     def _mark_down(self) -> None:
         if self._stream is None:

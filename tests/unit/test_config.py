@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,45 @@ def test_duplicate_switch_names_and_empty_switch_list() -> None:
     assert caught.value.problems == ["switches: must be a non-empty list of switches"]
 
 
+@pytest.mark.parametrize(
+    ("match_key", "problem"),
+    [
+        (["11"], "must include 41 (terminal) and 11 (STAN): a STAN is unique per terminal only"),
+        (["41", "11", "2"], "must not use card data fields (2)"),
+        (["41", "11", "35", "52"], "must not use card data fields (35, 52)"),
+        (["41", "11", "041"], "must not repeat a field"),
+        (["41", "11", "x"], "fields must be data field numbers 2-128"),
+        (["41", "11", "1"], "fields must be data field numbers 2-128"),
+    ],
+)
+def test_match_key_rules(match_key: list[str], problem: str) -> None:
+    raw = {"switches": [{"name": "a", "host": "h", "port": 1}], "routing": {"match_key": match_key}}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, base_dir=REPO)
+    assert caught.value.problems == [f"routing.match_key: {problem}"]
+
+
+def test_match_key_fields_are_normalised() -> None:
+    raw = {
+        "switches": [{"name": "a", "host": "h", "port": 1}],
+        "routing": {"match_key": ["041", 11, "32"]},
+    }
+    assert parse_config(raw, base_dir=REPO).routing.match_key == ("41", "11", "32")
+
+
+def test_specs_must_define_the_fields_the_proxy_uses(tmp_path: Path) -> None:
+    (tmp_path / "thin.yaml").write_text(
+        "fields:\n"
+        "  t: {data_enc: ascii, len_enc: ascii, len_type: 0, max_len: 4}\n"
+        "  p: {data_enc: b, len_enc: ascii, len_type: 0, max_len: 8}\n"
+        "  '11': {data_enc: ascii, len_enc: ascii, len_type: 0, max_len: 6}\n"
+    )
+    raw = {"listen": {"spec": "thin.yaml"}, "switches": [{"name": "a", "host": "h", "port": 1}]}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, base_dir=tmp_path)
+    assert caught.value.problems == ["listen.spec: must define fields 39, 41, 70"]
+
+
 def test_unreadable_and_invalid_yaml_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.yaml")
@@ -85,6 +125,10 @@ def test_unreadable_and_invalid_yaml_files(tmp_path: Path) -> None:
     broken.write_text("listen: [unclosed\n")
     with pytest.raises(ConfigError, match="invalid YAML at line"):
         load_config(broken)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("log: {level: caf\xe9}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(latin)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -109,3 +153,26 @@ def test_check_config_command(tmp_path: Path) -> None:
     refused = _cli("run", "-c", str(bad))
     assert refused.returncode == 2
     assert "switches[0].host: is required" in refused.stderr
+
+
+def test_run_reports_a_port_in_use_clearly(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+            "switches: [{name: a, host: 127.0.0.1, port: 9, connect_timeout: 0.5}]\n"
+        )
+        result = _cli("run", "-c", str(config))
+    assert result.returncode == 1
+    assert "iso-proxy: " in result.stderr
+    assert "address already in use" in result.stderr.lower()
+    assert "Traceback" not in result.stderr
+
+
+def test_sim_switch_refuses_a_bad_rc() -> None:
+    result = _cli("sim-switch", "--port", "0", "--rc", "0")
+    assert result.returncode == 2
+    assert "a response code is 2 letters or digits" in result.stderr

@@ -1,0 +1,126 @@
+"""Links that die, stall or answer late: nothing sent twice, nothing misdelivered."""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+
+import trio
+
+from codec import FrameFormat, Message, encode, load_spec
+from fixtures.messages import echo, financial
+from fixtures.terminal import Terminal
+from tests.conftest import Terminals, proxy_config, proxy_with_one_switch, start_proxy, start_switch
+
+
+def _key(message: Message) -> tuple[str | None, str | None]:
+    return message.get("41"), message.get("11")
+
+
+async def test_links_dying_under_load_never_send_twice_or_fail_oddly(
+    nursery: trio.Nursery, terminals: Terminals
+) -> None:
+    flaky = await start_switch(nursery, close_after=3)  # closes every connection it gets
+    steady = await start_switch(nursery)
+    _, port = await start_proxy(nursery, proxy_config({"alpha": flaky.port, "beta": steady.port}))
+    answers: list[Message] = []
+
+    async def terminal_session(n: int) -> None:
+        terminal = await terminals.connect(port)
+        requests = [financial(stan, f"TERM{n:04d}") for stan in range(1, 21)]
+        await terminal.stream.send_all(b"".join(terminal.frame(r) for r in requests))
+        answers.extend([await terminal.receive() for _ in requests])
+
+    async with trio.open_nursery() as sessions:
+        for n in range(30):
+            sessions.start_soon(terminal_session, n)
+
+    assert len(answers) == 600
+    assert len({_key(a) for a in answers}) == 600
+    assert set(Counter(a.get("39") for a in answers)) <= {"00", "91"}
+    upstream = Counter(_key(r) for r in [*flaky.requests, *steady.requests])
+    assert max(upstream.values()) == 1  # no request reached a switch twice
+    assert {_key(a) for a in answers if a.get("39") == "00"} <= set(upstream)
+
+
+async def test_a_late_answer_is_never_given_to_a_newer_request(
+    nursery: trio.Nursery, terminals: Terminals
+) -> None:
+    switch, _, terminal = await proxy_with_one_switch(
+        nursery, terminals, switch={"timeout": 0.3}, delay=0.6
+    )
+    first = await terminal.request(financial(7, amount=1000))
+    assert (first.get("39"), first.get("4")) == ("91", "000000001000")
+    # The switch still owes the first answer: the key stays taken, so the same terminal
+    # and STAN with another amount is refused rather than handed the first one's approval.
+    second = await terminal.request(financial(7, amount=2000))
+    assert (second.get("39"), second.get("4")) == ("94", "000000002000")
+    assert switch.financial_total() == 1
+
+
+async def test_a_full_link_hands_the_request_to_its_sibling(
+    nursery: trio.Nursery, terminals: Terminals
+) -> None:
+    switch, _, terminal = await proxy_with_one_switch(
+        nursery,
+        terminals,
+        switch={"connections": 2, "max_inflight": 1, "timeout": 30},
+        silent_stans=frozenset({"000001"}),
+    )
+    await terminal.send(financial(1))  # never answered: holds one link's only slot
+    for stan in range(2, 8):
+        assert (await terminal.request(financial(stan))).get("39") == "00"
+    assert switch.financial_total() == 7
+
+
+async def test_an_answer_the_terminal_format_cannot_carry_becomes_rc_96(
+    nursery: trio.Nursery, terminals: Terminals
+) -> None:
+    request = financial(12)
+    size = len(encode(request, load_spec("default")))
+    switch, _, terminal = await proxy_with_one_switch(
+        nursery, terminals, listen={"max_frame": size + 2}
+    )
+    answer = await terminal.request(request)  # the approval adds 8 bytes (fields 38, 39)
+    assert (answer.mti.code, answer.get("39"), answer.get("11")) == ("0210", "96", "000012")
+    assert switch.financial_total() == 1
+
+
+async def test_one_deadline_bounds_waiting_to_write_writing_and_waiting(
+    nursery: trio.Nursery, terminals: Terminals
+) -> None:
+    async def never_reads(stream: trio.SocketStream) -> None:
+        async with stream:
+            await trio.sleep_forever()
+
+    listeners = await nursery.start(trio.serve_tcp, never_reads, 0)
+    switch_port = listeners[0].socket.getsockname()[1]
+    _, port = await start_proxy(
+        nursery,
+        proxy_config(
+            {"alpha": switch_port},
+            listen={"max_inflight_per_connection": 1000},
+            switch={"connections": 1, "timeout": 1.5},
+        ),
+    )
+    terminal = await terminals.connect(port)
+    bulky = [financial(stan).with_fields({"48": "X" * 900}) for stan in range(1, 901)]
+    started = trio.current_time()
+    await terminal.stream.send_all(b"".join(terminal.frame(r) for r in bulky))
+    answers = [await terminal.receive() for _ in bulky]
+    elapsed = trio.current_time() - started
+    assert {a.get("39") for a in answers} == {"91"}
+    assert elapsed < 2.6  # one 1.5 s deadline, not a write timeout plus an answer timeout
+
+
+async def test_the_sim_switch_survives_a_bad_connection(
+    nursery: trio.Nursery, terminals: Terminals
+) -> None:
+    switch = await start_switch(nursery)
+    bad = await terminals.connect(switch.port)
+    await bad.stream.send_all(struct.pack(">H", 6) + b"02X0\x00\x00")
+    assert await bad.receive_frame() is None
+    good = terminals.adopt(
+        await Terminal.connect("127.0.0.1", switch.port, FrameFormat(), switch.options.spec)
+    )
+    assert (await good.request(echo(1))).get("39") == "00"
