@@ -9,35 +9,38 @@ proxy is transparent (it does not rewrite STANs, which belong to the acquirer's 
 trail and to later reversals), so two requests with one key in flight at once could not
 be told apart by their answers. With the default key both come from the same terminal
 with the same STAN: a duplicate transmission, answered RC 94 by the caller. The key is
-unique across the whole pool, not per link, so a duplicate cannot slip out through a
+unique across the whole pool, not per connection, so a duplicate cannot slip out through a
 second link either.
 
-A request that timed out keeps its key as a *tombstone* until its late answer arrives,
-its link dies, or the tombstone expires: otherwise the late answer would be handed to the
-next request that reuses the key (the same terminal and STAN, another amount). A late
-answer is reported as late and never delivered.
+Requests are tied to a *connection* (one TCP connection of a link: a reconnect is a new
+connection), never to a link name, so an answer or a failure of an old connection can
+never be confused with the new one. A request is tied at the moment its first byte is
+about to be written (`claim_write`, called under the link's write lock): before that it
+belongs to no connection and may fail over anywhere; after it, it may have reached the
+switch, so it is never sent again.
 
-Lifecycle of one request (`waiter` is the caller's token for it):
+A request that ends without its answer after being written (timed out, or its task was
+cancelled) keeps its key as a *tombstone* until the late answer arrives or its connection
+drops: otherwise the late answer would be handed to the next request reusing the key (the
+same terminal and STAN, another amount). A late answer is reported as late, never
+delivered. Tombstones count against the connection's limit; `stale` tells the caller how
+many a connection holds, so it can recycle a connection that stopped answering.
 
-    open(key, waiter, now)     claims the key, or raises KeyInFlight
-    bind(key, waiter, link)    the link chosen to carry it; again on failover. LinkFull
-                               when the link is at its limit (tombstones count)
-    mark_sent(key, waiter)     called just before the first byte is written: from here on
-                               the switch may have it, so it is never sent elsewhere
-    resolve(link, key)         an answer arrived on `link`: the waiter (and whether it is
-                               late) once, for a request marked sent on that link; else None
-    fail_link(link)            the link died: the waiters of its sent requests; requests
-                               bound but not sent are unbound, free to fail over
-    finish(key, waiter, late_until=None)
-                               the caller is done; with `late_until`, a sent request stays
-                               as a tombstone until then. Never touches a newer request
-    expire(now)                drops tombstones whose time is up
+    open(key, waiter)                     claims the key, or raises KeyInFlight
+    claim_write(key, waiter, conn, limit) just before the first byte: ties the request to
+                                          `conn`; LinkFull at the limit, NotWritten if the
+                                          request is no longer this waiter's to send
+    resolve(conn, key)                    an answer arrived on `conn`: the waiter once (and
+                                          whether it is late), else None
+    fail_connection(conn)                 `conn` died: the waiters of its live requests;
+                                          its tombstones are dropped
+    finish(key, waiter, answered)         the caller is done; a written request without
+                                          its answer stays as a tombstone. Never touches
+                                          a newer request with the same key
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 from collections import Counter
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -49,15 +52,14 @@ W = TypeVar("W")
 
 
 class LinkFull(NotWritten):
-    """The link already carries its maximum of requests in flight."""
+    """The connection already carries its maximum of requests in flight."""
 
 
 @dataclass(slots=True)
 class _Entry(Generic[W]):
     waiter: W
-    link: str | None = None
-    sent: bool = False
-    late_until: float | None = None
+    connection: str | None = None
+    tombstone: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,88 +73,67 @@ class Correlator(Generic[W]):
 
     def __init__(self) -> None:
         self._entries: dict[MatchKey, _Entry[W]] = {}
-        self._per_link: Counter[str] = Counter()
-        self._tombstones: list[tuple[float, int, MatchKey, _Entry[W]]] = []
-        self._serial = itertools.count()
+        self._in_flight: Counter[str] = Counter()
+        self._stale: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def open(self, key: MatchKey, waiter: W, now: float) -> None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            if entry.late_until is None or entry.late_until > now:
-                raise KeyInFlight("a request with this key is still in flight")
-            self._remove(key)
+    def open(self, key: MatchKey, waiter: W) -> None:
+        if key in self._entries:
+            raise KeyInFlight("a request with this key is still in flight")
         self._entries[key] = _Entry(waiter)
 
-    def bind(self, key: MatchKey, waiter: W, link: str, limit: int) -> None:
-        entry = self._own(key, waiter)
-        if entry is None or entry.sent:
-            raise NotWritten("the request is no longer waiting to be sent")
-        if entry.link == link:
-            return
-        if self._per_link[link] >= limit:
-            raise LinkFull(f"link {link} has {limit} requests in flight")
-        self._unbind(entry)
-        entry.link = link
-        self._per_link[link] += 1
-
-    def mark_sent(self, key: MatchKey, waiter: W) -> None:
-        entry = self._own(key, waiter)
-        if entry is not None:
-            entry.sent = True
-
-    def resolve(self, link: str, key: MatchKey) -> Match[W] | None:
+    def claim_write(self, key: MatchKey, waiter: W, connection: str, limit: int) -> None:
         entry = self._entries.get(key)
-        if entry is None or not entry.sent or entry.link != link:
-            return None
-        self._remove(key)
-        return Match(entry.waiter, late=entry.late_until is not None)
+        if entry is None or entry.waiter is not waiter or entry.connection is not None:
+            raise NotWritten("the request is no longer waiting to be sent")
+        if self._in_flight[connection] >= limit:
+            raise LinkFull(f"connection {connection} has {limit} requests in flight")
+        entry.connection = connection
+        self._in_flight[connection] += 1
 
-    def fail_link(self, link: str) -> list[W]:
+    def resolve(self, connection: str, key: MatchKey) -> Match[W] | None:
+        entry = self._entries.get(key)
+        if entry is None or entry.connection != connection:
+            return None
+        self._remove(key, entry)
+        return Match(entry.waiter, late=entry.tombstone)
+
+    def fail_connection(self, connection: str) -> list[W]:
         failed: list[W] = []
         for key, entry in list(self._entries.items()):
-            if entry.link != link:
-                continue
-            if not entry.sent:
-                entry.link = None
-                continue
-            del self._entries[key]
-            if entry.late_until is None:
-                failed.append(entry.waiter)
-        self._per_link.pop(link, None)
+            if entry.connection == connection:
+                del self._entries[key]
+                if not entry.tombstone:
+                    failed.append(entry.waiter)
+        self._in_flight.pop(connection, None)
+        self._stale.pop(connection, None)
         return failed
 
-    def finish(self, key: MatchKey, waiter: W, late_until: float | None = None) -> None:
-        entry = self._own(key, waiter)
-        if entry is None:
-            return
-        if late_until is not None and entry.sent and entry.link is not None:
-            entry.late_until = late_until
-            heapq.heappush(self._tombstones, (late_until, next(self._serial), key, entry))
-        else:
-            self._remove(key)
-
-    def expire(self, now: float) -> None:
-        while self._tombstones and self._tombstones[0][0] <= now:
-            _, _, key, entry = heapq.heappop(self._tombstones)
-            if self._entries.get(key) is entry:
-                self._remove(key)
-
-    def in_flight(self, link: str) -> int:
-        return self._per_link[link]
-
-    def _own(self, key: MatchKey, waiter: W) -> _Entry[W] | None:
+    def finish(self, key: MatchKey, waiter: W, *, answered: bool) -> None:
         entry = self._entries.get(key)
-        return entry if entry is not None and entry.waiter is waiter else None
+        if entry is None or entry.waiter is not waiter:
+            return
+        if answered or entry.connection is None:
+            self._remove(key, entry)
+        elif not entry.tombstone:
+            entry.tombstone = True
+            self._stale[entry.connection] += 1
 
-    def _remove(self, key: MatchKey) -> None:
-        self._unbind(self._entries.pop(key))
+    def in_flight(self, connection: str) -> int:
+        """Requests written on `connection` and not yet answered (tombstones included)."""
+        return self._in_flight[connection]
 
-    def _unbind(self, entry: _Entry[W]) -> None:
-        if entry.link is not None:
-            self._per_link[entry.link] -= 1
-            if self._per_link[entry.link] <= 0:
-                del self._per_link[entry.link]
-            entry.link = None
+    def stale(self, connection: str) -> int:
+        """Tombstones on `connection`: requests it never answered in time."""
+        return self._stale[connection]
+
+    def _remove(self, key: MatchKey, entry: _Entry[W]) -> None:
+        del self._entries[key]
+        if entry.connection is None:
+            return
+        for counter in (self._in_flight, self._stale) if entry.tombstone else (self._in_flight,):
+            counter[entry.connection] -= 1
+            if counter[entry.connection] <= 0:
+                del counter[entry.connection]

@@ -22,6 +22,10 @@ A request whose match-key fields are missing is a format error (30): its answer 
 be matched; so is one that the chosen switch's spec cannot encode. A second request with a
 key already in flight is a duplicate transmission (94). No healthy link, a lost link, or no
 answer by the deadline: issuer or switch inoperative (91).
+
+A connection that stops answering collects unanswered requests (their keys are held for
+the late answers). When half of its request slots are held that way, it is recycled:
+dropped and reconnected, which fails what it still carries and frees the keys.
 """
 
 from __future__ import annotations
@@ -102,3 +106,8 @@ def failure_rc(error: ProxyError) -> str:
         if isinstance(error, kind):
             return rc
     return SYSTEM_MALFUNCTION
+
+
+def should_recycle(unanswered: int, limit: int) -> bool:
+    """Whether a connection holding `unanswered` timed-out requests should be dropped."""
+    return unanswered >= max(1, limit // 2)

@@ -10,6 +10,7 @@ from functools import partial
 import trio
 
 from codec import CodecError, Message
+from proxy import decisions
 from proxy.balancer import RoundRobin
 from proxy.config import SwitchConfig
 from proxy.correlator import Correlator
@@ -94,10 +95,9 @@ class Pool:
         NoLinkAvailable, LinkLost, UpstreamTimeout or UnencodableMessage.
         """
         started = trio.current_time()
-        self._correlator.expire(started)
         waiter = _Waiter()
-        self._correlator.open(key, waiter, started)
-        late_until = None
+        self._correlator.open(key, waiter)
+        timed_out: Link | None = None
         try:
             link, deadline = await self._send(message, key, waiter, started)
             with trio.move_on_at(deadline):
@@ -105,36 +105,43 @@ class Pool:
             if waiter.error is not None:
                 raise waiter.error
             if waiter.response is None:
-                # Keep the key until the late answer comes (or a second timeout passes), so
-                # it can never be handed to a newer request that reuses the key.
-                late_until = deadline + link.switch.timeout
+                timed_out = link
                 raise UpstreamTimeout(f"no answer from {link.switch.name} in time")
             return waiter.response
         finally:
-            self._correlator.finish(key, waiter, late_until)
+            # Written but unanswered (timed out, or this task was cancelled): the key stays
+            # taken until the late answer or the connection's end.
+            self._correlator.finish(key, waiter, answered=waiter.event.is_set())
+            if timed_out is not None:
+                self._recycle_if_stale(timed_out)
 
     async def _send(
         self, message: Message, key: MatchKey, waiter: _Waiter, started: float
     ) -> tuple[Link, float]:
-        unencodable = False
+        tried = unencodable = 0
         for link in self._candidates():
+            tried += 1
             deadline = started + link.switch.timeout
+            claim = partial(
+                self._correlator.claim_write, key, waiter, limit=link.switch.max_inflight
+            )
             try:
-                self._correlator.bind(key, waiter, link.name, link.switch.max_inflight)
-                await link.send(
-                    message,
-                    deadline=deadline,
-                    before_write=partial(self._correlator.mark_sent, key, waiter),
-                )
+                await link.send(message, deadline=deadline, before_write=claim)
             except NotWritten:  # down, full, or no turn before the deadline: try the next
                 continue
             except CodecError:  # this switch's spec cannot carry it; another's may
-                unencodable = True
+                unencodable += 1
                 continue
             return link, deadline
-        if unencodable:
+        if tried and unencodable == tried:
             raise UnencodableMessage("request does not fit any available switch's spec")
         raise NoLinkAvailable("no switch link could take the request")
+
+    def _recycle_if_stale(self, link: Link) -> None:
+        stale = self._correlator.stale(link.connection)
+        if decisions.should_recycle(stale, link.switch.max_inflight):
+            log.warning("link %s: too many unanswered requests; reconnecting", link.name)
+            link.recycle()
 
     def _candidates(self) -> Iterator[Link]:
         """Every up link: first one per switch, switches in turn, then the rest.
@@ -144,7 +151,7 @@ class Pool:
         per_switch = {
             name: up
             for name, links in self.links.items()
-            if (up := [link for link in links if link.is_up])
+            if (up := [link for link in links if link.is_up and not self._full(link)])
         }
         others: list[Link] = []
         for name in self._switch_turns.order(list(per_switch)):
@@ -153,13 +160,16 @@ class Pool:
             yield first
         yield from others
 
+    def _full(self, link: Link) -> bool:
+        return self._correlator.in_flight(link.connection) >= link.switch.max_inflight
+
     def _on_response(self, link: Link, response: Message) -> None:
         try:
             key = match_key(response, self._match_fields)
         except MissingKeyField:
             match = None
         else:
-            match = self._correlator.resolve(link.name, key)
+            match = self._correlator.resolve(link.connection, key)
         if match is None:
             log.warning("link %s: %s answer matches no request; dropped", link.name, response.mti)
         elif match.late:
@@ -169,7 +179,7 @@ class Pool:
 
     def _on_state(self, link: Link) -> None:
         if link.state is LinkState.DOWN:
-            for waiter in self._correlator.fail_link(link.name):
+            for waiter in self._correlator.fail_connection(link.connection):
                 waiter.fail(LinkLost(f"link {link.name} lost with the request in flight"))
         self._changed.set()
         self._changed = trio.Event()

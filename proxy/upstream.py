@@ -25,6 +25,9 @@ STABLE_AFTER = 10.0
 # Answers to a switch's own network-management requests waiting to be written; beyond
 # this a flood of them is dropped rather than queued.
 MAX_PENDING_REPLIES = 8
+# A write that starts just before its request's deadline may still take this long: cutting
+# it short would leave half a frame on the wire and cost the whole connection.
+WRITE_GRACE = 1.0
 
 # Called by a link's reader with every response it receives.
 ResponseSink = Callable[["Link", Message], None]
@@ -44,6 +47,7 @@ class Link:
     `run` connects, reads answers and reconnects with backoff until cancelled. `send`
     writes one whole frame or raises: `NotWritten` when no byte left (safe to fail over),
     `LinkLost` when the write broke part-way (the request may have reached the switch).
+    Each TCP connection has its own `connection` id: a reconnect is a new connection.
     """
 
     def __init__(
@@ -58,6 +62,8 @@ class Link:
         self.name = f"{switch.name}/{index}"
         self.state = LinkState.CONNECTING
         self.connects = 0
+        self.connection = ""
+        self._serving = trio.CancelScope()
         self._on_response = on_response
         self._on_state = on_state
         self._rng = rng
@@ -80,29 +86,33 @@ class Link:
             if stream is not None:
                 connected_at = trio.current_time()
                 try:
-                    await self._serve(stream)
+                    with self._serving:
+                        await self._serve(stream)
                 except Exception as exc:  # a bug must cost one connection, not the whole pool
                     log.error("link %s: internal error: %s", self.name, type(exc).__name__)
                 finally:
-                    self._mark_down()
-                    with trio.CancelScope(shield=True):
-                        await stream.aclose()
+                    await self._close(stream)
                 if trio.current_time() - connected_at >= STABLE_AFTER:
                     attempt = 0
             await trio.sleep(self._backoff.delay(attempt, self._rng))
             attempt += 1
+
+    def recycle(self) -> None:
+        """Drop the current connection (its written requests fail) and reconnect."""
+        self._serving.cancel()
 
     async def send(
         self,
         message: Message,
         *,
         deadline: float,
-        before_write: Callable[[], None] | None = None,
+        before_write: Callable[[str], None] | None = None,
     ) -> None:
         """Write `message` as one frame, starting before `deadline`.
 
-        `before_write` runs once the link is known to be up, right before the first byte.
-        Raises CodecError when the message does not fit this switch's spec.
+        `before_write(connection)` runs once the link is known to be up, right before the
+        first byte; it may refuse by raising NotWritten. Raises CodecError when the message
+        does not fit this switch's spec.
         """
         data = self._frame(message)
         acquired = False
@@ -115,12 +125,15 @@ class Link:
             stream = self._stream
             if stream is None or not self.is_up:
                 raise NotWritten(f"link {self.name} is not up")
+            now = trio.current_time()
+            if now >= deadline:
+                raise NotWritten(f"link {self.name}: deadline passed before the write")
             if before_write is not None:
-                before_write()
+                before_write(self.connection)
             failure = None
-            # Shielded: a cancel must not leave half a frame on the wire. Bounded by the
-            # deadline: a switch that stops reading cannot hold the writer forever.
-            with trio.CancelScope(deadline=deadline, shield=True) as scope:
+            # Shielded: a cancel must not leave half a frame on the wire. Bounded: a switch
+            # that stops reading cannot hold the writer forever.
+            with trio.CancelScope(deadline=max(deadline, now + WRITE_GRACE), shield=True) as scope:
                 try:
                     await stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -129,9 +142,7 @@ class Link:
                 failure = "timed out"
             if failure is not None:
                 # The frame may be partly on the wire: the stream is unusable from here on.
-                self._mark_down()
-                with trio.CancelScope(shield=True):
-                    await stream.aclose()
+                await self._close(stream)
                 raise LinkLost(f"write to link {self.name} {failure}")
         finally:
             self._write_lock.release()
@@ -153,6 +164,8 @@ class Link:
                 return None
             self._stream = stream
             self.connects += 1
+            self.connection = f"{self.name}#{self.connects}"
+            self._serving = trio.CancelScope()
             log.info("link %s: up", self.name)
             self._set_state(LinkState.UP)
             return stream
@@ -179,6 +192,8 @@ class Link:
                 log.warning("link %s: bad frame from the switch (%s); reconnecting", self.name, exc)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 log.warning("link %s: connection lost", self.name)
+            # Down first, so nothing waits on replies still being written to a dead stream.
+            await self._close(stream)
             replies.cancel_scope.cancel()
 
     def _dispatch(self, message: Message, replies: trio.Nursery) -> None:
@@ -203,12 +218,14 @@ class Link:
         finally:
             self._pending_replies -= 1
 
-    def _mark_down(self) -> None:
-        if self._stream is None:
-            return
-        self._stream = None
-        log.warning("link %s: down", self.name)
-        self._set_state(LinkState.DOWN)
+    async def _close(self, stream: trio.SocketStream) -> None:
+        """Mark the link down (once per connection) and close `stream`."""
+        if self._stream is stream:
+            self._stream = None
+            log.warning("link %s: down", self.name)
+            self._set_state(LinkState.DOWN)
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
 
     def _set_state(self, state: LinkState) -> None:
         self.state = state

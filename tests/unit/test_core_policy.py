@@ -93,6 +93,16 @@ def test_failure_rc(error: ProxyError, rc: str) -> None:
     assert decisions.failure_rc(error) == rc
 
 
+@pytest.mark.parametrize(
+    ("unanswered", "limit", "recycle"),
+    [(0, 1000, False), (499, 1000, False), (500, 1000, True), (0, 1, False), (1, 1, True)],
+)
+def test_a_connection_is_recycled_when_half_its_slots_hold_unanswered_requests(
+    unanswered: int, limit: int, recycle: bool
+) -> None:
+    assert decisions.should_recycle(unanswered, limit) is recycle
+
+
 def test_request_repeat_and_response_share_a_match_key() -> None:
     fields = ("41", "11")
     request = financial(12, "TERM0042")

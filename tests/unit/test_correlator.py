@@ -11,115 +11,112 @@ from hypothesis import strategies as st
 from proxy.correlator import Correlator, LinkFull, Match
 from proxy.errors import KeyInFlight, NotWritten
 
-LINKS = ["a/0", "a/1", "b/0"]
+CONNECTIONS = ["a/0#1", "a/0#2", "b/0#1"]
 KEYS = [("0200", "T1", f"{n:06d}") for n in range(4)]
 K = KEYS[0]
 
 
-def _sent(table: Correlator[str], key: tuple[str, ...], waiter: str, link: str) -> None:
-    table.open(key, waiter, now=0.0)
-    table.bind(key, waiter, link, limit=10)
-    table.mark_sent(key, waiter)
+def _written(table: Correlator[str], key: tuple[str, ...], waiter: str, conn: str) -> None:
+    table.open(key, waiter)
+    table.claim_write(key, waiter, conn, limit=10)
 
 
-def test_an_answer_is_delivered_once_and_only_from_its_link() -> None:
+def test_an_answer_is_delivered_once_and_only_from_its_connection() -> None:
     table: Correlator[str] = Correlator()
-    _sent(table, K, "w0", "a/0")
+    _written(table, K, "w0", "a/0#1")
     with pytest.raises(KeyInFlight):
-        table.open(K, "w1", now=0.0)
-    assert table.in_flight("a/0") == 1
-    assert table.resolve("a/1", K) is None
-    assert table.resolve("a/0", K) == Match("w0", late=False)
-    assert table.resolve("a/0", K) is None
-    assert table.in_flight("a/0") == 0
-    table.finish(K, "w0")
+        table.open(K, "w1")
+    assert table.in_flight("a/0#1") == 1
+    assert table.resolve("a/0#2", K) is None  # the same link, reconnected: not its answer
+    assert table.resolve("a/0#1", K) == Match("w0", late=False)
+    assert table.resolve("a/0#1", K) is None  # a duplicate answer is delivered once
+    assert table.in_flight("a/0#1") == 0
+    table.finish(K, "w0", answered=True)
     assert len(table) == 0
 
 
 def test_no_answer_is_accepted_before_the_request_is_written() -> None:
     table: Correlator[str] = Correlator()
-    table.open(K, "w0", now=0.0)
-    table.bind(K, "w0", "a/0", limit=1)
-    assert table.resolve("a/0", K) is None
+    table.open(K, "w0")
+    assert table.resolve("a/0#1", K) is None
+    assert len(table) == 1
+
+
+def test_a_written_request_is_never_written_again() -> None:
+    table: Correlator[str] = Correlator()
+    _written(table, K, "w0", "a/0#1")
+    with pytest.raises(NotWritten):
+        table.claim_write(K, "w0", "b/0#1", limit=10)
+    with pytest.raises(NotWritten):
+        table.claim_write(K, "someone else", "b/0#1", limit=10)
 
 
 def test_finish_never_removes_a_newer_request_with_the_same_key() -> None:
     table: Correlator[str] = Correlator()
-    _sent(table, K, "old", "a/0")
-    assert table.resolve("a/0", K) == Match("old", late=False)
-    table.open(K, "new", now=0.0)
-    table.finish(K, "old")
+    _written(table, K, "old", "a/0#1")
+    assert table.resolve("a/0#1", K) == Match("old", late=False)
+    table.open(K, "new")
+    table.finish(K, "old", answered=False)
     with pytest.raises(KeyInFlight):
-        table.open(K, "newest", now=0.0)
-    with pytest.raises(NotWritten):
-        table.bind(K, "old", "a/0", limit=1)
+        table.open(K, "newest")
 
 
-def test_a_timed_out_request_keeps_its_key_for_the_late_answer() -> None:
+def test_an_unanswered_written_request_keeps_its_key_for_the_late_answer() -> None:
     table: Correlator[str] = Correlator()
-    _sent(table, K, "timed-out", "a/0")
-    table.finish(K, "timed-out", late_until=30.0)
+    _written(table, K, "timed-out", "a/0#1")
+    table.finish(K, "timed-out", answered=False)
     with pytest.raises(KeyInFlight):
-        table.open(K, "reuse", now=10.0)  # the key is not free: the switch still owes it
-    assert table.in_flight("a/0") == 1
-    assert table.resolve("a/0", K) == Match("timed-out", late=True)
-    table.open(K, "reuse", now=11.0)
-    assert len(table) == 1
+        table.open(K, "reuse")  # the switch still owes the answer
+    assert (table.in_flight("a/0#1"), table.stale("a/0#1")) == (1, 1)
+    assert table.resolve("a/0#1", K) == Match("timed-out", late=True)
+    assert (table.in_flight("a/0#1"), table.stale("a/0#1")) == (0, 0)
+    table.open(K, "reuse")
 
 
-def test_tombstones_expire() -> None:
+def test_a_dead_connection_fails_its_live_requests_and_drops_its_tombstones() -> None:
     table: Correlator[str] = Correlator()
-    _sent(table, KEYS[0], "w0", "a/0")
-    _sent(table, KEYS[1], "w1", "a/0")
-    table.finish(KEYS[0], "w0", late_until=5.0)
-    table.finish(KEYS[1], "w1", late_until=9.0)
-    table.expire(now=6.0)
-    assert (len(table), table.in_flight("a/0")) == (1, 1)
-    table.open(KEYS[1], "again", now=9.0)  # expired on the spot
-    assert (len(table), table.in_flight("a/0")) == (1, 0)
+    _written(table, KEYS[0], "live", "a/0#1")
+    _written(table, KEYS[1], "tomb", "a/0#1")
+    table.finish(KEYS[1], "tomb", answered=False)
+    table.open(KEYS[2], "unsent")
+    _written(table, KEYS[3], "elsewhere", "b/0#1")
+    assert table.fail_connection("a/0#1") == ["live"]
+    assert (table.in_flight("a/0#1"), table.stale("a/0#1")) == (0, 0)
+    table.open(KEYS[1], "reuse")  # the tombstone's key is free again
+    table.claim_write(KEYS[2], "unsent", "a/0#2", limit=1)  # unsent: free to go anywhere
+    assert len(table) == 3
 
 
-def test_a_request_that_was_never_written_is_simply_forgotten() -> None:
+def test_a_request_never_written_is_simply_forgotten() -> None:
     table: Correlator[str] = Correlator()
-    table.open(K, "w0", now=0.0)
-    table.bind(K, "w0", "a/0", limit=1)
-    table.finish(K, "w0", late_until=30.0)
+    table.open(K, "w0")
+    table.finish(K, "w0", answered=False)
     assert len(table) == 0
 
 
-def test_link_limit_failover_and_link_failure() -> None:
+def test_the_limit_counts_written_requests_and_tombstones() -> None:
     table: Correlator[str] = Correlator()
-    _sent(table, KEYS[0], "w0", "a/0")
-    table.open(KEYS[1], "w1", now=0.0)
+    _written(table, KEYS[0], "w0", "a/0#1")
+    table.finish(KEYS[0], "w0", answered=False)
+    table.open(KEYS[1], "w1")
     with pytest.raises(LinkFull):
-        table.bind(KEYS[1], "w1", "a/0", limit=1)
-    table.bind(KEYS[1], "w1", "a/1", limit=1)
-    table.bind(KEYS[1], "w1", "b/0", limit=1)  # rebinding frees the first link's slot
-    assert (table.in_flight("a/1"), table.in_flight("b/0")) == (0, 1)
-    # b/0 dies before w1 was written: w1 is not failed, just unbound, free to fail over.
-    assert table.fail_link("b/0") == []
-    table.bind(KEYS[1], "w1", "a/1", limit=1)
-    table.mark_sent(KEYS[1], "w1")
-    with pytest.raises(NotWritten):
-        table.bind(KEYS[1], "w1", "b/0", limit=1)  # once written, never sent elsewhere
-    assert table.fail_link("a/1") == ["w1"]
-    assert table.fail_link("a/0") == ["w0"]
-    assert len(table) == 0
+        table.claim_write(KEYS[1], "w1", "a/0#1", limit=1)
+    table.claim_write(KEYS[1], "w1", "b/0#1", limit=1)
+    assert table.in_flight("b/0#1") == 1
 
 
 @dataclass
 class _Model:
     waiter: str
-    link: str | None = None
-    sent: bool = False
-    late_until: float | None = None
+    connection: str | None = None
+    tombstone: bool = False
 
 
 _operations = st.lists(
     st.tuples(
-        st.sampled_from(["open", "bind", "send", "resolve", "fail", "finish", "timeout", "tick"]),
+        st.sampled_from(["open", "write", "resolve", "fail", "answered", "unanswered"]),
         st.sampled_from(KEYS),
-        st.sampled_from(LINKS),
+        st.sampled_from(CONNECTIONS),
     ),
     max_size=80,
 )
@@ -130,64 +127,53 @@ def test_matches_a_model(operations: list[tuple[str, tuple[str, ...], str]]) -> 
     limit = 2
     table: Correlator[str] = Correlator()
     model: dict[tuple[str, ...], _Model] = {}
-    now = 0.0
     serial = 0
 
-    def load(link: str) -> int:
-        return sum(1 for m in model.values() if m.link == link)
+    def load(conn: str) -> int:
+        return sum(1 for m in model.values() if m.connection == conn)
 
-    for op, key, link in operations:
+    for op, key, conn in operations:
         entry = model.get(key)
-        if op == "tick":
-            now += 1.0
-            table.expire(now)
-            model = {k: m for k, m in model.items() if m.late_until is None or m.late_until > now}
-        elif op == "open":
-            if entry is not None and (entry.late_until is None or entry.late_until > now):
+        if op == "open":
+            if entry is not None:
                 with pytest.raises(KeyInFlight):
-                    table.open(key, "x", now)
+                    table.open(key, "x")
             else:
                 serial += 1
                 waiter = f"w{serial}"
-                table.open(key, waiter, now)
+                table.open(key, waiter)
                 model[key] = _Model(waiter)
-        elif op == "bind" and entry is not None:
-            if entry.sent:
+        elif op == "write" and entry is not None:
+            if entry.connection is not None:
                 with pytest.raises(NotWritten):
-                    table.bind(key, entry.waiter, link, limit)
-            elif entry.link != link and load(link) >= limit:
+                    table.claim_write(key, entry.waiter, conn, limit)
+            elif load(conn) >= limit:
                 with pytest.raises(LinkFull):
-                    table.bind(key, entry.waiter, link, limit)
+                    table.claim_write(key, entry.waiter, conn, limit)
             else:
-                table.bind(key, entry.waiter, link, limit)
-                entry.link = link
-        elif op == "send" and entry is not None and entry.link is not None:
-            table.mark_sent(key, entry.waiter)
-            entry.sent = True
+                table.claim_write(key, entry.waiter, conn, limit)
+                entry.connection = conn
         elif op == "resolve":
             expected = None
-            if entry is not None and entry.sent and entry.link == link:
-                expected = Match(entry.waiter, late=entry.late_until is not None)
+            if entry is not None and entry.connection == conn:
+                expected = Match(entry.waiter, late=entry.tombstone)
                 del model[key]
-            assert table.resolve(link, key) == expected
+            assert table.resolve(conn, key) == expected
         elif op == "fail":
             expected_failed = sorted(
-                m.waiter
-                for m in model.values()
-                if m.link == link and m.sent and m.late_until is None
+                m.waiter for m in model.values() if m.connection == conn and not m.tombstone
             )
-            assert sorted(table.fail_link(link)) == expected_failed
-            model = {k: m for k, m in model.items() if not (m.link == link and m.sent)}
-            for m in model.values():
-                if m.link == link:
-                    m.link = None
-        elif op in ("finish", "timeout") and entry is not None and entry.late_until is None:
-            if op == "timeout" and entry.sent and entry.link is not None:
-                table.finish(key, entry.waiter, late_until=now + 2)
-                entry.late_until = now + 2
-            else:
-                table.finish(key, entry.waiter)
+            assert sorted(table.fail_connection(conn)) == expected_failed
+            model = {k: m for k, m in model.items() if m.connection != conn}
+        elif op in ("answered", "unanswered") and entry is not None and not entry.tombstone:
+            table.finish(key, entry.waiter, answered=op == "answered")
+            if op == "answered" or entry.connection is None:
                 del model[key]
+            else:
+                entry.tombstone = True
         assert len(table) == len(model)
-        for each in LINKS:
+        for each in CONNECTIONS:
             assert table.in_flight(each) == load(each)
+            assert table.stale(each) == sum(
+                1 for m in model.values() if m.connection == each and m.tombstone
+            )
