@@ -136,7 +136,7 @@ class Framer:
         """Zero-length frames skipped so far."""
         return self._keepalives
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         """Append received bytes."""
         self._check_broken()
         self._buf += data

@@ -17,9 +17,8 @@ class App:
 
     def __init__(self, config: Config, *, rng: random.Random | None = None) -> None:
         self.config = config
-        match_fields = config.routing.match_key
-        self.pool = Pool(config.switches, match_fields, rng or random.Random())
-        self.server = Server(config.listen, Forwarder(self.pool, match_fields))
+        self.pool = Pool(config.switches, config.health, config.routing, rng or random.Random())
+        self.server = Server(config.listen, Forwarder(self.pool, config.routing.match_key))
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

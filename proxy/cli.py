@@ -1,4 +1,4 @@
-"""Command line: `iso-proxy run | check-config | sim-switch`."""
+"""Command line: `iso-proxy run | check-config | echo | sim-switch`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -15,6 +16,7 @@ from codec import FrameFormat, LengthPrefix, SpecError, load_spec
 from fixtures.sim_switch import SimSwitch, SimSwitchOptions
 from proxy.app import App
 from proxy.config import Config, load_config
+from proxy.echo_tool import EchoPlan, run_echo
 from proxy.errors import ConfigError
 
 EXIT_BAD_CONFIG = 2
@@ -38,6 +40,16 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", type=Path, default=Path("config.yaml"))
     check.set_defaults(command=_check_config)
 
+    echo = commands.add_parser("echo", help="echo-test the proxy or a switch (like ping)")
+    echo.add_argument("target", metavar="HOST:PORT", type=_target)
+    echo.add_argument("-n", "--count", type=_positive_int, default=4, help="echoes to send")
+    echo.add_argument("-i", "--interval", type=float, default=1.0, help="seconds between echoes")
+    echo.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for each")
+    echo.add_argument("--framing", choices=[p.value for p in LengthPrefix], default="binary2")
+    echo.add_argument("--tpdu", action="store_true", help="frames carry a 5-byte TPDU")
+    echo.add_argument("--spec", default="default", help="default, default_ascii or a YAML file")
+    echo.set_defaults(command=_echo)
+
     sim = commands.add_parser("sim-switch", help="run a simulated switch")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, required=True)
@@ -51,6 +63,35 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--close-after", type=int, help="close a connection after N messages")
     sim.set_defaults(command=_sim_switch)
     return parser
+
+
+def _echo(args: argparse.Namespace) -> int:
+    try:
+        spec = load_spec(args.spec, base_dir=Path.cwd())
+    except SpecError as error:
+        print(f"--spec: {error}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    host, port = args.target
+    plan = EchoPlan(
+        args.count, args.interval, args.timeout, FrameFormat(LengthPrefix(args.framing), args.tpdu),
+        spec,
+    )  # fmt: skip
+    approved = trio.run(run_echo, host, port, plan, partial(print, flush=True))
+    return 0 if approved else 1
+
+
+def _target(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError("expected HOST:PORT, e.g. localhost:6000 or [::1]:6000")
+    return host, int(port)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("expected a whole number >= 1")
+    return int(text)
 
 
 def _rc(text: str) -> str:

@@ -1,7 +1,9 @@
 """YAML configuration, validated into frozen dataclasses.
 
 Every problem is collected with its key path (``switches[1].port: ...``) and reported at
-once by `ConfigError`, so an operator fixes a file in one pass.
+once by `ConfigError`, so an operator fixes a file in one pass. Readers always return a
+value of the right type (the default, or a placeholder, after recording a problem); a
+config with any problem is never returned.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import yaml
@@ -19,11 +22,12 @@ from proxy.errors import ConfigError
 
 T = TypeVar("T")
 
-STRATEGIES = ("round_robin",)
+STRATEGIES = ("round_robin", "weighted", "least_latency")
 DEFAULT_MATCH_KEY = ("41", "11")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Fields the proxy reads or writes itself: MTI, bitmap, STAN, RC, terminal, NMI code.
 REQUIRED_FIELDS = ("t", "p", "11", "39", "41", "70")
+_NO_SPEC: Spec = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +67,19 @@ class SwitchConfig:
     max_inflight: int
     connect_timeout: float
     reconnect: ReconnectConfig
+    weight: int
+    sign_on: bool
+    enabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    echo_interval: float
+    echo_timeout: float
+    rise_interval: float
+    fall: int
+    rise: int
+    timeout_threshold: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +97,7 @@ class LogConfig:
 class Config:
     listen: ListenConfig
     switches: tuple[SwitchConfig, ...]
+    health: HealthConfig
     routing: RoutingConfig
     log: LogConfig
 
@@ -110,50 +128,42 @@ class _Reader:
         raw: Mapping[str, Any],
         path: str,
         key: str,
-        kind: type[T],
-        default: T | None,
+        default: T,
         check: Callable[[T], str | None] | None = None,
-    ) -> T | None:
-        """Read `raw[key]` as `kind`; None (after recording a problem) when it is unusable."""
+        *,
+        required: bool = False,
+    ) -> T:
+        """`raw[key]`, of the default's type; the default after recording any problem."""
         where = _join(path, key)
         if key not in raw or raw[key] is None:
-            if default is None:
+            if required:
                 self.fail(where, "is required")
             return default
+        kind = type(default)
         value = raw[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
             self.fail(where, f"must be {kind.__name__}, got {_kind(value)}")
-            return None
+            return default
         if check is not None and (problem := check(value)) is not None:
             self.fail(where, problem)
-            return None
+            return default
         return value
 
-    def endpoint(self, raw: Mapping[str, Any], path: str, tpdu: bool) -> Endpoint | None:
-        framing = self.value(raw, path, "framing", str, "binary2", _one_of(LengthPrefix))
-        max_frame = self.value(raw, path, "max_frame", int, 8192, _between(16, 65535))
-        spec_ref = self.value(raw, path, "spec", str, "default")
-        spec: Spec | None = None
-        if spec_ref is not None:
-            try:
-                spec = load_spec(spec_ref, base_dir=self.base_dir)
-            except SpecError as exc:
-                self.fail(_join(path, "spec"), str(exc))
-        if spec is not None and (missing := [f for f in REQUIRED_FIELDS if f not in spec]):
-            self.fail(_join(path, "spec"), f"must define fields {', '.join(missing)}")
-            return None
-        if framing is None or max_frame is None or spec_ref is None or spec is None:
-            return None
-        prefix = LengthPrefix(framing)
-        if max_frame > prefix.max_length:
-            self.fail(
-                _join(path, "max_frame"),
-                f"{max_frame} does not fit a {framing} length prefix (max {prefix.max_length})",
-            )
-            return None
-        return Endpoint(FrameFormat(prefix, tpdu, max_frame), spec_ref, spec)
+    def endpoint(self, raw: Mapping[str, Any], path: str, tpdu: bool) -> Endpoint:
+        framing = LengthPrefix(self.value(raw, path, "framing", "binary2", _one_of(LengthPrefix)))
+        max_frame = self.value(raw, path, "max_frame", 8192, _between(16, framing.max_length))
+        spec_ref = self.value(raw, path, "spec", "default")
+        spec = _NO_SPEC
+        try:
+            spec = load_spec(spec_ref, base_dir=self.base_dir)
+        except SpecError as exc:
+            self.fail(_join(path, "spec"), str(exc))
+        else:
+            if missing := [f for f in REQUIRED_FIELDS if f not in spec]:
+                self.fail(_join(path, "spec"), f"must define fields {', '.join(missing)}")
+        return Endpoint(FrameFormat(framing, tpdu, max_frame), spec_ref, spec)
 
 
 def load_config(path: Path) -> Config:
@@ -176,162 +186,133 @@ def load_config(path: Path) -> Config:
 def parse_config(raw: object, *, base_dir: Path) -> Config:
     """Validate an already-parsed YAML document."""
     reader = _Reader(base_dir)
-    top = reader.mapping(raw, "config", ("listen", "switches", "routing", "log"))
-    listen = _listen(reader, top.get("listen"))
-    switches = _switches(reader, top.get("switches"))
-    routing = _routing(reader, top.get("routing"))
-    log = _log(reader, top.get("log"))
-    if reader.problems or listen is None or switches is None or routing is None or log is None:
-        raise ConfigError(reader.problems or ["config: invalid"])
-    endpoints = {"listen": listen.endpoint} | {
-        f"switches[{i}]": s.endpoint for i, s in enumerate(switches)
+    top = reader.mapping(raw, "config", ("listen", "switches", "health", "routing", "log"))
+    config = Config(
+        listen=_listen(reader, top.get("listen")),
+        switches=_switches(reader, top.get("switches")),
+        health=_health(reader, top.get("health")),
+        routing=_routing(reader, top.get("routing")),
+        log=_log(reader, top.get("log")),
+    )
+    endpoints = {"listen": config.listen.endpoint} | {
+        f"switches[{i}]": s.endpoint for i, s in enumerate(config.switches)
     }
+    extra_key_fields = [f for f in config.routing.match_key if f not in REQUIRED_FIELDS]
     for path, endpoint in endpoints.items():
-        if missing := [f for f in routing.match_key if f not in endpoint.spec]:
+        if endpoint.spec and (missing := [f for f in extra_key_fields if f not in endpoint.spec]):
             reader.fail(f"{path}.spec", f"lacks match_key field(s) {', '.join(missing)}")
+    if config.switches and not any(s.enabled for s in config.switches):
+        reader.fail("switches", "at least one switch must be enabled")
     if reader.problems:
         raise ConfigError(reader.problems)
-    return Config(listen, switches, routing, log)
+    return config
 
 
-def _listen(reader: _Reader, raw_value: object) -> ListenConfig | None:
+def _listen(reader: _Reader, raw_value: object) -> ListenConfig:
     path = "listen"
     raw = reader.mapping(
         raw_value,
         path,
         (
-            "host",
-            "port",
-            "framing",
-            "tpdu",
-            "spec",
-            "max_frame",
-            "max_connections",
-            "max_inflight_per_connection",
-            "write_timeout",
+            "host", "port", "framing", "tpdu", "spec", "max_frame", "max_connections",
+            "max_inflight_per_connection", "write_timeout",
         ),
+    )  # fmt: skip
+    return ListenConfig(
+        host=reader.value(raw, path, "host", "0.0.0.0", _host),  # noqa: S104 - a proxy listens
+        port=reader.value(raw, path, "port", 6000, _between(0, 65535)),
+        endpoint=reader.endpoint(raw, path, reader.value(raw, path, "tpdu", False)),
+        max_connections=reader.value(raw, path, "max_connections", 1000, _between(1, 100_000)),
+        max_inflight_per_connection=reader.value(
+            raw, path, "max_inflight_per_connection", 64, _between(1, 10_000)
+        ),
+        write_timeout=reader.value(raw, path, "write_timeout", 10.0, _positive(300)),
     )
-    host = reader.value(raw, path, "host", str, "0.0.0.0", _host)  # noqa: S104 - a proxy listens
-    port = reader.value(raw, path, "port", int, 6000, _between(0, 65535))
-    tpdu = reader.value(raw, path, "tpdu", bool, False)
-    endpoint = reader.endpoint(raw, path, bool(tpdu))
-    max_connections = reader.value(raw, path, "max_connections", int, 1000, _between(1, 100_000))
-    max_inflight = reader.value(
-        raw, path, "max_inflight_per_connection", int, 64, _between(1, 10_000)
-    )
-    write_timeout = reader.value(raw, path, "write_timeout", float, 10.0, _positive(300))
-    if (
-        host is None
-        or port is None
-        or endpoint is None
-        or max_connections is None
-        or max_inflight is None
-        or write_timeout is None
-    ):
-        return None
-    return ListenConfig(host, port, endpoint, max_connections, max_inflight, write_timeout)
 
 
-def _switches(reader: _Reader, raw: object) -> tuple[SwitchConfig, ...] | None:
+def _switches(reader: _Reader, raw: object) -> tuple[SwitchConfig, ...]:
     if not isinstance(raw, list) or not raw:
         reader.fail("switches", "must be a non-empty list of switches")
-        return None
-    switches: list[SwitchConfig] = []
-    names: set[str] = set()
-    for index, item in enumerate(raw):
-        switch = _switch(reader, item, f"switches[{index}]")
-        if switch is None:
-            continue
-        if switch.name in names:
+        return ()
+    switches = tuple(_switch(reader, item, f"switches[{i}]") for i, item in enumerate(raw))
+    seen: set[str] = set()
+    for index, switch in enumerate(switches):
+        if switch.name in seen:
             reader.fail(f"switches[{index}].name", f"duplicate switch name {switch.name!r}")
-        names.add(switch.name)
-        switches.append(switch)
-    return tuple(switches) if len(switches) == len(raw) else None
+        seen.add(switch.name)
+    return switches
 
 
-def _switch(reader: _Reader, raw_value: object, path: str) -> SwitchConfig | None:
+def _switch(reader: _Reader, raw_value: object, path: str) -> SwitchConfig:
     raw = reader.mapping(
         raw_value,
         path,
         (
-            "name",
-            "host",
-            "port",
-            "connections",
-            "timeout",
-            "framing",
-            "tpdu",
-            "spec",
-            "max_frame",
-            "max_inflight",
-            "connect_timeout",
-            "reconnect",
+            "name", "host", "port", "connections", "timeout", "framing", "tpdu", "spec",
+            "max_frame", "max_inflight", "connect_timeout", "reconnect", "weight", "sign_on",
+            "enabled",
         ),
-    )
-    name = reader.value(raw, path, "name", str, None, _name)
-    host = reader.value(raw, path, "host", str, None, _host)
-    port = reader.value(raw, path, "port", int, None, _between(1, 65535))
-    connections = reader.value(raw, path, "connections", int, 1, _between(1, 64))
-    timeout = reader.value(raw, path, "timeout", float, 20.0, _positive(120))
-    tpdu_hex = reader.value(raw, path, "tpdu", str, "", _tpdu)
-    endpoint = reader.endpoint(raw, path, bool(tpdu_hex))
-    max_inflight = reader.value(raw, path, "max_inflight", int, 1000, _between(1, 100_000))
-    connect_timeout = reader.value(raw, path, "connect_timeout", float, 5.0, _positive(120))
-    reconnect = _reconnect(reader, raw.get("reconnect"), _join(path, "reconnect"))
-    if (
-        name is None
-        or host is None
-        or port is None
-        or connections is None
-        or timeout is None
-        or tpdu_hex is None
-        or endpoint is None
-        or max_inflight is None
-        or connect_timeout is None
-        or reconnect is None
-    ):
-        return None
-    tpdu = bytes.fromhex(tpdu_hex) if tpdu_hex else None
+    )  # fmt: skip
+    tpdu = reader.value(raw, path, "tpdu", "", _tpdu)
     return SwitchConfig(
-        name,
-        host,
-        port,
-        connections,
-        timeout,
-        endpoint,
-        tpdu,
-        max_inflight,
-        connect_timeout,
-        reconnect,
+        name=reader.value(raw, path, "name", "", _name, required=True),
+        host=reader.value(raw, path, "host", "", _host, required=True),
+        port=reader.value(raw, path, "port", 0, _between(1, 65535), required=True),
+        connections=reader.value(raw, path, "connections", 1, _between(1, 64)),
+        timeout=reader.value(raw, path, "timeout", 20.0, _positive(120)),
+        endpoint=reader.endpoint(raw, path, bool(tpdu)),
+        tpdu=bytes.fromhex(tpdu) if tpdu else None,
+        max_inflight=reader.value(raw, path, "max_inflight", 1000, _between(1, 100_000)),
+        connect_timeout=reader.value(raw, path, "connect_timeout", 5.0, _positive(120)),
+        reconnect=_reconnect(reader, raw.get("reconnect"), _join(path, "reconnect")),
+        weight=reader.value(raw, path, "weight", 1, _between(1, 1000)),
+        sign_on=reader.value(raw, path, "sign_on", False),
+        enabled=reader.value(raw, path, "enabled", True),
     )
 
 
-def _reconnect(reader: _Reader, raw_value: object, path: str) -> ReconnectConfig | None:
+def _reconnect(reader: _Reader, raw_value: object, path: str) -> ReconnectConfig:
     raw = reader.mapping(raw_value, path, ("initial_delay", "max_delay"))
-    initial = reader.value(raw, path, "initial_delay", float, 0.5, _positive(60))
-    maximum = reader.value(raw, path, "max_delay", float, 30.0, _positive(3600))
-    if initial is None or maximum is None:
-        return None
+    initial = reader.value(raw, path, "initial_delay", 0.5, _positive(60))
+    maximum = reader.value(raw, path, "max_delay", 30.0, _positive(3600))
     if maximum < initial:
         reader.fail(_join(path, "max_delay"), "must be >= initial_delay")
-        return None
     return ReconnectConfig(initial, maximum)
 
 
-def _routing(reader: _Reader, raw_value: object) -> RoutingConfig | None:
+def _health(reader: _Reader, raw_value: object) -> HealthConfig:
+    path = "health"
+    raw = reader.mapping(
+        raw_value,
+        path,
+        ("echo_interval", "echo_timeout", "rise_interval", "fall", "rise", "timeout_threshold"),
+    )
+    health = HealthConfig(
+        echo_interval=reader.value(raw, path, "echo_interval", 10.0, _positive(3600)),
+        echo_timeout=reader.value(raw, path, "echo_timeout", 3.0, _positive(600)),
+        rise_interval=reader.value(raw, path, "rise_interval", 1.0, _positive(3600)),
+        fall=reader.value(raw, path, "fall", 3, _between(1, 100)),
+        rise=reader.value(raw, path, "rise", 2, _between(1, 100)),
+        timeout_threshold=reader.value(raw, path, "timeout_threshold", 5, _between(1, 10_000)),
+    )
+    if health.echo_timeout > health.echo_interval:
+        reader.fail(_join(path, "echo_timeout"), "must not exceed echo_interval")
+    return health
+
+
+def _routing(reader: _Reader, raw_value: object) -> RoutingConfig:
     path = "routing"
     raw = reader.mapping(raw_value, path, ("strategy", "match_key"))
-    strategy = reader.value(raw, path, "strategy", str, "round_robin", _one_of(STRATEGIES))
-    match_key = reader.value(raw, path, "match_key", list, list(DEFAULT_MATCH_KEY), _match_key)
-    if strategy is None or match_key is None:
-        return None
-    return RoutingConfig(strategy, tuple(_field_names(match_key)))
+    match_key = reader.value(raw, path, "match_key", list(DEFAULT_MATCH_KEY), _match_key)
+    return RoutingConfig(
+        strategy=reader.value(raw, path, "strategy", "round_robin", _one_of(STRATEGIES)),
+        match_key=tuple(_field_names(match_key)),
+    )
 
 
-def _log(reader: _Reader, raw_value: object) -> LogConfig | None:
+def _log(reader: _Reader, raw_value: object) -> LogConfig:
     raw = reader.mapping(raw_value, "log", ("level",))
-    level = reader.value(raw, "log", "level", str, "INFO", _one_of(LOG_LEVELS))
-    return None if level is None else LogConfig(level)
+    return LogConfig(reader.value(raw, "log", "level", "INFO", _one_of(LOG_LEVELS)))
 
 
 def _join(path: str, key: str) -> str:
@@ -388,13 +369,12 @@ def _tpdu(value: str) -> str | None:
     try:
         raw = bytes.fromhex(value)
     except ValueError:
-        return "must be 10 hex digits (5 bytes), e.g. '6000010000'"
+        raw = b"?"
     return None if len(raw) in (0, 5) else "must be 10 hex digits (5 bytes), e.g. '6000010000'"
 
 
 def _match_key(value: list[Any]) -> str | None:
-    fields = [str(f) for f in value]
-    if any(not f.isdigit() or not 2 <= int(f) <= 128 for f in fields):
+    if any(not str(f).isdigit() or not 2 <= int(str(f)) <= 128 for f in value):
         return "fields must be data field numbers 2-128"
     fields = _field_names(value)
     if len(set(fields)) != len(fields):

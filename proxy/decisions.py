@@ -13,7 +13,9 @@ From a terminal:
 - A response sent by a terminal answers nothing we asked: dropped (and logged).
 
 From a switch:
-- Responses go to the correlator to find their request.
+- Transaction responses go to the correlator to find their request.
+- Network-management responses (0810) answer the link's own echoes and sign-ons: they go
+  to the link that asked, never to a terminal.
 - An 0800 request (the switch's own echo or sign-on) is answered 0810 RC 00 on the link.
 - Anything else is unsolicited: dropped and logged.
 
@@ -60,6 +62,7 @@ class Action(StrEnum):
     FORWARD = "forward"
     ANSWER = "answer"
     MATCH = "match"
+    OWN = "own"
     DROP = "drop"
 
 
@@ -94,6 +97,8 @@ def from_terminal(message: Message) -> Decision:
 def from_switch(message: Message) -> Decision:
     mti = message.mti
     if mti.is_response:
+        if mti.message_class == NETWORK_MANAGEMENT:
+            return Decision(Action.OWN)
         return Decision(Action.MATCH)
     if mti.message_class == NETWORK_MANAGEMENT and not mti.is_advice:
         return Decision(Action.ANSWER, APPROVED, "network management from the switch")

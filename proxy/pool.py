@@ -11,8 +11,8 @@ import trio
 
 from codec import CodecError, Message
 from proxy import decisions
-from proxy.balancer import RoundRobin
-from proxy.config import SwitchConfig
+from proxy.balancer import LeastCost, RoundRobin, SmoothWeighted
+from proxy.config import HealthConfig, RoutingConfig, SwitchConfig
 from proxy.correlator import Correlator
 from proxy.errors import (
     LinkLost,
@@ -23,8 +23,10 @@ from proxy.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from proxy.health import LinkState
 from proxy.keys import MatchKey, match_key
-from proxy.upstream import Link, LinkState
+from proxy.network import StanSequence
+from proxy.upstream import Dialer, Link, dial_tcp
 
 log = logging.getLogger("iso_proxy.upstream")
 
@@ -32,12 +34,14 @@ log = logging.getLogger("iso_proxy.upstream")
 class _Waiter:
     """Where a request waits for its answer (or for the news that its link died)."""
 
-    __slots__ = ("error", "event", "response")
+    __slots__ = ("connection", "error", "event", "response", "written_at")
 
     def __init__(self) -> None:
         self.event = trio.Event()
         self.response: Message | None = None
         self.error: UpstreamError | None = None
+        self.connection = ""
+        self.written_at = 0.0
 
     def deliver(self, response: Message) -> None:
         self.response = response
@@ -54,19 +58,26 @@ class Pool:
     def __init__(
         self,
         switches: Sequence[SwitchConfig],
-        match_fields: tuple[str, ...],
+        health: HealthConfig,
+        routing: RoutingConfig,
         rng: random.Random,
+        dial: Dialer = dial_tcp,
     ) -> None:
-        self._match_fields = match_fields
+        self._match_fields = routing.match_key
+        self._strategy = routing.strategy
         self._correlator: Correlator[_Waiter] = Correlator()
+        stans = StanSequence(rng.randrange(1, 1_000_000))
+        self.switches = {switch.name: switch for switch in switches if switch.enabled}
         self.links: dict[str, list[Link]] = {
             switch.name: [
-                Link(switch, index, self._on_response, self._on_state, rng)
+                Link(switch, index, health, stans, self._on_response, self._on_state, rng, dial)
                 for index in range(switch.connections)
             ]
-            for switch in switches
+            for switch in self.switches.values()
         }
         self._switch_turns: RoundRobin[str] = RoundRobin()
+        self._weighted: SmoothWeighted[str] = SmoothWeighted()
+        self._least_cost: LeastCost[Link] = LeastCost()
         self._link_turns: dict[str, RoundRobin[Link]] = {name: RoundRobin() for name in self.links}
         self._changed = trio.Event()
 
@@ -107,24 +118,29 @@ class Pool:
             if waiter.response is None:
                 timed_out = link
                 raise UpstreamTimeout(f"no answer from {link.switch.name} in time")
+            link.transaction_done(
+                waiter.connection, answered=True, rtt=trio.current_time() - waiter.written_at
+            )
             return waiter.response
         finally:
             # Written but unanswered (timed out, or this task was cancelled): the key stays
             # taken until the late answer or the connection's end.
             self._correlator.finish(key, waiter, answered=waiter.event.is_set())
             if timed_out is not None:
+                timed_out.transaction_done(waiter.connection, answered=False, rtt=0.0)
                 self._recycle_if_stale(timed_out)
 
     async def _send(
         self, message: Message, key: MatchKey, waiter: _Waiter, started: float
     ) -> tuple[Link, float]:
-        tried = unencodable = 0
-        for link in self._candidates():
-            tried += 1
+        tried: set[Link] = set()
+        unencodable = 0
+        # The candidates are looked at afresh after each failure: a link that came up while
+        # this request waited for another is a fair next choice.
+        while link := next((c for c in self._candidates() if c not in tried), None):
+            tried.add(link)
             deadline = started + link.switch.timeout
-            claim = partial(
-                self._correlator.claim_write, key, waiter, limit=link.switch.max_inflight
-            )
+            claim = partial(self._claim, key, waiter, link.switch.max_inflight)
             try:
                 await link.send(message, deadline=deadline, before_write=claim)
             except NotWritten:  # down, full, or no turn before the deadline: try the next
@@ -133,9 +149,14 @@ class Pool:
                 unencodable += 1
                 continue
             return link, deadline
-        if tried and unencodable == tried:
+        if tried and unencodable == len(tried):
             raise UnencodableMessage("request does not fit any available switch's spec")
         raise NoLinkAvailable("no switch link could take the request")
+
+    def _claim(self, key: MatchKey, waiter: _Waiter, limit: int, connection: str) -> None:
+        self._correlator.claim_write(key, waiter, connection, limit)
+        waiter.connection = connection
+        waiter.written_at = trio.current_time()
 
     def _recycle_if_stale(self, link: Link) -> None:
         stale = self._correlator.stale(link.connection)
@@ -144,21 +165,36 @@ class Pool:
             link.recycle()
 
     def _candidates(self) -> Iterator[Link]:
-        """Every up link: first one per switch, switches in turn, then the rest.
+        """Every usable link (up, not full), in the order the strategy prefers.
 
-        Lazy, so a switch's own turn moves on only when one of its links is offered.
+        By switch (round_robin, weighted): first one link of each switch, switches in the
+        strategy's order and each switch's links in turn, then the rest. By link
+        (least_latency): cheapest first. Lazy, so turns move on only when offered.
         """
-        per_switch = {
+        usable = {
             name: up
             for name, links in self.links.items()
             if (up := [link for link in links if link.is_up and not self._full(link)])
         }
+        if self._strategy == "least_latency":
+            links = [link for up in usable.values() for link in up]
+            yield from self._least_cost.order(links, [self._cost(link) for link in links])
+            return
+        names = list(usable)
+        if self._strategy == "weighted":
+            order = self._weighted.order(names, [self.switches[n].weight for n in names])
+        else:
+            order = self._switch_turns.order(names)
         others: list[Link] = []
-        for name in self._switch_turns.order(list(per_switch)):
-            first, *rest = self._link_turns[name].order(per_switch[name])
+        for name in order:
+            first, *rest = self._link_turns[name].order(usable[name])
             others.extend(rest)
             yield first
         yield from others
+
+    def _cost(self, link: Link) -> float:
+        """Peak-EWMA round trip times the requests the link is already waiting on."""
+        return (link.latency.value or 0.0) * (self._correlator.in_flight(link.connection) + 1)
 
     def _full(self, link: Link) -> bool:
         return self._correlator.in_flight(link.connection) >= link.switch.max_inflight

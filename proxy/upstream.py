@@ -1,19 +1,23 @@
-"""Links: persistent connections to a switch, kept up with reconnects and backoff."""
+"""Links: persistent connections to a switch, judged by echoes and kept up with reconnects."""
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
-from enum import StrEnum
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 
 import trio
 
 from codec import CodecError, Frame, Framer, Message, decode, encode, encode_frame
 from proxy import decisions
 from proxy.backoff import Backoff
-from proxy.config import SwitchConfig
+from proxy.config import HealthConfig, SwitchConfig
 from proxy.errors import LinkLost, NotWritten
+from proxy.health import LinkHealth, LinkState, Verdict
+from proxy.latency import PeakEwma
+from proxy.network import ECHO, SIGN_OFF, SIGN_ON, network_request
 from proxy.responses import answer
 
 log = logging.getLogger("iso_proxy.upstream")
@@ -28,24 +32,37 @@ MAX_PENDING_REPLIES = 8
 # A write that starts just before its request's deadline may still take this long: cutting
 # it short would leave half a frame on the wire and cost the whole connection.
 WRITE_GRACE = 1.0
+# Echo round-trip times kept per link for status and percentiles.
+ECHO_SAMPLES = 256
 
-# Called by a link's reader with every response it receives.
+# Called by a link's reader with every transaction response it receives.
 ResponseSink = Callable[["Link", Message], None]
 # Called after every change of a link's state.
 StateSink = Callable[["Link"], None]
+# Opens a stream to a switch (TCP by default; tests pass in-memory streams).
+Dialer = Callable[[SwitchConfig], Awaitable[trio.abc.Stream]]
 
 
-class LinkState(StrEnum):
-    CONNECTING = "connecting"
-    UP = "up"
-    DOWN = "down"
+async def dial_tcp(switch: SwitchConfig) -> trio.abc.Stream:
+    return await trio.open_tcp_stream(switch.host, switch.port)
+
+
+class _Exchange:
+    """One of the link's own 0800s, waiting for its 0810."""
+
+    __slots__ = ("answer", "event")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.answer: Message | None = None
 
 
 class Link:
-    """One persistent TCP connection to a switch.
+    """One persistent connection to a switch.
 
-    `run` connects, reads answers and reconnects with backoff until cancelled. `send`
-    writes one whole frame or raises: `NotWritten` when no byte left (safe to fail over),
+    `run` connects, signs on when configured, probes with echoes, reads answers and
+    reconnects with backoff until cancelled. Only an UP link carries traffic. `send` writes
+    one whole frame or raises: `NotWritten` when no byte left (safe to fail over),
     `LinkLost` when the write broke part-way (the request may have reached the switch).
     Each TCP connection has its own `connection` id: a reconnect is a new connection.
     """
@@ -54,23 +71,35 @@ class Link:
         self,
         switch: SwitchConfig,
         index: int,
+        health: HealthConfig,
+        stans: Iterator[str],
         on_response: ResponseSink,
         on_state: StateSink,
         rng: random.Random,
+        dial: Dialer = dial_tcp,
     ) -> None:
         self.switch = switch
         self.name = f"{switch.name}/{index}"
         self.state = LinkState.CONNECTING
         self.connects = 0
         self.connection = ""
-        self._serving = trio.CancelScope()
+        self.latency = PeakEwma()
+        self.echo_rtts: deque[float] = deque(maxlen=ECHO_SAMPLES)
+        self.echoes_failed = 0
+        self._health_config = health
+        self._health = LinkHealth(health)
+        self._stans = stans
         self._on_response = on_response
         self._on_state = on_state
         self._rng = rng
+        self._dial = dial
         self._backoff = Backoff(switch.reconnect.initial_delay, switch.reconnect.max_delay)
-        self._stream: trio.SocketStream | None = None
+        self._stream: trio.abc.Stream | None = None
+        self._serving = trio.CancelScope()
         self._write_lock = trio.Lock()
+        self._exchanges: dict[str, _Exchange] = {}
         self._pending_replies = 0
+        self._signed_on = False
 
     @property
     def is_up(self) -> bool:
@@ -86,8 +115,12 @@ class Link:
             if stream is not None:
                 connected_at = trio.current_time()
                 try:
-                    with self._serving:
-                        await self._serve(stream)
+                    try:
+                        with self._serving:
+                            await self._serve(stream)
+                    except* trio.Cancelled:  # shutting down (a recycle is caught by _serving)
+                        await self._sign_off()
+                        raise
                 except Exception as exc:  # a bug must cost one connection, not the whole pool
                     log.error("link %s: internal error: %s", self.name, type(exc).__name__)
                 finally:
@@ -101,17 +134,29 @@ class Link:
         """Drop the current connection (its written requests fail) and reconnect."""
         self._serving.cancel()
 
+    def transaction_done(self, connection: str, answered: bool, rtt: float) -> None:
+        """A transaction written on `connection` was answered (after `rtt`) or timed out."""
+        if connection != self.connection:
+            return
+        if answered:
+            self.latency.observe(rtt, trio.current_time())
+        if self._health.transaction(answered) is Verdict.DROP:
+            log.warning("link %s: transactions keep timing out; reconnecting", self.name)
+            self.recycle()
+
     async def send(
         self,
         message: Message,
         *,
         deadline: float,
         before_write: Callable[[str], None] | None = None,
+        traffic: bool = True,
     ) -> None:
         """Write `message` as one frame, starting before `deadline`.
 
-        `before_write(connection)` runs once the link is known to be up, right before the
-        first byte; it may refuse by raising NotWritten. Raises CodecError when the message
+        A transaction (`traffic`) needs the link UP; the link's own network-management
+        messages only need it connected. `before_write(connection)` runs right before the
+        first byte and may refuse by raising NotWritten. Raises CodecError when the message
         does not fit this switch's spec.
         """
         data = self._frame(message)
@@ -123,7 +168,7 @@ class Link:
             raise NotWritten(f"link {self.name}: no turn to write before the deadline")
         try:
             stream = self._stream
-            if stream is None or not self.is_up:
+            if stream is None or (traffic and not self.is_up):
                 raise NotWritten(f"link {self.name} is not up")
             now = trio.current_time()
             if now >= deadline:
@@ -153,11 +198,11 @@ class Link:
             endpoint.framing, Frame(encode(message, endpoint.spec), self.switch.tpdu)
         )
 
-    async def _connect(self) -> trio.SocketStream | None:
+    async def _connect(self) -> trio.abc.Stream | None:
         self._set_state(LinkState.CONNECTING)
         with trio.move_on_after(self.switch.connect_timeout):
             try:
-                stream = await trio.open_tcp_stream(self.switch.host, self.switch.port)
+                stream = await self._dial(self.switch)
             except OSError as exc:
                 log.debug("link %s: connect failed: %s", self.name, exc.strerror)
                 self._set_state(LinkState.DOWN)
@@ -166,17 +211,19 @@ class Link:
             self.connects += 1
             self.connection = f"{self.name}#{self.connects}"
             self._serving = trio.CancelScope()
-            log.info("link %s: up", self.name)
-            self._set_state(LinkState.UP)
+            self._health = LinkHealth(self._health_config)
+            self._signed_on = False
+            log.info("link %s: connected; on probation", self.name)
             return stream
         log.debug("link %s: connect timed out", self.name)
         self._set_state(LinkState.DOWN)
         return None
 
-    async def _serve(self, stream: trio.SocketStream) -> None:
-        """Read frames until the switch closes, the stream breaks or the switch misbehaves."""
-        framer = Framer(self.switch.endpoint.framing)
-        async with trio.open_nursery() as replies:
+    async def _serve(self, stream: trio.abc.Stream) -> None:
+        """Read and probe until the switch closes, the stream breaks or the link is dropped."""
+        async with trio.open_nursery() as tasks:
+            tasks.start_soon(self._probe)
+            framer = Framer(self.switch.endpoint.framing)
             try:
                 while True:
                     frame = framer.next_frame()
@@ -187,41 +234,110 @@ class Link:
                             break
                         framer.feed(data)
                         continue
-                    self._dispatch(decode(frame.message, self.switch.endpoint.spec), replies)
+                    self._dispatch(decode(frame.message, self.switch.endpoint.spec), tasks)
             except CodecError as exc:
                 log.warning("link %s: bad frame from the switch (%s); reconnecting", self.name, exc)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 log.warning("link %s: connection lost", self.name)
             # Down first, so nothing waits on replies still being written to a dead stream.
             await self._close(stream)
-            replies.cancel_scope.cancel()
+            tasks.cancel_scope.cancel()
 
-    def _dispatch(self, message: Message, replies: trio.Nursery) -> None:
+    async def _probe(self) -> None:
+        """Sign on if configured, then echo at the health cadence; act on each verdict."""
+        if self.switch.sign_on:
+            reply, _ = await self._exchange(SIGN_ON)
+            if reply is None or reply.get("39") != decisions.APPROVED:
+                log.warning("link %s: sign-on not approved; reconnecting", self.name)
+                self.recycle()
+                return
+            self._signed_on = True
+        next_echo = trio.current_time()
+        while True:
+            reply, rtt = await self._exchange(ECHO)
+            approved = reply is not None and reply.get("39") == decisions.APPROVED
+            if approved:
+                self.echo_rtts.append(rtt)
+                self.latency.observe(rtt, trio.current_time())
+            else:
+                self.echoes_failed += 1
+            verdict = self._health.echo(approved)
+            if verdict is Verdict.UP:
+                log.info("link %s: up", self.name)
+                self._set_state(LinkState.UP)
+            elif verdict is Verdict.DROP:
+                log.warning("link %s: echoes failing; reconnecting", self.name)
+                self.recycle()
+                return
+            next_echo = max(next_echo + self._health.next_echo_in(), trio.current_time())
+            await trio.sleep_until(next_echo)
+
+    async def _exchange(self, code: str) -> tuple[Message | None, float]:
+        """Send one of the link's own 0800s; its 0810 (or None by echo_timeout) and RTT."""
+        stan = next(self._stans)
+        pending = _Exchange()
+        self._exchanges[stan] = pending
+        started = trio.current_time()
+        deadline = started + self._health_config.echo_timeout
+        try:
+            await self.send(
+                network_request(code, stan, datetime.now(UTC)), deadline=deadline, traffic=False
+            )
+            with trio.move_on_at(deadline):
+                await pending.event.wait()
+        except (NotWritten, LinkLost, CodecError) as exc:
+            log.warning("link %s: 0800/%s not sent: %s", self.name, code, exc)
+        finally:
+            del self._exchanges[stan]
+        return pending.answer, trio.current_time() - started
+
+    async def _sign_off(self) -> None:
+        """On a clean shutdown, tell the switch (sent, not awaited: we are leaving)."""
+        if not self._signed_on:
+            return
+        with trio.CancelScope(shield=True):
+            deadline = trio.current_time() + self._health_config.echo_timeout
+            try:
+                message = network_request(SIGN_OFF, next(self._stans), datetime.now(UTC))
+                await self.send(message, deadline=deadline, traffic=False)
+            except (NotWritten, LinkLost, CodecError) as exc:
+                log.warning("link %s: sign-off not sent: %s", self.name, exc)
+
+    def _dispatch(self, message: Message, tasks: trio.Nursery) -> None:
         decision = decisions.from_switch(message)
         if decision.action is decisions.Action.MATCH:
             self._on_response(self, message)
+        elif decision.action is decisions.Action.OWN:
+            pending = self._exchanges.get(message.get("11") or "")
+            if pending is None or pending.event.is_set():
+                log.warning("link %s: unexpected %s dropped", self.name, message.mti)
+                return
+            pending.answer = message
+            pending.event.set()
         elif decision.action is decisions.Action.ANSWER and decision.rc is not None:
             if self._pending_replies >= MAX_PENDING_REPLIES:
                 log.warning("link %s: %s from the switch dropped (flood)", self.name, message.mti)
                 return
             self._pending_replies += 1
-            replies.start_soon(self._reply, answer(message, decision.rc))
+            tasks.start_soon(self._reply, answer(message, decision.rc))
         else:
             log.warning("link %s: dropped %s (%s)", self.name, message.mti, decision.reason)
 
     async def _reply(self, message: Message) -> None:
         """Answer the switch without holding up the reader (it may be waiting to write)."""
         try:
-            await self.send(message, deadline=trio.current_time() + self.switch.timeout)
+            deadline = trio.current_time() + self._health_config.echo_timeout
+            await self.send(message, deadline=deadline, traffic=False)
         except (NotWritten, LinkLost, CodecError) as exc:
             log.warning("link %s: %s to the switch not sent: %s", self.name, message.mti, exc)
         finally:
             self._pending_replies -= 1
 
-    async def _close(self, stream: trio.SocketStream) -> None:
+    async def _close(self, stream: trio.abc.Stream) -> None:
         """Mark the link down (once per connection) and close `stream`."""
         if self._stream is stream:
             self._stream = None
+            self._signed_on = False
             log.warning("link %s: down", self.name)
             self._set_state(LinkState.DOWN)
         with trio.CancelScope(shield=True):

@@ -14,8 +14,11 @@ from fixtures.sim_switch import SimSwitch, SimSwitchOptions
 from fixtures.terminal import Terminal
 from proxy.app import App
 from proxy.config import Config, parse_config
+from proxy.upstream import Link
 
 FAST_RECONNECT = {"initial_delay": 0.05, "max_delay": 0.2}
+# One good echo brings a link up; echoes are otherwise rare enough to stay out of the way.
+FAST_HEALTH = {"echo_interval": 5, "echo_timeout": 1, "rise_interval": 0.05, "rise": 1}
 
 
 def proxy_config(
@@ -24,9 +27,14 @@ def proxy_config(
     listen: Mapping[str, Any] | None = None,
     switch: Mapping[str, Any] | None = None,
     routing: Mapping[str, Any] | None = None,
+    health: Mapping[str, Any] | None = None,
+    each: Mapping[str, Mapping[str, Any]] | None = None,
     base_dir: Path | None = None,
 ) -> Config:
-    """A config for a proxy on 127.0.0.1:0 in front of the given switches."""
+    """A config for a proxy on 127.0.0.1:0 in front of the given switches.
+
+    `switch` applies to every switch, `each` to the switch it names.
+    """
     raw: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": 0, **(listen or {})},
         "switches": [
@@ -38,10 +46,12 @@ def proxy_config(
                 "timeout": 5,
                 "reconnect": FAST_RECONNECT,
                 **(switch or {}),
+                **(each or {}).get(name, {}),
             }
             for name, port in switch_ports.items()
         ],
     }
+    raw["health"] = {**FAST_HEALTH, **(health or {})}
     if routing is not None:
         raw["routing"] = dict(routing)
     return parse_config(raw, base_dir=base_dir or Path.cwd())
@@ -53,10 +63,20 @@ async def start_switch(nursery: trio.Nursery, **options: Any) -> SimSwitch:
     return switch
 
 
-async def start_proxy(nursery: trio.Nursery, config: Config) -> tuple[App, int]:
+async def start_proxy(
+    nursery: trio.Nursery, config: Config, *, links_up: bool = True
+) -> tuple[App, int]:
+    """The proxy; with `links_up`, once every link has passed its first echoes."""
     app = App(config)
     port: int = await nursery.start(app.run)
+    if links_up:
+        with trio.fail_after(10):
+            await app.pool.wait_until(lambda: all(link.is_up for link in all_links(app)))
     return app, port
+
+
+def all_links(app: App) -> list[Link]:
+    return [link for links in app.pool.links.values() for link in links]
 
 
 async def proxy_with_one_switch(

@@ -10,6 +10,7 @@ import trio
 
 from codec import FrameFormat, Message, encode, load_spec
 from fixtures.messages import echo, financial
+from fixtures.sim_switch import SimSwitch
 from fixtures.terminal import Terminal
 from proxy.upstream import WRITE_GRACE
 from tests.conftest import Terminals, proxy_config, proxy_with_one_switch, start_proxy, start_switch
@@ -22,7 +23,7 @@ def _key(message: Message) -> tuple[str | None, str | None]:
 async def test_links_dying_under_load_never_send_twice_or_fail_oddly(
     nursery: trio.Nursery, terminals: Terminals, caplog: pytest.LogCaptureFixture
 ) -> None:
-    flaky = await start_switch(nursery, close_after=3)  # closes every connection it gets
+    flaky = await start_switch(nursery, close_after=4)  # an echo, 2 answers, then it closes
     steady = await start_switch(nursery)
     _, port = await start_proxy(nursery, proxy_config({"alpha": flaky.port, "beta": steady.port}))
     answers: list[Message] = []
@@ -39,15 +40,15 @@ async def test_links_dying_under_load_never_send_twice_or_fail_oddly(
 
     assert len(answers) == 600
     assert len({_key(a) for a in answers}) == 600
-    upstream = Counter(_key(r) for r in [*flaky.requests, *steady.requests])
+    upstream = Counter(_key(r) for r in [*flaky.transactions(), *steady.transactions()])
     assert max(upstream.values()) == 1  # no request reached a switch twice
     approved = {_key(a) for a in answers if a.get("39") == "00"}
     declined = {_key(a) for a in answers if a.get("39") != "00"}
     assert approved | declined == {_key(a) for a in answers}
     assert {a.get("39") for a in answers} <= {"00", "91"}
     assert approved <= set(upstream)
-    assert {_key(r) for r in steady.requests} <= approved  # the steady switch answered all
-    assert not declined & {_key(r) for r in steady.requests}
+    assert {_key(r) for r in steady.transactions()} <= approved  # steady answered them all
+    assert not declined & {_key(r) for r in steady.transactions()}
     assert "matches no request" not in caplog.text  # no answer was lost on the way back
 
 
@@ -112,11 +113,18 @@ async def test_an_answer_the_terminal_format_cannot_carry_becomes_rc_96(
 async def test_one_deadline_bounds_waiting_to_write_writing_and_waiting(
     nursery: trio.Nursery, terminals: Terminals
 ) -> None:
-    async def never_reads(stream: trio.SocketStream) -> None:
+    sim = SimSwitch()
+
+    async def answers_one_echo_then_stops_reading(stream: trio.SocketStream) -> None:
         async with stream:
+            switch = Terminal(stream, sim.options.framing, sim.options.spec)
+            probe = await switch.receive()
+            reply = sim.respond(probe)
+            assert reply is not None
+            await switch.send(reply)
             await trio.sleep_forever()
 
-    listeners = await nursery.start(trio.serve_tcp, never_reads, 0)
+    listeners = await nursery.start(trio.serve_tcp, answers_one_echo_then_stops_reading, 0)
     switch_port = listeners[0].socket.getsockname()[1]
     _, port = await start_proxy(
         nursery,

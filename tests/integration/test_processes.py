@@ -14,33 +14,45 @@ from fixtures.messages import echo, financial
 from tests.conftest import Terminals
 
 LISTENING = re.compile(rb"listening on [^ ]+:(\d+)")
+LINK_UP = re.compile(rb"link [^ ]+: up$")
 
 
 class _Process:
-    """A child process whose stderr is read line by line (and kept, for assertions)."""
+    """A child process whose stderr is kept line by line, for waiting and for assertions."""
 
     def __init__(self, process: trio.Process) -> None:
         self.process = process
         self.output = bytearray()
-        self._lines: trio.MemorySendChannel[bytes]
-        self._lines, self.lines = trio.open_memory_channel[bytes](1000)
+        self.lines: list[bytes] = []
+        self._new_line = trio.Event()
+        self._ended = False
 
     async def pump(self) -> None:
         assert self.process.stderr is not None
         pending = b""
-        async with self._lines:
-            while chunk := await self.process.stderr.receive_some(4096):
-                self.output += chunk
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    self._lines.send_nowait(line)
+        while chunk := await self.process.stderr.receive_some(4096):
+            self.output += chunk
+            *lines, pending = (pending + chunk).split(b"\n")
+            self.lines.extend(lines)
+            self._new_line.set()
+            self._new_line = trio.Event()
+        self._ended = True
+        self._new_line.set()
+
+    async def wait_for(self, pattern: re.Pattern[bytes], count: int = 1) -> list[re.Match[bytes]]:
+        """The first `count` matches of `pattern` among the lines so far and to come."""
+        while True:
+            matches = [m for line in self.lines if (m := pattern.search(line))]
+            if len(matches) >= count:
+                return matches[:count]
+            if self._ended:
+                raise AssertionError(
+                    f"no {pattern.pattern!r}: {self.output.decode(errors='replace')}"
+                )
+            await self._new_line.wait()
 
     async def port(self) -> int:
-        async for line in self.lines:
-            if match := LISTENING.search(line):
-                return int(match.group(1))
-        raise AssertionError(f"exited before listening: {self.output.decode(errors='replace')}")
+        return int((await self.wait_for(LISTENING))[0].group(1))
 
 
 async def _spawn(nursery: trio.Nursery, children: list[_Process], *args: str) -> _Process:
@@ -79,7 +91,9 @@ async def _run_quick_start(tmp_path: Path, terminals: Terminals, children: list[
         )
         proxy = await _spawn(nursery, children, "run", "-c", str(config))
         with trio.fail_after(20):
-            terminal = await terminals.connect(await proxy.port())
+            port = await proxy.port()
+            await proxy.wait_for(LINK_UP, count=4)  # each link answered its first echoes
+            terminal = await terminals.connect(port)
             reply = await terminal.request(echo(1))
             assert (reply.mti.code, reply.get("39")) == ("0810", "00")
             for stan in range(2, 12):
