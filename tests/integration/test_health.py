@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from codec import Message
-from fixtures.messages import financial
+from fixtures.messages import echo, financial
 from fixtures.sim_switch import SimSwitch
 from tests.conftest import Terminals, proxy_config, start_proxy, start_switch
 
@@ -128,3 +128,19 @@ async def test_a_request_written_to_a_link_that_dies_is_seen_by_one_switch_only(
         assert seen[_key(answer)] == 1
     for answer in lost:
         assert _key(answer) in {_key(r) for r in dying.transactions()}
+
+
+async def test_link_echoes_never_reach_a_terminal(
+    nursery: trio.Nursery, terminals: Terminals
+) -> None:
+    switch = await start_switch(nursery)
+    _, port = await start_proxy(
+        nursery,
+        proxy_config({"alpha": switch.port}, health={"echo_interval": 0.02, "echo_timeout": 0.02}),
+    )
+    terminal = await terminals.connect(port)
+    assert (await terminal.request(financial(1))).get("39") == "00"
+    with trio.fail_after(5):
+        await switch.wait_until(lambda: switch.received["0800"] >= 20)  # 0810s flowed back
+    reply = await terminal.request(echo(77))  # the next thing the terminal receives
+    assert (reply.mti.code, reply.get("11")) == ("0810", "000077")
