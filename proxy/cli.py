@@ -20,6 +20,7 @@ from proxy.echo_tool import EchoPlan, run_echo
 from proxy.errors import ConfigError
 
 EXIT_BAD_CONFIG = 2
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,8 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     echo = commands.add_parser("echo", help="echo-test the proxy or a switch (like ping)")
     echo.add_argument("target", metavar="HOST:PORT", type=_target)
     echo.add_argument("-n", "--count", type=_positive_int, default=4, help="echoes to send")
-    echo.add_argument("-i", "--interval", type=float, default=1.0, help="seconds between echoes")
-    echo.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for each")
+    echo.add_argument("-i", "--interval", type=_seconds, default=1.0, help="seconds between echoes")
+    echo.add_argument("--timeout", type=_seconds, default=3.0, help="seconds to wait for each")
     echo.add_argument("--framing", choices=[p.value for p in LengthPrefix], default="binary2")
     echo.add_argument("--tpdu", action="store_true", help="frames carry a 5-byte TPDU")
     echo.add_argument("--spec", default="default", help="default, default_ascii or a YAML file")
@@ -76,7 +77,10 @@ def _echo(args: argparse.Namespace) -> int:
         args.count, args.interval, args.timeout, FrameFormat(LengthPrefix(args.framing), args.tpdu),
         spec,
     )  # fmt: skip
-    approved = trio.run(run_echo, host, port, plan, partial(print, flush=True))
+    try:
+        approved = trio.run(run_echo, host, port, plan, partial(print, flush=True))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     return 0 if approved else 1
 
 
@@ -86,6 +90,16 @@ def _target(text: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError("expected HOST:PORT, e.g. localhost:6000 or [::1]:6000")
     return host, int(port)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 86_400:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError("expected seconds, a number > 0")
+    return value
 
 
 def _positive_int(text: str) -> int:

@@ -16,7 +16,10 @@ From a switch:
 - Transaction responses go to the correlator to find their request.
 - Network-management responses (0810) answer the link's own echoes and sign-ons: they go
   to the link that asked, never to a terminal.
-- An 0800 request (the switch's own echo or sign-on) is answered 0810 RC 00 on the link.
+- A network-management request or advice (the switch's own echo, sign-on, key change...)
+  is acknowledged on the link with RC 00 (0810 / 0830). A sign-off (field 70 = 002) is
+  acknowledged too, and then the link is dropped: that switch takes no more traffic on it
+  until a new connection passes its echoes.
 - Anything else is unsolicited: dropped and logged.
 
 When forwarding fails, the terminal still gets an answer; the RC says why (`FAILURE_RC`).
@@ -45,6 +48,7 @@ from proxy.errors import (
     UnencodableMessage,
     UpstreamTimeout,
 )
+from proxy.network import ECHO, SIGN_OFF
 
 APPROVED = "00"
 INVALID_TRANSACTION = "12"
@@ -55,7 +59,6 @@ SYSTEM_MALFUNCTION = "96"
 
 FORWARDED_CLASSES = frozenset({1, 2, 4})
 NETWORK_MANAGEMENT = 8
-ECHO_TEST = "301"
 
 
 class Action(StrEnum):
@@ -71,6 +74,7 @@ class Decision:
     action: Action
     rc: str | None = None
     reason: str = ""
+    drop_link: bool = False
 
 
 FAILURE_RC: dict[type[ProxyError], str] = {
@@ -89,7 +93,7 @@ def from_terminal(message: Message) -> Decision:
         return Decision(Action.DROP, reason="response from a terminal")
     if mti.message_class in FORWARDED_CLASSES:
         return Decision(Action.FORWARD)
-    if mti.message_class == NETWORK_MANAGEMENT and message.get("70") == ECHO_TEST:
+    if mti.message_class == NETWORK_MANAGEMENT and message.get("70") == ECHO:
         return Decision(Action.ANSWER, APPROVED, "echo test of the proxy")
     return Decision(Action.ANSWER, INVALID_TRANSACTION, "message type not carried")
 
@@ -100,7 +104,9 @@ def from_switch(message: Message) -> Decision:
         if mti.message_class == NETWORK_MANAGEMENT:
             return Decision(Action.OWN)
         return Decision(Action.MATCH)
-    if mti.message_class == NETWORK_MANAGEMENT and not mti.is_advice:
+    if mti.message_class == NETWORK_MANAGEMENT:
+        if message.get("70") == SIGN_OFF:
+            return Decision(Action.ANSWER, APPROVED, "the switch signed off", drop_link=True)
         return Decision(Action.ANSWER, APPROVED, "network management from the switch")
     return Decision(Action.DROP, reason="unsolicited request from a switch")
 

@@ -30,8 +30,8 @@ class EchoPlan:
 @dataclass(frozen=True, slots=True)
 class EchoResult:
     stan: str
-    rc: str | None  # None: no answer in time
-    rtt: float | None
+    rtt: float | None  # None: no answer in time
+    rc: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,10 +44,6 @@ class EchoSummary:
     @property
     def loss(self) -> float:
         return 0.0 if not self.sent else 100.0 * (self.sent - self.answered) / self.sent
-
-    @property
-    def ok(self) -> bool:
-        return self.sent > 0 and self.approved == self.sent
 
     def lines(self, target: str) -> list[str]:
         lines = [
@@ -65,45 +61,49 @@ class EchoSummary:
 
 
 def summarize(results: list[EchoResult]) -> EchoSummary:
-    answered = [r for r in results if r.rc is not None]
+    rtts = tuple(r.rtt for r in results if r.rtt is not None)
     return EchoSummary(
         sent=len(results),
-        answered=len(answered),
-        approved=sum(1 for r in answered if r.rc == APPROVED),
-        rtts=tuple(r.rtt for r in answered if r.rtt is not None),
+        answered=len(rtts),
+        approved=sum(1 for r in results if r.rtt is not None and r.rc == APPROVED),
+        rtts=rtts,
     )
 
 
 async def echo(
-    host: str, port: int, plan: EchoPlan, out: Callable[[str], None]
-) -> list[EchoResult]:
-    """Send the planned echoes on one connection; report each as it ends."""
+    host: str,
+    port: int,
+    plan: EchoPlan,
+    results: list[EchoResult],
+    out: Callable[[str], None],
+) -> None:
+    """Send the planned echoes on one connection, appending each result as it ends."""
     target = f"{host}:{port}"
     stans = StanSequence(random.randrange(1, 1_000_000))
-    results: list[EchoResult] = []
-    terminal = await Terminal.connect(host, port, plan.framing, plan.spec)
+    with trio.fail_after(plan.wait):
+        terminal = await Terminal.connect(host, port, plan.framing, plan.spec)
     async with terminal.stream:
         next_at = trio.current_time()
         for _ in range(plan.count):
             await trio.sleep_until(next_at)
-            next_at += plan.interval
+            next_at = max(next_at + plan.interval, trio.current_time())  # no catch-up burst
             stan = next(stans)
             started = trio.current_time()
             await terminal.send(network_request(ECHO, stan, datetime.now(UTC)))
-            result = EchoResult(stan, None, None)
+            results.append(EchoResult(stan, None))  # lost, unless answered below
             with trio.move_on_after(plan.wait):
                 while True:
                     reply = await terminal.receive()
                     if reply.mti.code == "0810" and reply.get("11") == stan:
-                        result = EchoResult(stan, reply.get("39"), trio.current_time() - started)
+                        rtt = trio.current_time() - started
+                        results[-1] = EchoResult(stan, rtt, reply.get("39"))
                         break
-            results.append(result)
+            result = results[-1]
             if result.rtt is None:
                 out(f"no answer for stan={stan} within {plan.wait:g} s")
             else:
                 ms = result.rtt * 1000
                 out(f"0810 from {target}: stan={stan} rc={result.rc} time={ms:.2f} ms")
-    return results
 
 
 async def run_echo(host: str, port: int, plan: EchoPlan, out: Callable[[str], None]) -> bool:
@@ -111,13 +111,20 @@ async def run_echo(host: str, port: int, plan: EchoPlan, out: Callable[[str], No
     target = f"{host}:{port}"
     out(f"ECHO {target} ({plan.framing.prefix}, {plan.count} echoes, {plan.interval:g} s apart)")
     results: list[EchoResult] = []
+    interrupted = False
     try:
-        results = await echo(host, port, plan, out)
+        await echo(host, port, plan, results, out)
+    except trio.TooSlowError:
+        out(f"connection to {target} failed: no answer within {plan.wait:g} s")
     except (OSError, EOFError, trio.BrokenResourceError) as exc:
-        out(f"connection to {target} failed: {exc or type(exc).__name__}")
+        out(f"connection to {target} failed: {exc or 'closed by the other side'}")
     except CodecError as exc:
         out(f"undecodable answer from {target}: {exc}")
+    except KeyboardInterrupt:
+        interrupted = True
     summary = summarize(results)
     for line in summary.lines(target):
         out(line)
-    return summary.ok and summary.sent == plan.count
+    if interrupted:
+        raise KeyboardInterrupt
+    return summary.sent == plan.count and summary.approved == plan.count

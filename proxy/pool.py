@@ -133,12 +133,12 @@ class Pool:
     async def _send(
         self, message: Message, key: MatchKey, waiter: _Waiter, started: float
     ) -> tuple[Link, float]:
-        tried: set[Link] = set()
+        tried: set[str] = set()
         unencodable = 0
-        # The candidates are looked at afresh after each failure: a link that came up while
-        # this request waited for another is a fair next choice.
-        while link := next((c for c in self._candidates() if c not in tried), None):
-            tried.add(link)
+        # The candidates are looked at afresh after each failure: a link that came up (or
+        # reconnected) while this request waited for another is a fair next choice.
+        while link := next((c for c in self._candidates() if c.connection not in tried), None):
+            tried.add(link.connection)
             deadline = started + link.switch.timeout
             claim = partial(self._claim, key, waiter, link.switch.max_inflight)
             try:

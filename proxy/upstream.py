@@ -15,7 +15,7 @@ from proxy import decisions
 from proxy.backoff import Backoff
 from proxy.config import HealthConfig, SwitchConfig
 from proxy.errors import LinkLost, NotWritten
-from proxy.health import LinkHealth, LinkState, Verdict
+from proxy.health import Echo, LinkHealth, LinkState, Verdict
 from proxy.latency import PeakEwma
 from proxy.network import ECHO, SIGN_OFF, SIGN_ON, network_request
 from proxy.responses import answer
@@ -100,6 +100,7 @@ class Link:
         self._exchanges: dict[str, _Exchange] = {}
         self._pending_replies = 0
         self._signed_on = False
+        self._up_since: float | None = None
 
     @property
     def is_up(self) -> bool:
@@ -113,7 +114,7 @@ class Link:
             task_status.started()
             task_status = trio.TASK_STATUS_IGNORED
             if stream is not None:
-                connected_at = trio.current_time()
+                self._up_since = None
                 try:
                     try:
                         with self._serving:
@@ -125,7 +126,8 @@ class Link:
                     log.error("link %s: internal error: %s", self.name, type(exc).__name__)
                 finally:
                     await self._close(stream)
-                if trio.current_time() - connected_at >= STABLE_AFTER:
+                up_since = self._up_since
+                if up_since is not None and trio.current_time() - up_since >= STABLE_AFTER:
                     attempt = 0
             await trio.sleep(self._backoff.delay(attempt, self._rng))
             attempt += 1
@@ -222,7 +224,7 @@ class Link:
     async def _serve(self, stream: trio.abc.Stream) -> None:
         """Read and probe until the switch closes, the stream breaks or the link is dropped."""
         async with trio.open_nursery() as tasks:
-            tasks.start_soon(self._probe)
+            tasks.start_soon(self._probe, stream)
             framer = Framer(self.switch.endpoint.framing)
             try:
                 while True:
@@ -243,7 +245,7 @@ class Link:
             await self._close(stream)
             tasks.cancel_scope.cancel()
 
-    async def _probe(self) -> None:
+    async def _probe(self, stream: trio.abc.Stream) -> None:
         """Sign on if configured, then echo at the health cadence; act on each verdict."""
         if self.switch.sign_on:
             reply, _ = await self._exchange(SIGN_ON)
@@ -255,15 +257,21 @@ class Link:
         next_echo = trio.current_time()
         while True:
             reply, rtt = await self._exchange(ECHO)
-            approved = reply is not None and reply.get("39") == decisions.APPROVED
-            if approved:
+            if reply is None:
+                outcome = Echo.UNANSWERED if rtt is not None else Echo.DECLINED
+            elif reply.get("39") == decisions.APPROVED:
+                outcome = Echo.APPROVED
+            else:
+                outcome = Echo.DECLINED
+            if outcome is Echo.APPROVED and rtt is not None:
                 self.echo_rtts.append(rtt)
                 self.latency.observe(rtt, trio.current_time())
             else:
                 self.echoes_failed += 1
-            verdict = self._health.echo(approved)
-            if verdict is Verdict.UP:
+            verdict = self._health.echo(outcome)
+            if verdict is Verdict.UP and self._stream is stream:  # not if it just closed
                 log.info("link %s: up", self.name)
+                self._up_since = trio.current_time()
                 self._set_state(LinkState.UP)
             elif verdict is Verdict.DROP:
                 log.warning("link %s: echoes failing; reconnecting", self.name)
@@ -272,16 +280,20 @@ class Link:
             next_echo = max(next_echo + self._health.next_echo_in(), trio.current_time())
             await trio.sleep_until(next_echo)
 
-    async def _exchange(self, code: str) -> tuple[Message | None, float]:
-        """Send one of the link's own 0800s; its 0810 (or None by echo_timeout) and RTT."""
+    async def _exchange(self, code: str) -> tuple[Message | None, float | None]:
+        """Send one of the link's own 0800s. Its 0810, or None when it did not come within
+        echo_timeout; the round trip from the write, or None when it could not be sent."""
         stan = next(self._stans)
         pending = _Exchange()
         self._exchanges[stan] = pending
-        started = trio.current_time()
-        deadline = started + self._health_config.echo_timeout
+        deadline = trio.current_time() + self._health_config.echo_timeout
+        written_at: list[float] = []
         try:
             await self.send(
-                network_request(code, stan, datetime.now(UTC)), deadline=deadline, traffic=False
+                network_request(code, stan, datetime.now(UTC)),
+                deadline=deadline,
+                before_write=lambda _: written_at.append(trio.current_time()),
+                traffic=False,
             )
             with trio.move_on_at(deadline):
                 await pending.event.wait()
@@ -289,11 +301,15 @@ class Link:
             log.warning("link %s: 0800/%s not sent: %s", self.name, code, exc)
         finally:
             del self._exchanges[stan]
-        return pending.answer, trio.current_time() - started
+        if not written_at:
+            return None, None
+        return pending.answer, trio.current_time() - written_at[0]
 
     async def _sign_off(self) -> None:
-        """On a clean shutdown, tell the switch (sent, not awaited: we are leaving)."""
-        if not self._signed_on:
+        """On a clean shutdown, tell the switch, then half-close and drain until it closes
+        (or echo_timeout passes) so the sign-off is not lost to a reset."""
+        stream = self._stream
+        if not self._signed_on or stream is None:
             return
         with trio.CancelScope(shield=True):
             deadline = trio.current_time() + self._health_config.echo_timeout
@@ -302,6 +318,15 @@ class Link:
                 await self.send(message, deadline=deadline, traffic=False)
             except (NotWritten, LinkLost, CodecError) as exc:
                 log.warning("link %s: sign-off not sent: %s", self.name, exc)
+                return
+            with trio.move_on_at(deadline):
+                try:
+                    if isinstance(stream, trio.abc.HalfCloseableStream):
+                        await stream.send_eof()
+                    while await stream.receive_some(READ_SIZE):
+                        pass
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
 
     def _dispatch(self, message: Message, tasks: trio.Nursery) -> None:
         decision = decisions.from_switch(message)
@@ -319,11 +344,11 @@ class Link:
                 log.warning("link %s: %s from the switch dropped (flood)", self.name, message.mti)
                 return
             self._pending_replies += 1
-            tasks.start_soon(self._reply, answer(message, decision.rc))
+            tasks.start_soon(self._reply, answer(message, decision.rc), decision.drop_link)
         else:
             log.warning("link %s: dropped %s (%s)", self.name, message.mti, decision.reason)
 
-    async def _reply(self, message: Message) -> None:
+    async def _reply(self, message: Message, then_drop: bool) -> None:
         """Answer the switch without holding up the reader (it may be waiting to write)."""
         try:
             deadline = trio.current_time() + self._health_config.echo_timeout
@@ -332,12 +357,16 @@ class Link:
             log.warning("link %s: %s to the switch not sent: %s", self.name, message.mti, exc)
         finally:
             self._pending_replies -= 1
+        if then_drop:
+            log.warning("link %s: the switch signed off; reconnecting", self.name)
+            self.recycle()
 
     async def _close(self, stream: trio.abc.Stream) -> None:
         """Mark the link down (once per connection) and close `stream`."""
         if self._stream is stream:
             self._stream = None
             self._signed_on = False
+        if self._stream is None and self.state is not LinkState.DOWN:
             log.warning("link %s: down", self.name)
             self._set_state(LinkState.DOWN)
         with trio.CancelScope(shield=True):

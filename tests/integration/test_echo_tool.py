@@ -62,3 +62,27 @@ async def test_echo_refuses_a_bad_target() -> None:
     )
     assert result.returncode == 2
     assert b"expected HOST:PORT" in result.stderr
+
+
+async def test_echo_reports_what_it_sent_when_the_connection_drops(
+    nursery: trio.Nursery,
+) -> None:
+    switch = await start_switch(nursery, close_after=3)  # answers two, then hangs up
+    result = await _echo(switch.port, "-n", "5", "--timeout", "1")
+    lines = result.stdout.decode().splitlines()
+    assert result.returncode == 1
+    assert sum(1 for line in lines if LINE.match(line)) == 2
+    assert any(line.startswith(f"connection to 127.0.0.1:{switch.port} failed") for line in lines)
+    assert "3 sent, 2 answered, 2 approved, 33% loss" in lines
+
+
+async def test_echo_refuses_bad_durations() -> None:
+    for option in ("--timeout", "-i"):
+        for value in ("-1", "0", "nan", "soon"):
+            result = await trio.run_process(
+                [sys.executable, "-m", "proxy", "echo", "127.0.0.1:1", option, value],
+                capture_stderr=True,
+                check=False,
+            )
+            assert result.returncode == 2, (option, value)
+            assert b"expected seconds" in result.stderr

@@ -35,6 +35,8 @@ class ScriptedSwitch:
         self.ends: list[trio.abc.Stream] = []
         self.answering = True
         self.sign_on_rc = "00"
+        self.echo_rc = "00"
+        self.hang_up_after_echo: int | None = None  # close right after answering this echo
         self.echo_times: list[float] = []
         self.network_codes: list[str] = []
         self.transactions: list[Message] = []
@@ -70,6 +72,8 @@ class ScriptedSwitch:
                 self.network_codes.append(request.get("70") or "")
                 if request.get("70") == "301":
                     self.echo_times.append(trio.current_time())
+                    if reply is not None:
+                        reply = reply.with_fields({"39": self.echo_rc})
                 elif reply is not None:
                     reply = reply.with_fields({"39": self.sign_on_rc})
             else:
@@ -77,6 +81,9 @@ class ScriptedSwitch:
             if self.answering and reply is not None:
                 with contextlib.suppress(trio.BrokenResourceError):  # the proxy left
                     await far.send(reply)
+            if self.hang_up_after_echo == len(self.echo_times) and request.get("70") == "301":
+                await far.stream.aclose()
+                break
         self.closed.set()
 
     def stop_reading(self) -> None:
@@ -219,3 +226,33 @@ async def test_failover_before_write_is_answered_normally(
     assert outcomes == {"000001": "LinkLost", "000002": "0210/00"}
     assert [r.get("11") for r in beta.transactions] == ["000002"]
     assert alpha.transactions == []
+
+
+async def test_a_link_whose_switch_hangs_up_as_it_rises_never_shows_up(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    switch = ScriptedSwitch(nursery)
+    switch.hang_up_after_echo = 2  # answers the echo that completes `rise`, then closes
+    start = trio.current_time()
+    pool = await _pool(nursery, switch)
+    link = pool.links["alpha"][0]
+    with trio.fail_after(1.03):  # before the first reconnect (backoff >= 0.04 s after 1.0)
+        await pool.wait_until(lambda: link.connects == 1 and link.state is LinkState.DOWN)
+    assert trio.current_time() - start == pytest.approx(1.0)
+    assert not link.is_up
+
+
+async def test_declined_echoes_are_spaced_not_fired_in_a_burst(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    switch = ScriptedSwitch(nursery)
+    start = trio.current_time()
+    pool = await _pool(nursery, switch)
+    link = pool.links["alpha"][0]
+    await pool.wait_until(lambda: link.is_up)
+    await trio.sleep_until(start + 10.5)
+    switch.echo_rc = "91"  # answered, but refused
+    await pool.wait_until(lambda: link.state is LinkState.DOWN)
+    # Declined at 11, then again after rise_interval each time: dropped at 13, not at 11.
+    assert [t - start for t in switch.echo_times[-3:]] == pytest.approx([11, 12, 13])
+    assert trio.current_time() - start == pytest.approx(13.0)

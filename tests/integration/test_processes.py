@@ -6,12 +6,14 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 import trio
 
 from fixtures.messages import echo, financial
-from tests.conftest import Terminals
+from tests.conftest import Terminals, start_switch
 
 LISTENING = re.compile(rb"listening on [^ ]+:(\d+)")
 LINK_UP = re.compile(rb"link [^ ]+: up$")
@@ -55,56 +57,85 @@ class _Process:
         return int((await self.wait_for(LISTENING))[0].group(1))
 
 
-async def _spawn(nursery: trio.Nursery, children: list[_Process], *args: str) -> _Process:
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "proxy", *args], stderr=subprocess.PIPE
-    )
-    child = _Process(process)
-    children.append(child)
-    nursery.start_soon(child.pump)
-    return child
+class _Children:
+    """Spawns `python -m proxy ...` children for one test; kills what is left at the end."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self.spawned: list[_Process] = []
+
+    async def spawn(self, *args: str) -> _Process:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "proxy", *args], stderr=subprocess.PIPE
+        )
+        child = _Process(process)
+        self.spawned.append(child)
+        self._nursery.start_soon(child.pump)
+        return child
+
+
+@pytest.fixture
+async def children(nursery: trio.Nursery) -> AsyncIterator[_Children]:
+    spawned = _Children(nursery)
+    yield spawned
+    for child in spawned.spawned:
+        if child.process.returncode is None:
+            child.process.kill()
+            await child.process.wait()
+
+
+async def _stop(child: _Process) -> None:
+    child.process.send_signal(signal.SIGTERM)
+    assert await child.process.wait() == 0, child.output.decode(errors="replace")
 
 
 async def test_quick_start_processes_carry_traffic_and_stop_cleanly(
-    tmp_path: Path, terminals: Terminals
+    tmp_path: Path, terminals: Terminals, children: _Children
 ) -> None:
-    children: list[_Process] = []
-    try:
-        await _run_quick_start(tmp_path, terminals, children)
-    finally:
-        for child in children:
-            if child.process.returncode is None:
-                child.process.kill()
-                await child.process.wait()
-
-
-async def _run_quick_start(tmp_path: Path, terminals: Terminals, children: list[_Process]) -> None:
-    async with trio.open_nursery() as nursery:
-        alpha = await _spawn(nursery, children, "sim-switch", "--port", "0")
-        beta = await _spawn(nursery, children, "sim-switch", "--port", "0", "--delay", "0.01")
-        config = tmp_path / "config.yaml"
-        config.write_text(
-            "listen: {host: 127.0.0.1, port: 0}\n"
-            "switches:\n"
-            f"  - {{name: alpha, host: 127.0.0.1, port: {await alpha.port()}, connections: 2}}\n"
-            f"  - {{name: beta, host: 127.0.0.1, port: {await beta.port()}, connections: 2}}\n"
-        )
-        proxy = await _spawn(nursery, children, "run", "-c", str(config))
-        with trio.fail_after(20):
-            port = await proxy.port()
-            await proxy.wait_for(LINK_UP, count=4)  # each link answered its first echoes
-            terminal = await terminals.connect(port)
-            reply = await terminal.request(echo(1))
-            assert (reply.mti.code, reply.get("39")) == ("0810", "00")
-            for stan in range(2, 12):
-                reply = await terminal.request(financial(stan))
-                assert (reply.mti.code, reply.get("39"), reply.get("11")) == (
-                    "0210",
-                    "00",
-                    f"{stan:06d}",
-                )
-            await terminal.aclose()
-            for child in (proxy, alpha, beta):
-                child.process.send_signal(signal.SIGTERM)
-                assert await child.process.wait() == 0, child.output.decode(errors="replace")
+    alpha = await children.spawn("sim-switch", "--port", "0")
+    beta = await children.spawn("sim-switch", "--port", "0", "--delay", "0.01")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "listen: {host: 127.0.0.1, port: 0}\n"
+        "switches:\n"
+        f"  - {{name: alpha, host: 127.0.0.1, port: {await alpha.port()}, connections: 2}}\n"
+        f"  - {{name: beta, host: 127.0.0.1, port: {await beta.port()}, connections: 2}}\n"
+    )
+    proxy = await children.spawn("run", "-c", str(config))
+    with trio.fail_after(20):
+        port = await proxy.port()
+        await proxy.wait_for(LINK_UP, count=4)  # each link answered its first echoes
+        terminal = await terminals.connect(port)
+        reply = await terminal.request(echo(1))
+        assert (reply.mti.code, reply.get("39")) == ("0810", "00")
+        for stan in range(2, 12):
+            reply = await terminal.request(financial(stan))
+            assert (reply.mti.code, reply.get("39"), reply.get("11")) == (
+                "0210",
+                "00",
+                f"{stan:06d}",
+            )
+        await terminal.aclose()
+        for child in (proxy, alpha, beta):
+            await _stop(child)
     assert b"4111111111111111" not in proxy.output
+
+
+async def test_run_signs_on_and_signs_off_on_sigterm(
+    tmp_path: Path, nursery: trio.Nursery, children: _Children
+) -> None:
+    switch = await start_switch(nursery)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "listen: {host: 127.0.0.1, port: 0}\n"
+        f"switches: [{{name: alpha, host: 127.0.0.1, port: {switch.port}, connections: 2,"
+        " sign_on: true}]\n"
+    )
+    proxy = await children.spawn("run", "-c", str(config))
+    with trio.fail_after(20):
+        await proxy.wait_for(LINK_UP, count=2)
+        await _stop(proxy)
+    assert len(switch.openings) == 2
+    for opening in switch.openings:
+        assert opening[0] == "0800/001"
+        assert opening[-1] == "0800/002"

@@ -68,7 +68,7 @@ def test_from_terminal(mti: str, fields: dict[str, str], action: Action, rc: str
         ("0810", Action.OWN, None),
         ("0830", Action.OWN, None),
         ("0800", Action.ANSWER, "00"),
-        ("0820", Action.DROP, None),
+        ("0820", Action.ANSWER, "00"),
         ("0200", Action.DROP, None),
         ("0620", Action.DROP, None),
     ],

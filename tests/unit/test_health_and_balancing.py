@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from proxy.balancer import LeastCost, SmoothWeighted
 from proxy.config import HealthConfig
-from proxy.health import LinkHealth, LinkState, Verdict
+from proxy.health import Echo, LinkHealth, LinkState, Verdict
 from proxy.latency import PeakEwma
 from proxy.network import ECHO, StanSequence, network_request
 
@@ -21,10 +21,12 @@ HEALTH = HealthConfig(
 
 
 def _run(health: LinkHealth, events: str) -> list[Verdict]:
-    """e = good echo, x = failed echo, a = answered transaction, t = transaction timeout."""
+    """e = approved echo, x = unanswered echo, d = declined echo, a = answered transaction,
+    t = transaction timeout."""
     steps = {
-        "e": lambda: health.echo(approved=True),
-        "x": lambda: health.echo(approved=False),
+        "e": lambda: health.echo(Echo.APPROVED),
+        "x": lambda: health.echo(Echo.UNANSWERED),
+        "d": lambda: health.echo(Echo.DECLINED),
         "a": lambda: health.transaction(answered=True),
         "t": lambda: health.transaction(answered=False),
     }
@@ -45,6 +47,8 @@ K, U, D = Verdict.KEEP, Verdict.UP, Verdict.DROP
         ("eexx", [K, U, K, K], LinkState.UP),
         ("eexxx", [K, U, K, K, D], LinkState.UP),
         ("eexxexx", [K, U, K, K, K, K, K], LinkState.UP),  # fall needs failures in a row
+        ("eexdx", [K, U, K, K, D], LinkState.UP),  # declined counts as failed
+        ("dde", [K, K, K], LinkState.CONNECTING),
         ("ttttt", [K] * 5, LinkState.CONNECTING),  # timeouts count only once up
         ("eetttt", [K, U, K, K, K, K], LinkState.UP),
         ("eettttt", [K, U, K, K, K, K, D], LinkState.UP),
@@ -63,7 +67,9 @@ def test_echo_cadence_is_faster_on_probation() -> None:
     _run(health, "ee")
     assert health.next_echo_in() == 10
     _run(health, "x")
-    assert health.next_echo_in() == 0  # a failure is confirmed (or cleared) at once
+    assert health.next_echo_in() == 0  # unanswered: confirmed (or cleared) at once
+    _run(health, "d")
+    assert health.next_echo_in() == 1  # declined: not in a burst
     _run(health, "e")
     assert health.next_echo_in() == 10
 
@@ -81,6 +87,16 @@ def test_smooth_weighted_interleaves_and_offers_everyone() -> None:
     orders = [turns.order(["a", "b", "c"], [5, 1, 1]) for _ in range(7)]
     assert [o[0] for o in orders] == ["a", "a", "b", "a", "c", "a", "a"]
     assert all(sorted(o) == ["a", "b", "c"] for o in orders)
+
+
+def test_smooth_weighted_when_a_switch_leaves_and_comes_back() -> None:
+    turns: SmoothWeighted[str] = SmoothWeighted()
+    before = [turns.order(["a", "b"], [3, 1])[0] for _ in range(4)]
+    alone = [turns.order(["a"], [3])[0] for _ in range(3)]
+    after = Counter(turns.order(["a", "b"], [3, 1])[0] for _ in range(40))
+    assert sorted(before) == ["a", "a", "a", "b"]
+    assert alone == ["a", "a", "a"]
+    assert after == Counter({"a": 30, "b": 10})  # no catch-up burst, no starvation
 
 
 def test_least_cost_prefers_the_cheapest_and_rotates_ties() -> None:
