@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import trio
 
-from codec import FrameFormat, load_spec
+from codec import FrameFormat, Message, load_spec
+from fixtures.messages import financial
 from fixtures.sim_switch import SimSwitch, SimSwitchOptions
 from fixtures.terminal import Terminal
 from proxy.app import App
@@ -93,6 +94,29 @@ async def proxy_with_one_switch(
         nursery, proxy_config({"alpha": sim.port}, listen=listen, switch=switch)
     )
     return sim, app, await terminals.connect(port)
+
+
+async def pipeline(terminal: Terminal, requests: list[Message]) -> list[Message]:
+    """Write every request in one go, then read as many answers (in whatever order)."""
+    await terminal.stream.send_all(b"".join(terminal.frame(request) for request in requests))
+    return [await terminal.receive() for _ in requests]
+
+
+async def pipelined_sessions(
+    terminals: Terminals, port: int, *, sessions: int, each: int
+) -> dict[str, list[Message]]:
+    """`sessions` terminals (TERM0000, TERM0001...) at once, each pipelining `each`
+    purchases with STANs 1..each; the answers each terminal got, by terminal id."""
+    answers: dict[str, list[Message]] = {}
+
+    async def session(tid: str) -> None:
+        terminal = await terminals.connect(port)
+        answers[tid] = await pipeline(terminal, [financial(s, tid) for s in range(1, each + 1)])
+
+    async with trio.open_nursery() as running:
+        for n in range(sessions):
+            running.start_soon(session, f"TERM{n:04d}")
+    return answers
 
 
 class Terminals:

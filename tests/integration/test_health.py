@@ -11,7 +11,7 @@ import trio
 from codec import Message
 from fixtures.messages import echo, financial
 from fixtures.sim_switch import SimSwitch
-from tests.conftest import Terminals, proxy_config, start_proxy, start_switch
+from tests.conftest import Terminals, pipelined_sessions, proxy_config, start_proxy, start_switch
 
 # Echoes every 0.3 s, failures confirmed within 0.1 s each, two in a row to go down or up.
 QUICK = {"echo_interval": 0.3, "echo_timeout": 0.1, "rise_interval": 0.05, "fall": 2, "rise": 2}
@@ -85,17 +85,8 @@ async def test_a_flapping_link_is_never_used_until_its_echoes_pass(
         nursery,
         proxy_config({"alpha": flaky.port, "beta": steady.port}, health={"rise": 2}),
     )
-    answers: list[Message] = []
-
-    async def terminal_session(n: int) -> None:
-        terminal = await terminals.connect(port)
-        requests = [financial(stan, f"TERM{n:04d}") for stan in range(1, 31)]
-        await terminal.stream.send_all(b"".join(terminal.frame(r) for r in requests))
-        answers.extend([await terminal.receive() for _ in requests])
-
-    async with trio.open_nursery() as sessions:
-        for n in range(20):
-            sessions.start_soon(terminal_session, n)
+    by_terminal = await pipelined_sessions(terminals, port, sessions=20, each=30)
+    answers = [a for received in by_terminal.values() for a in received]
 
     assert len({_key(a) for a in answers}) == len(answers) == 600
     assert {a.get("39") for a in answers} <= {"00", "91"}

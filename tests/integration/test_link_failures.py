@@ -13,7 +13,14 @@ from fixtures.messages import echo, financial
 from fixtures.sim_switch import SimSwitch
 from fixtures.terminal import Terminal
 from proxy.upstream import WRITE_GRACE
-from tests.conftest import Terminals, proxy_config, proxy_with_one_switch, start_proxy, start_switch
+from tests.conftest import (
+    Terminals,
+    pipelined_sessions,
+    proxy_config,
+    proxy_with_one_switch,
+    start_proxy,
+    start_switch,
+)
 
 
 def _key(message: Message) -> tuple[str | None, str | None]:
@@ -26,17 +33,8 @@ async def test_links_dying_under_load_never_send_twice_or_fail_oddly(
     flaky = await start_switch(nursery, close_after=4)  # an echo, 2 answers, then it closes
     steady = await start_switch(nursery)
     _, port = await start_proxy(nursery, proxy_config({"alpha": flaky.port, "beta": steady.port}))
-    answers: list[Message] = []
-
-    async def terminal_session(n: int) -> None:
-        terminal = await terminals.connect(port)
-        requests = [financial(stan, f"TERM{n:04d}") for stan in range(1, 21)]
-        await terminal.stream.send_all(b"".join(terminal.frame(r) for r in requests))
-        answers.extend([await terminal.receive() for _ in requests])
-
-    async with trio.open_nursery() as sessions:
-        for n in range(30):
-            sessions.start_soon(terminal_session, n)
+    by_terminal = await pipelined_sessions(terminals, port, sessions=30, each=20)
+    answers = [a for received in by_terminal.values() for a in received]
 
     assert len(answers) == 600
     assert len({_key(a) for a in answers}) == 600

@@ -6,18 +6,20 @@ from collections import Counter
 
 import trio
 
-from codec import FrameFormat, LengthPrefix, Message, Mti, decode
+from codec import FrameFormat, LengthPrefix, Mti, decode
 from fixtures.messages import echo, financial
 from fixtures.sim_switch import SimSwitch
 from fixtures.terminal import Terminal
 from proxy.health import LinkState
-from tests.conftest import Terminals, proxy_config, proxy_with_one_switch, start_proxy, start_switch
-
-
-async def _pipeline(terminal: Terminal, requests: list[Message]) -> list[Message]:
-    """Write every request in one go, then read as many answers (in whatever order)."""
-    await terminal.stream.send_all(b"".join(terminal.frame(request) for request in requests))
-    return [await terminal.receive() for _ in requests]
+from tests.conftest import (
+    Terminals,
+    pipeline,
+    pipelined_sessions,
+    proxy_config,
+    proxy_with_one_switch,
+    start_proxy,
+    start_switch,
+)
 
 
 async def test_pipelined_terminals_with_colliding_stans_get_their_own_answers(
@@ -27,17 +29,7 @@ async def test_pipelined_terminals_with_colliding_stans_get_their_own_answers(
     alpha = await start_switch(nursery)
     beta = await start_switch(nursery)
     _, port = await start_proxy(nursery, proxy_config({"alpha": alpha.port, "beta": beta.port}))
-    answers: dict[str, list[Message]] = {}
-
-    async def terminal_session(tid: str) -> None:
-        terminal = await terminals.connect(port)
-        requests = [financial(stan, tid) for stan in range(1, 51)]
-        answers[tid] = await _pipeline(terminal, requests)
-        await terminal.aclose()
-
-    async with trio.open_nursery() as sessions:
-        for n in range(20):
-            sessions.start_soon(terminal_session, f"TERM{n:04d}")
+    answers = await pipelined_sessions(terminals, port, sessions=20, each=50)
 
     assert len(answers) == 20
     for tid, received in answers.items():
@@ -61,7 +53,7 @@ async def test_backpressure_at_the_in_flight_cap_loses_nothing(
         proxy_config({"alpha": switch.port}, listen={"max_inflight_per_connection": 4}),
     )
     terminal = await terminals.connect(port)
-    received = await _pipeline(terminal, [financial(stan) for stan in range(1, 101)])
+    received = await pipeline(terminal, [financial(stan) for stan in range(1, 101)])
     assert sorted(int(m.get("11") or 0) for m in received) == list(range(1, 101))
     assert switch.financial_total() == 100
 
@@ -167,7 +159,7 @@ async def test_same_key_in_flight_is_refused_with_rc_94_and_not_forwarded(
     terminals: Terminals,
 ) -> None:
     switch, _, terminal = await proxy_with_one_switch(nursery, terminals, delay=0.3)
-    received = await _pipeline(terminal, [financial(5), financial(5)])
+    received = await pipeline(terminal, [financial(5), financial(5)])
     assert Counter(m.get("39") for m in received) == Counter({"00": 1, "94": 1})
     assert switch.financial_total() == 1
 
