@@ -3,25 +3,71 @@
 from __future__ import annotations
 
 import random
+import uuid
+from dataclasses import dataclass, field
 
 import trio
 
 from proxy.config import Config
-from proxy.forwarder import Forwarder
+from proxy.forwarder import Forwarder, Journal
 from proxy.pool import Pool
 from proxy.server import Server
+from proxy.store import Store, StoreSettings
+from proxy.transactions import TransactionIdentity
+
+
+@dataclass(frozen=True, slots=True)
+class Secrets:
+    """What the environment provides and the config never holds."""
+
+    dsn: str | None = field(default=None, repr=False)
+    pan_key: bytes | None = field(default=None, repr=False)
 
 
 class App:
     """The whole proxy. `run` reports the terminal port once links have tried to connect."""
 
-    def __init__(self, config: Config, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        secrets: Secrets | None = None,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        secrets = secrets or Secrets()
         self.config = config
+        self.instance = uuid.uuid4().hex[:12]
         self.pool = Pool(config.switches, config.health, config.routing, rng or random.Random())
-        self.server = Server(config.listen, Forwarder(self.pool, config.routing.match_key))
+        self.store: Store | None = None
+        journal = None
+        if config.store.enabled:
+            dsn = config.store.dsn or secrets.dsn
+            if dsn is None:
+                raise ValueError("the journal needs a DSN (store.dsn or ISO_PROXY_DSN)")
+            self.store = Store(
+                StoreSettings(
+                    dsn=dsn,
+                    schema=config.store.schema,
+                    timeout=config.store.timeout,
+                    pool_size=config.store.pool_size,
+                    batch_max=config.store.batch_max,
+                    batch_wait=config.store.batch_wait_ms / 1000,
+                    instance=self.instance,
+                )
+            )
+            pan_key = secrets.pan_key if config.idempotency.pan_hash else None
+            journal = Journal(
+                store=self.store,
+                identity=TransactionIdentity(config.idempotency.key_fields, pan_key),
+                on_conflict=config.idempotency.on_conflict,
+                join_timeout=max(s.timeout for s in config.switches) + config.store.timeout,
+            )
+        self.server = Server(config.listen, Forwarder(self.pool, config.routing.match_key, journal))
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            if self.store is not None:
+                await nursery.start(self.store.run)
             await nursery.start(self.pool.run)
             port: int = await nursery.start(self.server.run)
             task_status.started(port)

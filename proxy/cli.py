@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -14,7 +15,7 @@ import trio
 
 from codec import FrameFormat, LengthPrefix, SpecError, load_spec
 from fixtures.sim_switch import SimSwitch, SimSwitchOptions
-from proxy.app import App
+from proxy.app import App, Secrets
 from proxy.config import Config, load_config
 from proxy.echo_tool import EchoPlan, run_echo
 from proxy.errors import ConfigError
@@ -136,8 +137,25 @@ def _run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_BAD_CONFIG
+    secrets = Secrets(
+        dsn=os.environ.get("ISO_PROXY_DSN") or None,
+        pan_key=os.environ.get("ISO_PROXY_PAN_KEY", "").encode() or None,
+    )
+    if config.store.enabled:
+        problems = []
+        if config.idempotency.pan_hash and secrets.pan_key is None:
+            problems.append(
+                "ISO_PROXY_PAN_KEY is not set: PANs are kept only as a keyed hash "
+                "(or set idempotency.pan_hash: false)"
+            )
+        if config.store.dsn is None and secrets.dsn is None:
+            problems.append("no database: set store.dsn or ISO_PROXY_DSN")
+        if problems:
+            for problem in problems:
+                print(f"iso-proxy: {problem}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
     _setup_logging(config.log.level)
-    return _serve(App(config).run)
+    return _serve(App(config, secrets).run)
 
 
 def _sim_switch(args: argparse.Namespace) -> int:

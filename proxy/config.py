@@ -24,6 +24,8 @@ T = TypeVar("T")
 
 STRATEGIES = ("round_robin", "weighted", "least_latency")
 DEFAULT_MATCH_KEY = ("41", "11")
+DEFAULT_KEY_FIELDS = ("32", "41", "11", "37", "7")
+ON_CONFLICT = ("rc94", "replay")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Fields the proxy reads or writes itself: MTI, bitmap, STAN, RC, terminal, NMI code.
 REQUIRED_FIELDS = ("t", "p", "11", "39", "41", "70")
@@ -83,6 +85,25 @@ class HealthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreConfig:
+    enabled: bool
+    dsn: str | None
+    schema: str | None
+    timeout: float
+    pool_size: int
+    batch_max: int
+    batch_wait_ms: float
+    data_dir: str
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyConfig:
+    key_fields: tuple[str, ...]
+    on_conflict: str
+    pan_hash: bool
+
+
+@dataclass(frozen=True, slots=True)
 class RoutingConfig:
     strategy: str
     match_key: tuple[str, ...]
@@ -99,6 +120,8 @@ class Config:
     switches: tuple[SwitchConfig, ...]
     health: HealthConfig
     routing: RoutingConfig
+    store: StoreConfig
+    idempotency: IdempotencyConfig
     log: LogConfig
 
 
@@ -186,12 +209,18 @@ def load_config(path: Path) -> Config:
 def parse_config(raw: object, *, base_dir: Path) -> Config:
     """Validate an already-parsed YAML document."""
     reader = _Reader(base_dir)
-    top = reader.mapping(raw, "config", ("listen", "switches", "health", "routing", "log"))
+    top = reader.mapping(
+        raw,
+        "config",
+        ("listen", "switches", "health", "routing", "store", "idempotency", "log"),
+    )
     config = Config(
         listen=_listen(reader, top.get("listen")),
         switches=_switches(reader, top.get("switches")),
         health=_health(reader, top.get("health")),
         routing=_routing(reader, top.get("routing")),
+        store=_store(reader, top.get("store")),
+        idempotency=_idempotency(reader, top.get("idempotency")),
         log=_log(reader, top.get("log")),
     )
     endpoints = {"listen": config.listen.endpoint} | {
@@ -303,10 +332,43 @@ def _health(reader: _Reader, raw_value: object) -> HealthConfig:
 def _routing(reader: _Reader, raw_value: object) -> RoutingConfig:
     path = "routing"
     raw = reader.mapping(raw_value, path, ("strategy", "match_key"))
-    match_key = reader.value(raw, path, "match_key", list(DEFAULT_MATCH_KEY), _match_key)
+    match_key = reader.value(raw, path, "match_key", list(DEFAULT_MATCH_KEY), _key_field_list)
     return RoutingConfig(
         strategy=reader.value(raw, path, "strategy", "round_robin", _one_of(STRATEGIES)),
         match_key=tuple(_field_names(match_key)),
+    )
+
+
+def _store(reader: _Reader, raw_value: object) -> StoreConfig:
+    path = "store"
+    raw = reader.mapping(
+        raw_value,
+        path,
+        (
+            "enabled", "dsn", "schema", "timeout", "pool_size", "batch_max", "batch_wait_ms",
+            "data_dir",
+        ),
+    )  # fmt: skip
+    return StoreConfig(
+        enabled=reader.value(raw, path, "enabled", True),
+        dsn=reader.value(raw, path, "dsn", "") or None,
+        schema=reader.value(raw, path, "schema", "", _identifier) or None,
+        timeout=reader.value(raw, path, "timeout", 2.0, _positive(60)),
+        pool_size=reader.value(raw, path, "pool_size", 8, _between(1, 100)),
+        batch_max=reader.value(raw, path, "batch_max", 256, _between(1, 10_000)),
+        batch_wait_ms=reader.value(raw, path, "batch_wait_ms", 1.0, _positive(1000)),
+        data_dir=reader.value(raw, path, "data_dir", ".iso-proxy/pg"),
+    )
+
+
+def _idempotency(reader: _Reader, raw_value: object) -> IdempotencyConfig:
+    path = "idempotency"
+    raw = reader.mapping(raw_value, path, ("key_fields", "on_conflict", "pan_hash"))
+    key_fields = reader.value(raw, path, "key_fields", list(DEFAULT_KEY_FIELDS), _key_field_list)
+    return IdempotencyConfig(
+        key_fields=tuple(_field_names(key_fields)),
+        on_conflict=reader.value(raw, path, "on_conflict", "rc94", _one_of(ON_CONFLICT)),
+        pan_hash=reader.value(raw, path, "pan_hash", True),
     )
 
 
@@ -373,7 +435,8 @@ def _tpdu(value: str) -> str | None:
     return None if len(raw) in (0, 5) else "must be 10 hex digits (5 bytes), e.g. '6000010000'"
 
 
-def _match_key(value: list[Any]) -> str | None:
+def _key_field_list(value: list[Any]) -> str | None:
+    """Fields that identify a request: 41 and 11 at least, never card data."""
     if any(not str(f).isdigit() or not 2 <= int(str(f)) <= 128 for f in value):
         return "fields must be data field numbers 2-128"
     fields = _field_names(value)
@@ -384,6 +447,11 @@ def _match_key(value: list[Any]) -> str | None:
     if card_data := sorted(set(fields) & SENSITIVE_FIELDS, key=int):
         return f"must not use card data fields ({', '.join(card_data)})"
     return None
+
+
+def _identifier(value: str) -> str | None:
+    ok = value and len(value) <= 63 and value.replace("_", "a").isalnum() and value.isascii()
+    return None if ok else "must be a plain SQL identifier (letters, digits, '_')"
 
 
 def _field_names(value: list[Any]) -> list[str]:

@@ -111,6 +111,29 @@ def from_switch(message: Message) -> Decision:
     return Decision(Action.DROP, reason="unsolicited request from a switch")
 
 
+class Duplicate(StrEnum):
+    REPLAY = "replay"
+    JOIN = "join"
+    REJECT = "reject"
+
+
+def on_duplicate(
+    held_fingerprint: bytes, completed: bool, fingerprint: bytes, on_conflict: str
+) -> Duplicate:
+    """A request whose key is already claimed: the same transaction again gets the stored
+    answer (or joins it while in flight); other content under the same key gets RC 94, or
+    with `on_conflict: replay` the stored answer once there is one."""
+    if held_fingerprint != fingerprint and not (on_conflict == "replay" and completed):
+        return Duplicate.REJECT
+    return Duplicate.REPLAY if completed else Duplicate.JOIN
+
+
+def failure_state(error: ProxyError) -> str:
+    """How the journal records a request that got no answer from a switch: `timed_out`
+    when it may have reached one (it was written), `failed` when it certainly did not."""
+    return "timed_out" if isinstance(error, LinkLost | UpstreamTimeout) else "failed"
+
+
 def failure_rc(error: ProxyError) -> str:
     """The RC a terminal gets when its request could not be completed."""
     for kind, rc in FAILURE_RC.items():

@@ -1,8 +1,10 @@
-"""From a terminal's decoded message to the answer it gets."""
+"""From a terminal's decoded message to the answer it gets, through the journal."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import trio
 
@@ -12,16 +14,52 @@ from proxy.errors import ProxyError
 from proxy.keys import match_key
 from proxy.pool import Pool
 from proxy.responses import answer
+from proxy.store import Store, StoreUnavailable
+from proxy.transactions import Claim, Outcome, Recorded, TransactionIdentity, outcome_of, replay
 
 log = logging.getLogger("iso_proxy.transactions")
 
+# While a duplicate waits for a transaction another instance carries, it asks the journal
+# this often whether that transaction has ended.
+JOIN_POLL = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Journal:
+    """The journal and what it needs: the store, how to name transactions, the policy."""
+
+    store: Store
+    identity: TransactionIdentity
+    on_conflict: str
+    join_timeout: float
+
+
+class _Pending:
+    """A transaction this instance is carrying: duplicates wait here for its outcome."""
+
+    __slots__ = ("claim", "done", "recorded")
+
+    def __init__(self, claim: Claim) -> None:
+        self.claim = claim
+        self.done = trio.Event()
+        self.recorded: Recorded | None = None
+
 
 class Forwarder:
-    """Applies the policy table to one message and returns the answer, if any."""
+    """Applies the policy table to one message and returns the answer, if any.
 
-    def __init__(self, pool: Pool, match_fields: tuple[str, ...]) -> None:
+    With a journal, a financial request is claimed before anything is forwarded, its
+    outcome is recorded before it is answered, and duplicates are replayed, joined or
+    refused without reaching a switch (see `proxy.transactions` and `proxy.store`).
+    """
+
+    def __init__(
+        self, pool: Pool, match_fields: tuple[str, ...], journal: Journal | None = None
+    ) -> None:
         self._pool = pool
         self._match_fields = match_fields
+        self._journal = journal
+        self._carrying: dict[str, _Pending] = {}
 
     async def handle(self, message: Message) -> Message | None:
         decision = decisions.from_terminal(message)
@@ -30,27 +68,131 @@ class Forwarder:
             return None
         if decision.action is decisions.Action.ANSWER and decision.rc is not None:
             return answer(message, decision.rc)
+        if self._journal is None:
+            response, _ = await self._forward(message, None)
+            return response
+        return await self._journaled(message, self._journal)
+
+    async def _journaled(self, message: Message, journal: Journal) -> Message:
+        claim = journal.identity.claim(message, datetime.now(UTC))
+        carried = self._carrying.get(claim.key)
+        if carried is not None:  # a duplicate of a transaction this instance carries
+            return await self._duplicate(message, claim, carried.claim.fingerprint, carried)
+        pending = _Pending(claim)
+        self._carrying[claim.key] = pending
+        try:
+            try:
+                recorded = await journal.store.claim(claim)
+            except StoreUnavailable as error:
+                _log_outcome(message, decisions.SYSTEM_MALFUNCTION, str(error), 0.0)
+                return answer(message, decisions.SYSTEM_MALFUNCTION)
+            if recorded is not None:  # claimed before, by another instance or an earlier run
+                return await self._duplicate(message, claim, recorded.fingerprint, recorded)
+            response, outcome = await self._forward(message, claim)
+            assert outcome is not None
+            try:
+                await journal.store.complete(outcome)
+            except StoreUnavailable as error:
+                # No answer leaves without its record: the terminal is told the system
+                # failed, and the claim stays open for recovery.
+                log.error("outcome of %s not recorded (%s); answering 96", message.mti, error)
+                return answer(message, decisions.SYSTEM_MALFUNCTION)
+            pending.recorded = _as_recorded(claim, outcome)
+            return response
+        finally:
+            del self._carrying[claim.key]
+            pending.done.set()
+
+    async def _duplicate(
+        self,
+        message: Message,
+        claim: Claim,
+        held_fingerprint: bytes,
+        held: Recorded | _Pending,
+    ) -> Message:
+        """`held` is what the journal holds for the key, or the transaction in flight here."""
+        journal = self._journal
+        assert journal is not None
+        recorded = held if isinstance(held, Recorded) else None
+        completed = recorded is not None and recorded.completed
+        action = decisions.on_duplicate(
+            held_fingerprint, completed, claim.fingerprint, journal.on_conflict
+        )
+        if action is decisions.Duplicate.REJECT:
+            _log_outcome(message, decisions.DUPLICATE_TRANSMISSION, "same key, other content", 0)
+            return answer(message, decisions.DUPLICATE_TRANSMISSION)
+        if action is decisions.Duplicate.JOIN:
+            local = held if isinstance(held, _Pending) else None
+            recorded = await self._join(claim.key, journal, local)
+        if recorded is None or not recorded.completed:
+            _log_outcome(message, decisions.SWITCH_INOPERATIVE, "joined, no outcome", 0)
+            return answer(message, decisions.SWITCH_INOPERATIVE)
+        _log_outcome(message, recorded.rc or "", "replayed", 0)
+        return replay(message, recorded)
+
+    async def _join(self, key: str, journal: Journal, local: _Pending | None) -> Recorded | None:
+        """The outcome of a transaction in flight: `local` when this instance carries it,
+        else (or if it ended unrecorded) as the journal records it."""
+        with trio.move_on_after(journal.join_timeout):
+            if local is not None:
+                await local.done.wait()
+                if local.recorded is not None:
+                    return local.recorded
+            while True:
+                try:
+                    recorded = await journal.store.recorded(key)
+                except StoreUnavailable:
+                    recorded = None
+                if recorded is not None and recorded.completed:
+                    return recorded
+                await trio.sleep(JOIN_POLL)
+        return None
+
+    async def _forward(
+        self, message: Message, claim: Claim | None
+    ) -> tuple[Message, Outcome | None]:
         started = trio.current_time()
         try:
-            response = await self._pool.forward(message, match_key(message, self._match_fields))
+            answered = await self._pool.forward(message, match_key(message, self._match_fields))
         except ProxyError as error:
             rc = decisions.failure_rc(error)
-            log.info(
-                "%s stan=%r tid=%r rc=%s (%s) %.1fms",
-                message.mti,
-                message.get("11"),
-                message.get("41"),
-                rc,
-                error,
-                (trio.current_time() - started) * 1000,
+            elapsed = (trio.current_time() - started) * 1000
+            _log_outcome(message, rc, str(error), elapsed)
+            response = answer(message, rc)
+            if claim is None:
+                return response, None
+            outcome = outcome_of(
+                claim, response, state=decisions.failure_state(error), latency_ms=elapsed
             )
-            return answer(message, rc)
-        log.info(
-            "%s stan=%r tid=%r rc=%r %.1fms",
-            message.mti,
-            message.get("11"),
-            message.get("41"),
-            response.get("39"),
-            (trio.current_time() - started) * 1000,
+            return response, outcome
+        elapsed = (trio.current_time() - started) * 1000
+        _log_outcome(message, answered.response.get("39") or "", answered.switch, elapsed)
+        if claim is None:
+            return answered.response, None
+        outcome = outcome_of(
+            claim, answered.response, state="answered", switch=answered.switch, latency_ms=elapsed
         )
-        return response
+        return answered.response, outcome
+
+
+def _as_recorded(claim: Claim, outcome: Outcome) -> Recorded:
+    return Recorded(
+        fingerprint=claim.fingerprint,
+        state=outcome.state,
+        rc=outcome.rc,
+        response_mti=outcome.response_mti,
+        fields=outcome.fields,
+        field_names=outcome.field_names,
+    )
+
+
+def _log_outcome(message: Message, rc: str, note: str, elapsed_ms: float) -> None:
+    log.info(
+        "%s stan=%r tid=%r rc=%r (%s) %.1fms",
+        message.mti,
+        message.get("11"),
+        message.get("41"),
+        rc,
+        note,
+        elapsed_ms,
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import trio
@@ -29,6 +30,15 @@ from proxy.network import StanSequence
 from proxy.upstream import Dialer, Link, dial_tcp
 
 log = logging.getLogger("iso_proxy.upstream")
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """A switch's answer, and who gave it."""
+
+    response: Message
+    switch: str
+    link: str
 
 
 class _Waiter:
@@ -98,7 +108,7 @@ class Pool:
         while not condition():
             await self._changed.wait()
 
-    async def forward(self, message: Message, key: MatchKey) -> Message:
+    async def forward(self, message: Message, key: MatchKey) -> Answered:
         """Send `message` over a healthy link and return the switch's answer.
 
         One deadline, the chosen switch's `timeout` from now, bounds the whole request:
@@ -121,7 +131,7 @@ class Pool:
             link.transaction_done(
                 waiter.connection, answered=True, rtt=trio.current_time() - waiter.written_at
             )
-            return waiter.response
+            return Answered(waiter.response, link.switch.name, link.name)
         finally:
             # Written but unanswered (timed out, or this task was cancelled): the key stays
             # taken until the late answer or the connection's end.

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import uuid
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 import trio
 
@@ -13,7 +18,7 @@ from codec import FrameFormat, Message, load_spec
 from fixtures.messages import financial
 from fixtures.sim_switch import SimSwitch, SimSwitchOptions
 from fixtures.terminal import Terminal
-from proxy.app import App
+from proxy.app import App, Secrets
 from proxy.config import Config, parse_config
 from proxy.upstream import Link
 
@@ -30,6 +35,8 @@ def proxy_config(
     routing: Mapping[str, Any] | None = None,
     health: Mapping[str, Any] | None = None,
     each: Mapping[str, Mapping[str, Any]] | None = None,
+    store: Mapping[str, Any] | None = None,
+    idempotency: Mapping[str, Any] | None = None,
     base_dir: Path | None = None,
 ) -> Config:
     """A config for a proxy on 127.0.0.1:0 in front of the given switches.
@@ -53,6 +60,9 @@ def proxy_config(
         ],
     }
     raw["health"] = {**FAST_HEALTH, **(health or {})}
+    raw["store"] = dict(store) if store is not None else {"enabled": False}
+    if idempotency is not None:
+        raw["idempotency"] = dict(idempotency)
     if routing is not None:
         raw["routing"] = dict(routing)
     return parse_config(raw, base_dir=base_dir or Path.cwd())
@@ -64,11 +74,14 @@ async def start_switch(nursery: trio.Nursery, **options: Any) -> SimSwitch:
     return switch
 
 
+TEST_PAN_KEY = b"test-pan-key-not-a-secret-0123456789"
+
+
 async def start_proxy(
     nursery: trio.Nursery, config: Config, *, links_up: bool = True
 ) -> tuple[App, int]:
     """The proxy; with `links_up`, once every link has passed its first echoes."""
-    app = App(config)
+    app = App(config, Secrets(pan_key=TEST_PAN_KEY))
     port: int = await nursery.start(app.run)
     if links_up:
         with trio.fail_after(10):
@@ -145,3 +158,43 @@ async def terminals() -> AsyncIterator[Terminals]:
     yield opened
     for terminal in opened.opened:
         await terminal.aclose()
+
+
+@dataclass(frozen=True)
+class Database:
+    """A Postgres schema of this test's own (dropped afterwards)."""
+
+    dsn: str
+    schema: str
+
+    def store(self, **settings: Any) -> dict[str, Any]:
+        """The `store:` config section for a journal in this schema."""
+        return {"dsn": self.dsn, "schema": self.schema, **settings}
+
+    async def fetch(self, sql: str) -> list[dict[str, Any]]:
+        """Run a query in this schema from a helper thread (tests only)."""
+
+        async def query() -> list[dict[str, Any]]:
+            connection = await asyncpg.connect(
+                self.dsn, server_settings={"search_path": self.schema}
+            )
+            try:
+                return [dict(row) for row in await connection.fetch(sql)]
+            finally:
+                await connection.close()
+
+        return await trio.to_thread.run_sync(asyncio.run, query())
+
+
+def test_dsn() -> str:
+    dsn = os.environ.get("ISO_PROXY_TEST_DSN")
+    if not dsn:
+        pytest.skip("set ISO_PROXY_TEST_DSN to run the journal tests against Postgres")
+    return dsn
+
+
+@pytest.fixture
+async def database() -> AsyncIterator[Database]:
+    db = Database(test_dsn(), f"test_{uuid.uuid4().hex[:12]}")
+    yield db
+    await db.fetch(f'DROP SCHEMA IF EXISTS "{db.schema}" CASCADE')

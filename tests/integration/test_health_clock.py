@@ -118,7 +118,7 @@ async def test_echo_cadence_rise_and_fall_exactly_as_configured(
     assert [t - start for t in switch.echo_times] == pytest.approx([0.0, 1.0])
 
     # Up: one echo every echo_interval, whether or not traffic flows.
-    answer = await pool.forward(financial(5), match_key(financial(5), ("41", "11")))
+    answer = (await pool.forward(financial(5), match_key(financial(5), ("41", "11")))).response
     assert (answer.mti.code, answer.get("11")) == ("0210", "000005")  # not an 0810
     await trio.sleep_until(start + 31.5)
     assert [t - start for t in switch.echo_times] == pytest.approx([0, 1, 11, 21, 31])
@@ -207,7 +207,7 @@ async def test_failover_before_write_is_answered_normally(
     async def forward(stan: int) -> None:
         request = financial(stan)
         try:
-            answer = await pool.forward(request, match_key(request, ("41", "11")))
+            answer = (await pool.forward(request, match_key(request, ("41", "11")))).response
             outcomes[request.get("11") or ""] = f"{answer.mti}/{answer.get('39')}"
         except ProxyError as error:
             outcomes[request.get("11") or ""] = type(error).__name__

@@ -96,7 +96,7 @@ async def test_quick_start_processes_carry_traffic_and_stop_cleanly(
     beta = await children.spawn("sim-switch", "--port", "0", "--delay", "0.01")
     config = tmp_path / "config.yaml"
     config.write_text(
-        "listen: {host: 127.0.0.1, port: 0}\n"
+        "listen: {host: 127.0.0.1, port: 0}\nstore: {enabled: false}\n"
         "switches:\n"
         f"  - {{name: alpha, host: 127.0.0.1, port: {await alpha.port()}, connections: 2}}\n"
         f"  - {{name: beta, host: 127.0.0.1, port: {await beta.port()}, connections: 2}}\n"
@@ -127,7 +127,7 @@ async def test_run_signs_on_and_signs_off_on_sigterm(
     switch = await start_switch(nursery)
     config = tmp_path / "config.yaml"
     config.write_text(
-        "listen: {host: 127.0.0.1, port: 0}\n"
+        "listen: {host: 127.0.0.1, port: 0}\nstore: {enabled: false}\n"
         f"switches: [{{name: alpha, host: 127.0.0.1, port: {switch.port}, connections: 2,"
         " sign_on: true}]\n"
     )

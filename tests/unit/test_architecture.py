@@ -10,7 +10,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PURE_CORE = {
     "backoff", "balancer", "config", "correlator", "decisions", "errors", "health", "keys",
-    "latency", "network", "responses",
+    "latency", "network", "responses", "transactions",
 }  # fmt: skip
 PURE = [
     *sorted((REPO / "codec").glob("*.py")),

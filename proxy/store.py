@@ -1,0 +1,396 @@
+"""The store: the Postgres journal, reached from trio through a private asyncio thread.
+
+asyncpg speaks asyncio only. This module keeps an asyncio event loop in a thread of its
+own and hands it coroutines (`_Bridge.call`); the trio side waits on an event, so the trio
+loop is never blocked, and cancelling the trio task cancels the asyncio task, which
+cancels the query. Nothing outside this module knows asyncio exists: every database
+failure is translated here, once, into `StoreUnavailable`.
+
+Writes are group-committed. Claims and outcomes queue in bounded channels; a batcher takes
+what has gathered (up to `batch_max`, waiting at most `batch_wait_ms` for more) and
+writes it in one statement, one round trip. The queue is bounded, and every caller waits
+at most `store.timeout`: a slow or dead database costs an RC 96, never an unbounded
+backlog.
+
+A claim is one `INSERT ... ON CONFLICT DO NOTHING` that also returns, for a key already
+taken, what the journal holds for it: the unique key in the database, not memory, decides
+who owns a transaction, so several proxy instances can share one database. An outcome is
+written once: only a row still `claimed` takes one.
+
+The schema is created and migrated at startup from the versioned SQL files beside this
+module, under a transaction-scoped advisory lock, so instances starting together take
+turns. When Postgres is down at startup the proxy still starts (not ready; financial
+requests get RC 96) and keeps trying to connect in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Generic, TypeVar
+
+import asyncpg
+import trio
+
+from proxy.backoff import Backoff
+from proxy.errors import ProxyError
+from proxy.transactions import Claim, Outcome, Recorded
+
+log = logging.getLogger("iso_proxy.store")
+
+T = TypeVar("T")
+I = TypeVar("I")  # noqa: E741 - item type of a batch
+R = TypeVar("R")
+
+MIGRATION_LOCK = 0x150_8583  # pg_advisory_xact_lock key shared by all instances
+# Database errors, and the OS errors of a lost connection: all mean "store unavailable".
+_DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+
+
+class StoreUnavailable(ProxyError):
+    """The journal could not be reached or answered too slowly; nothing was forwarded."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    dsn: str
+    schema: str | None
+    timeout: float
+    pool_size: int
+    batch_max: int
+    batch_wait: float
+    instance: str
+
+
+class _Bridge:
+    """An asyncio loop in a daemon thread, and a way for trio tasks to await on it."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="iso-proxy-store", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    async def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        future.add_done_callback(lambda _: token.run_sync_soon(done.set))
+        try:
+            await done.wait()
+        except BaseException:
+            future.cancel()  # cancels the asyncio task, and with it the query
+            raise
+        return future.result()
+
+    async def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        await trio.to_thread.run_sync(self._thread.join, 5.0)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+
+class _Slot(Generic[R]):
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: R | None = None
+        self.error: BaseException | None = None
+
+
+class _Batcher(Generic[I, R]):
+    """Gathers concurrent submissions and writes each gathering with one `flush` call."""
+
+    def __init__(
+        self, flush: Callable[[list[I]], Awaitable[list[R]]], max_size: int, max_wait: float
+    ) -> None:
+        self._flush = flush
+        self._max_size = max_size
+        self._max_wait = max_wait
+        self._send, self._receive = trio.open_memory_channel[tuple[I, _Slot[R]]](max_size * 4)
+
+    async def submit(self, item: I) -> R:
+        slot: _Slot[R] = _Slot()
+        await self._send.send((item, slot))  # blocks while the queue is full: bounded
+        await slot.done.wait()
+        if slot.error is not None:
+            raise slot.error
+        return slot.result  # type: ignore[return-value]
+
+    async def run(self) -> None:
+        while True:
+            batch = [await self._receive.receive()]
+            with trio.move_on_after(self._max_wait):
+                while len(batch) < self._max_size:
+                    batch.append(await self._receive.receive())
+            while len(batch) < self._max_size:  # whatever else is already queued
+                try:
+                    batch.append(self._receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            try:
+                results = await self._flush([item for item, _ in batch])
+            except Exception as error:  # delivered to every waiter of the batch
+                for _, slot in batch:
+                    slot.error = error
+                    slot.done.set()
+                continue
+            for (_, slot), result in zip(batch, results, strict=True):
+                slot.result = result
+                slot.done.set()
+
+
+class Store:
+    """The journal. `run` keeps it connected; `claim`, `complete` and `recorded` use it."""
+
+    def __init__(self, settings: StoreSettings) -> None:
+        self._settings = settings
+        self._rng = random.Random()
+        self._bridge = _Bridge()
+        self._pool: asyncpg.Pool | None = None
+        self._ready = trio.Event()
+        self._claims: _Batcher[Claim, Recorded | None] = _Batcher(
+            self._flush_claims, settings.batch_max, settings.batch_wait
+        )
+        self._outcomes: _Batcher[Outcome, bool] = _Batcher(
+            self._flush_outcomes, settings.batch_max, settings.batch_wait
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect (retrying with backoff while Postgres is down), migrate, write batches."""
+        self._bridge.start()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._claims.run)
+                nursery.start_soon(self._outcomes.run)
+                task_status.started()
+                await self._connect()
+                self._ready.set()
+        finally:
+            with trio.CancelScope(shield=True):
+                if self._pool is not None:
+                    pool = self._pool
+                    with trio.move_on_after(5):
+                        await self._bridge.call(pool.close())
+                await self._bridge.stop()
+
+    async def claim(self, claim: Claim) -> Recorded | None:
+        """Claim `claim.key`: None when it is ours now, else what the journal holds."""
+        return await self._within_timeout(self._claims.submit(claim))
+
+    async def complete(self, outcome: Outcome) -> None:
+        """Record how a claimed transaction ended (once: a second outcome is ignored)."""
+        await self._within_timeout(self._outcomes.submit(outcome))
+
+    async def recorded(self, key: str) -> Recorded | None:
+        """What the journal holds for `key`, if anything."""
+        rows = await self._within_timeout(self._query(_SELECT_RECORDED, [[key]]))
+        return _recorded(rows[0]) if rows else None
+
+    async def _within_timeout(self, work: Awaitable[T]) -> T:
+        if self._pool is None:
+            if isinstance(work, Coroutine):
+                work.close()
+            raise StoreUnavailable("store not connected")
+        with trio.move_on_after(self._settings.timeout) as scope:
+            try:
+                return await work
+            except _DATABASE_ERRORS as error:
+                raise StoreUnavailable(f"store error: {type(error).__name__}") from None
+        assert scope.cancelled_caught
+        raise StoreUnavailable(f"store slower than {self._settings.timeout:g} s")
+
+    async def _connect(self) -> None:
+        backoff = Backoff(initial=0.5, maximum=10.0)
+        attempt = 0
+        while True:
+            try:
+                self._pool = await self._bridge.call(self._open_pool())
+                log.info("store: connected")
+                return
+            except _DATABASE_ERRORS as error:
+                log.warning("store: cannot connect (%s); retrying", type(error).__name__)
+            await trio.sleep(backoff.delay(attempt, self._rng))
+            attempt += 1
+
+    async def _open_pool(self) -> asyncpg.Pool:
+        settings = self._settings
+        server_settings = {"search_path": settings.schema} if settings.schema else None
+        async with asyncio.timeout(max(settings.timeout, 5.0)):
+            pool = await asyncpg.create_pool(
+                settings.dsn,
+                min_size=1,
+                max_size=settings.pool_size,
+                server_settings=server_settings,
+                command_timeout=settings.timeout,
+            )
+        try:
+            async with pool.acquire() as connection:
+                await _migrate(connection, settings.schema)
+        except BaseException:
+            await pool.close()
+            raise
+        return pool
+
+    async def _query(self, sql: str, args: Sequence[Any]) -> list[asyncpg.Record]:
+        pool = self._pool
+        assert pool is not None
+        rows: list[asyncpg.Record] = await self._bridge.call(pool.fetch(sql, *args))
+        return rows
+
+    async def _flush_claims(self, claims: list[Claim]) -> list[Recorded | None]:
+        first: dict[str, Claim] = {}
+        for claim in claims:
+            first.setdefault(claim.key, claim)
+        unique = list(first.values())
+        rows = await self._query(
+            _CLAIM,
+            [
+                [c.key for c in unique],
+                [c.mti for c in unique],
+                [c.terminal for c in unique],
+                [c.stan for c in unique],
+                [c.acquirer for c in unique],
+                [c.rrn for c in unique],
+                [c.tx_date for c in unique],
+                [c.fingerprint for c in unique],
+                [c.pan_masked for c in unique],
+                [c.pan_hash for c in unique],
+                [json.dumps(dict(c.fields)) for c in unique],
+                self._settings.instance,
+            ],
+        )
+        won = {row["tx_key"] for row in rows if row["claimed"]}
+        held = {row["tx_key"]: _recorded(row) for row in rows if row["state"] is not None}
+        unseen = [key for key in first if key not in won and key not in held]
+        if unseen:  # claimed by another instance after this statement's snapshot
+            for row in await self._query(_SELECT_RECORDED, [unseen]):
+                held[row["tx_key"]] = _recorded(row)
+        results: list[Recorded | None] = []
+        for claim in claims:
+            if claim.key in won and first[claim.key] is claim:
+                results.append(None)
+            elif claim.key in held:
+                results.append(held[claim.key])
+            else:  # a twin in this very batch won: it is in flight
+                results.append(_in_flight(first[claim.key]))
+        return results
+
+    async def _flush_outcomes(self, outcomes: list[Outcome]) -> list[bool]:
+        rows = await self._query(
+            _COMPLETE,
+            [
+                [o.key for o in outcomes],
+                [o.state for o in outcomes],
+                [o.rc for o in outcomes],
+                [o.response_mti for o in outcomes],
+                [o.auth_code for o in outcomes],
+                [json.dumps(dict(o.fields)) for o in outcomes],
+                [",".join(o.field_names) for o in outcomes],
+                [o.switch for o in outcomes],
+                [o.latency_ms for o in outcomes],
+            ],
+        )
+        written = {row["tx_key"] for row in rows}
+        return [o.key in written for o in outcomes]
+
+
+async def _migrate(connection: asyncpg.Connection, schema: str | None) -> None:
+    """Apply the SQL files not applied yet, in order, one instance at a time."""
+    async with connection.transaction():
+        await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        if schema:
+            await connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        await connection.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        applied = {
+            r["version"] for r in await connection.fetch("SELECT version FROM schema_migrations")
+        }
+        files = sorted(
+            (f for f in (resources.files("proxy") / "sql").iterdir() if f.name.endswith(".sql")),
+            key=lambda f: f.name,
+        )
+        for file in files:
+            version = file.name.removesuffix(".sql")
+            if version in applied:
+                continue
+            await connection.execute(file.read_text(encoding="utf-8"))
+            await connection.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+            log.info("store: applied migration %s", version)
+
+
+def _recorded(row: asyncpg.Record) -> Recorded:
+    names = row["response_fields"]
+    return Recorded(
+        fingerprint=bytes(row["fingerprint"]),
+        state=row["state"],
+        rc=row["rc"],
+        response_mti=row["response_mti"],
+        fields=json.loads(row["response"]) if row["response"] else {},
+        field_names=tuple(names) if names else (),
+    )
+
+
+def _in_flight(claim: Claim) -> Recorded:
+    return Recorded(claim.fingerprint, "claimed", None, None, {}, ())
+
+
+_CLAIM = """
+WITH input AS (
+    SELECT * FROM unnest(
+        $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::date[],
+        $8::bytea[], $9::text[], $10::bytea[], $11::text[]
+    ) AS t(tx_key, mti, terminal, stan, acquirer, rrn, tx_date, fingerprint, pan_masked,
+           pan_hash, request)
+), inserted AS (
+    INSERT INTO transactions (tx_key, mti, terminal, stan, acquirer, rrn, tx_date, fingerprint,
+                              pan_masked, pan_hash, request, state, instance)
+    SELECT tx_key, mti, terminal, stan, acquirer, rrn, tx_date, fingerprint, pan_masked,
+           pan_hash, request::jsonb, 'claimed', $12
+    FROM input
+    ON CONFLICT (tx_key) DO NOTHING
+    RETURNING tx_key
+)
+SELECT i.tx_key, ins.tx_key IS NOT NULL AS claimed,
+       t.fingerprint, t.state, t.rc, t.response_mti, t.response, t.response_fields
+FROM input i
+LEFT JOIN inserted ins ON ins.tx_key = i.tx_key
+LEFT JOIN transactions t ON t.tx_key = i.tx_key AND ins.tx_key IS NULL
+"""
+
+_SELECT_RECORDED = """
+SELECT tx_key, fingerprint, state, rc, response_mti, response, response_fields
+FROM transactions WHERE tx_key = ANY($1::text[])
+"""
+
+_COMPLETE = """
+UPDATE transactions t
+SET state = u.state, rc = u.rc, response_mti = u.response_mti, auth_code = u.auth_code,
+    response = u.response::jsonb, response_fields = string_to_array(u.response_fields, ','),
+    switch = u.switch, latency_ms = u.latency_ms, completed_at = now()
+FROM unnest(
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+    $8::text[], $9::float8[]
+) AS u(tx_key, state, rc, response_mti, auth_code, response, response_fields, switch, latency_ms)
+WHERE t.tx_key = u.tx_key AND t.state = 'claimed'
+RETURNING t.tx_key
+"""

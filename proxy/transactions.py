@@ -1,0 +1,191 @@
+"""What the journal knows of a transaction: its key, its fingerprint, and its safe fields.
+
+The *transaction key* says "this is the same transaction": the MTI with a repeat folded
+into its original (0201 -> 0200), then the configured key fields: by default the acquirer
+(32, when present), terminal (41), STAN (11), RRN (37, when present) and the transmission
+date. The date comes from field 7 (MMDDhhmmss, no year: the year is the one that puts it
+closest to the receive time, so 31 Dec 23:59:59 received on 1 Jan is last year's) or, with
+no field 7, from the receive time (UTC). A STAN is unique per terminal per day only, so
+never STAN alone.
+
+The *fingerprint* says "with the same content": a keyed HMAC over the financial fields
+(PAN, processing code, amounts, currencies, expiry, entry mode, merchant). Two requests
+with one key and one fingerprint are the same transaction sent twice; one key with two
+fingerprints is a collision (RC 94).
+
+Nothing sensitive is kept: the PAN only as first 6 + last 4 and a keyed HMAC; stored
+request and response fields pass a whitelist (`codec.LOGGABLE_FIELDS`), so track data,
+PIN blocks, chip data and anything unknown never reach the database. A replayed answer
+is rebuilt from the stored fields plus, for the fields the original answer carried but
+the journal may not keep (the PAN, say), the values of the incoming request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime
+
+from codec import LOGGABLE_FIELDS, Message, Mti, mask_pan
+
+DATE_FIELD = "7"
+FINGERPRINT_FIELDS = ("2", "3", "4", "5", "6", "14", "22", "25", "42", "49", "50", "51")
+_SEPARATOR = "\x1f"
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A request as the journal records it before anything is forwarded."""
+
+    key: str
+    mti: str
+    terminal: str
+    stan: str
+    acquirer: str | None
+    rrn: str | None
+    tx_date: date
+    fingerprint: bytes = field(repr=False)
+    pan_masked: str | None
+    pan_hash: bytes | None = field(repr=False)
+    fields: Mapping[str, str] = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a claimed transaction ended, recorded before the terminal is answered."""
+
+    key: str
+    state: str  # answered | timed_out | failed
+    rc: str
+    response_mti: str | None = None
+    auth_code: str | None = None
+    fields: Mapping[str, str] = field(default_factory=dict, repr=False)
+    field_names: tuple[str, ...] = ()
+    switch: str | None = None
+    latency_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """A claim that already existed: what the journal holds for the key."""
+
+    fingerprint: bytes = field(repr=False)
+    state: str
+    rc: str | None
+    response_mti: str | None
+    fields: Mapping[str, str] = field(repr=False)
+    field_names: tuple[str, ...]
+
+    @property
+    def completed(self) -> bool:
+        return self.state != "claimed"
+
+
+class TransactionIdentity:
+    """Builds claims from requests: keys, fingerprints and safe fields."""
+
+    def __init__(self, key_fields: tuple[str, ...], secret: bytes | None) -> None:
+        self._key_fields = key_fields
+        self._secret = secret
+
+    def claim(self, request: Message, received_at: datetime) -> Claim:
+        tx_date = transaction_date(request.get(DATE_FIELD), received_at)
+        pan = request.get("2")
+        return Claim(
+            key=self.key(request, tx_date),
+            mti=request.mti.code,
+            terminal=request.get("41") or "",
+            stan=request.get("11") or "",
+            acquirer=request.get("32"),
+            rrn=request.get("37"),
+            tx_date=tx_date,
+            fingerprint=self.fingerprint(request),
+            pan_masked=mask_pan(pan) if pan else None,
+            pan_hash=self._hmac(pan) if pan and self._secret else None,
+            fields=safe_fields(request),
+        )
+
+    def key(self, request: Message, tx_date: date) -> str:
+        parts = [request.mti.original().code]
+        for name in self._key_fields:
+            if name == DATE_FIELD:
+                parts.append(tx_date.isoformat())
+            else:
+                parts.append(f"{name}={request.get(name) or ''}")
+        return _SEPARATOR.join(parts)
+
+    def fingerprint(self, request: Message) -> bytes:
+        """HMAC of the financial fields; without a secret, the PAN is left out of it."""
+        names = FINGERPRINT_FIELDS if self._secret else FINGERPRINT_FIELDS[1:]
+        text = _SEPARATOR.join(f"{n}={request.get(n) or ''}" for n in names)
+        return self._hmac(text) if self._secret else hashlib.sha256(text.encode()).digest()
+
+    def _hmac(self, text: str) -> bytes:
+        assert self._secret is not None
+        return hmac.new(self._secret, text.encode(), hashlib.sha256).digest()
+
+
+def transaction_date(field7: str | None, received_at: datetime) -> date:
+    """The date of field 7 (MMDDhhmmss) in the year that puts it nearest `received_at`;
+    `received_at`'s own date when field 7 is missing or not a date."""
+    if field7 is None or len(field7) != 10 or not field7.isdigit():
+        return received_at.date()
+    month, day = int(field7[:2]), int(field7[2:4])
+    hour, minute, second = int(field7[4:6]), int(field7[6:8]), int(field7[8:10])
+    candidates = []
+    for year in (received_at.year - 1, received_at.year, received_at.year + 1):
+        try:
+            moment = received_at.replace(
+                year=year, month=month, day=day, hour=hour, minute=minute, second=second,
+                microsecond=0,
+            )  # fmt: skip
+        except ValueError:  # 29 Feb in a year without it, 31 Apr...
+            continue
+        candidates.append(moment)
+    if not candidates:
+        return received_at.date()
+    return min(candidates, key=lambda moment: abs(moment - received_at)).date()
+
+
+def safe_fields(message: Message) -> dict[str, str]:
+    """The fields that may be stored: the whitelist only (no PAN, track, PIN, chip data)."""
+    return {name: value for name, value in message.fields.items() if name in LOGGABLE_FIELDS}
+
+
+def outcome_of(
+    claim: Claim,
+    response: Message,
+    *,
+    state: str,
+    switch: str | None = None,
+    latency_ms: float = 0.0,
+) -> Outcome:
+    """The outcome of a claim: the answer the terminal gets (the switch's, or the proxy's
+    own when no switch answered) and how it came about."""
+    return Outcome(
+        key=claim.key,
+        state=state,
+        rc=response.get("39") or "",
+        response_mti=response.mti.code,
+        auth_code=response.get("38"),
+        fields=safe_fields(response),
+        field_names=tuple(sorted(response.fields, key=_field_order)),
+        switch=switch,
+        latency_ms=latency_ms,
+    )
+
+
+def replay(request: Message, recorded: Recorded) -> Message:
+    """The stored answer, for `request` (a repeat or a re-send of the same transaction)."""
+    fields = dict(recorded.fields)
+    for name in recorded.field_names:
+        if name not in fields and (value := request.get(name)) is not None:
+            fields[name] = value
+    mti = Mti.parse(recorded.response_mti) if recorded.response_mti else request.mti.response()
+    return Message(mti, fields)
+
+
+def _field_order(name: str) -> tuple[int, str]:
+    return (int(name), "") if name.isdigit() else (-1, name)

@@ -1,0 +1,150 @@
+"""The Postgres journal, end to end: claims, outcomes, duplicates, replays, two instances."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import trio
+
+from codec import Message, Mti
+from fixtures.messages import TEST_PAN, financial
+from fixtures.sim_switch import SimSwitch
+from proxy.app import App
+from tests.conftest import Database, Terminals, proxy_config, start_proxy, start_switch
+
+TRACK2 = f"{TEST_PAN}=2512101123456789"
+PIN_BLOCK = "0412AC89ABCDEF67"
+
+
+async def _journaled(
+    nursery: trio.Nursery, database: Database, **switch_options: Any
+) -> tuple[SimSwitch, App, int]:
+    switch = await start_switch(nursery, **switch_options)
+    app, port = await start_proxy(
+        nursery, proxy_config({"alpha": switch.port}, store=database.store())
+    )
+    assert app.store is not None
+    with trio.fail_after(10):
+        await app.store.wait_ready()
+    return switch, app, port
+
+
+async def test_fifty_identical_requests_at_once_make_one_row_and_one_forward(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    switch, _, port = await _journaled(nursery, database, delay=0.05)
+    request = financial(42)
+    answers: list[Message] = []
+
+    async def send() -> None:
+        terminal = await terminals.connect(port)
+        answers.append(await terminal.request(request))
+
+    async with trio.open_nursery() as senders:
+        for _ in range(50):
+            senders.start_soon(send)
+
+    assert switch.financial_total() == 1
+    assert len(answers) == 50
+    assert {(a.mti.code, a.get("39"), a.get("38"), a.get("11")) for a in answers} == {
+        ("0210", "00", "A00042", "000042")
+    }
+    rows = await database.fetch("SELECT state, rc, auth_code FROM transactions")
+    assert rows == [{"state": "answered", "rc": "00", "auth_code": "A00042"}]
+
+
+async def test_a_repeat_after_completion_gets_the_stored_answer(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    switch, _, port = await _journaled(nursery, database)
+    terminal = await terminals.connect(port)
+    original = financial(7)
+    first = await terminal.request(original)
+    repeat = await terminal.request(original.with_fields({}, mti=Mti.parse("0201")))
+    again = await terminal.request(original)  # an identical re-send
+    assert switch.financial_total() == 1
+    for answer in (repeat, again):
+        assert answer.mti.code == "0210"
+        assert (answer.get("38"), answer.get("39"), answer.get("11")) == (
+            first.get("38"),
+            first.get("39"),
+            "000007",
+        )
+        assert answer.get("2") == TEST_PAN  # the switch echoed it; the journal did not keep it
+
+
+async def test_the_same_key_with_other_content_gets_rc_94(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    switch, _, port = await _journaled(nursery, database)
+    terminal = await terminals.connect(port)
+    moment = datetime.now(UTC)
+    assert (await terminal.request(financial(8, amount=1000, when=moment))).get("39") == "00"
+    other = await terminal.request(financial(8, amount=2000, when=moment))
+    assert (other.get("39"), other.get("4")) == ("94", "000000002000")
+    assert switch.financial_total() == 1
+    assert len(await database.fetch("SELECT 1 FROM transactions")) == 1
+
+
+async def test_the_same_stan_on_another_day_is_a_new_transaction(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    switch, _, port = await _journaled(nursery, database)
+    terminal = await terminals.connect(port)
+    today = datetime.now(UTC)
+    for moment in (today - timedelta(days=1), today):
+        request = financial(9, when=moment).with_fields({"37": None})  # RRN left out
+        assert (await terminal.request(request)).get("39") == "00"
+    assert switch.financial_total() == 2
+    rows = await database.fetch("SELECT tx_date FROM transactions ORDER BY tx_date")
+    assert [r["tx_date"] for r in rows] == [(today - timedelta(days=1)).date(), today.date()]
+
+
+async def test_two_instances_on_one_database_never_forward_a_duplicate(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    switch = await start_switch(nursery, delay=0.2)
+    config = proxy_config({"alpha": switch.port}, store=database.store())
+    first, first_port = await start_proxy(nursery, config)
+    second, second_port = await start_proxy(nursery, config)
+    for app in (first, second):
+        assert app.store is not None
+        await app.store.wait_ready()
+    request = financial(11)
+    answers: list[Message] = []
+
+    async def send(port: int) -> None:
+        terminal = await terminals.connect(port)
+        answers.append(await terminal.request(request))
+
+    async with trio.open_nursery() as senders:  # in flight on one, joined by the other
+        senders.start_soon(send, first_port)
+        senders.start_soon(send, second_port)
+    terminal = await terminals.connect(second_port)
+    answers.append(await terminal.request(request))  # after completion: replayed
+    assert switch.financial_total() == 1
+    assert {(a.get("39"), a.get("38")) for a in answers} == {("00", "A00011")}
+
+
+async def test_no_card_data_in_the_table_or_the_logs(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+    database: Database,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    switch, _, port = await _journaled(nursery, database)
+    terminal = await terminals.connect(port)
+    for stan in range(1, 4):
+        request = financial(stan).with_fields({"35": TRACK2, "52": PIN_BLOCK})
+        assert (await terminal.request(request)).get("39") == "00"
+    assert switch.financial_total() == 3
+    rows = await database.fetch("SELECT t::text AS row FROM transactions t")
+    assert len(rows) == 3
+    for text in [r["row"] for r in rows] + [caplog.text]:
+        assert TEST_PAN not in text
+        assert TRACK2.split("=")[1] not in text
+        assert PIN_BLOCK not in text
+    masked = await database.fetch("SELECT DISTINCT pan_masked FROM transactions")
+    assert masked == [{"pan_masked": "411111******1111"}]
