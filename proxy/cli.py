@@ -18,6 +18,7 @@ from fixtures.sim_switch import SimSwitch, SimSwitchOptions
 from proxy.app import App, Secrets
 from proxy.config import Config, load_config
 from proxy.echo_tool import EchoPlan, run_echo
+from proxy.embedded import EmbeddedUnavailable, start_embedded
 from proxy.errors import ConfigError
 
 EXIT_BAD_CONFIG = 2
@@ -141,20 +142,22 @@ def _run(args: argparse.Namespace) -> int:
         dsn=os.environ.get("ISO_PROXY_DSN") or None,
         pan_key=os.environ.get("ISO_PROXY_PAN_KEY", "").encode() or None,
     )
-    if config.store.enabled:
-        problems = []
-        if config.idempotency.pan_hash and secrets.pan_key is None:
-            problems.append(
-                "ISO_PROXY_PAN_KEY is not set: PANs are kept only as a keyed hash "
-                "(or set idempotency.pan_hash: false)"
-            )
-        if config.store.dsn is None and secrets.dsn is None:
-            problems.append("no database: set store.dsn or ISO_PROXY_DSN")
-        if problems:
-            for problem in problems:
-                print(f"iso-proxy: {problem}", file=sys.stderr)
-            return EXIT_BAD_CONFIG
+    if config.store.enabled and config.idempotency.pan_hash and secrets.pan_key is None:
+        print(
+            "iso-proxy: ISO_PROXY_PAN_KEY is not set: PANs are kept only as a keyed hash "
+            "(or set idempotency.pan_hash: false)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_CONFIG
     _setup_logging(config.log.level)
+    if config.store.enabled and config.store.dsn is None and secrets.dsn is None:
+        data_dir = args.config.parent / config.store.data_dir
+        try:
+            secrets = Secrets(dsn=start_embedded(data_dir), pan_key=secrets.pan_key)
+        except EmbeddedUnavailable as error:
+            print(f"iso-proxy: {error}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
+        logging.getLogger("iso_proxy").info("store: embedded PostgreSQL in %s", data_dir)
     return _serve(App(config, secrets).run)
 
 

@@ -20,7 +20,10 @@ written once: only a row still `claimed` takes one.
 The schema is created and migrated at startup from the versioned SQL files beside this
 module, under a transaction-scoped advisory lock, so instances starting together take
 turns. When Postgres is down at startup the proxy still starts (not ready; financial
-requests get RC 96) and keeps trying to connect in the background.
+requests get RC 96) and keeps trying to connect in the background. When it fails later,
+the store is marked not ready at the first error (callers get RC 96 at once instead of
+waiting out their timeouts) and a background probe marks it ready again when a query
+passes.
 """
 
 from __future__ import annotations
@@ -159,6 +162,7 @@ class Store:
         self._bridge = _Bridge()
         self._pool: asyncpg.Pool | None = None
         self._ready = trio.Event()
+        self._broken = trio.Event()
         self._claims: _Batcher[Claim, Recorded | None] = _Batcher(
             self._flush_claims, settings.batch_max, settings.batch_wait
         )
@@ -183,6 +187,12 @@ class Store:
                 task_status.started()
                 await self._connect()
                 self._ready.set()
+                while True:
+                    await self._broken.wait()
+                    self._broken = trio.Event()
+                    await self._heal()
+                    self._ready.set()
+                    log.info("store: reachable again")
         finally:
             with trio.CancelScope(shield=True):
                 if self._pool is not None:
@@ -205,7 +215,7 @@ class Store:
         return _recorded(rows[0]) if rows else None
 
     async def _within_timeout(self, work: Awaitable[T]) -> T:
-        if self._pool is None:
+        if not self.ready:
             if isinstance(work, Coroutine):
                 work.close()
             raise StoreUnavailable("store not connected")
@@ -213,9 +223,32 @@ class Store:
             try:
                 return await work
             except _DATABASE_ERRORS as error:
+                self._lost(error)
                 raise StoreUnavailable(f"store error: {type(error).__name__}") from None
         assert scope.cancelled_caught
         raise StoreUnavailable(f"store slower than {self._settings.timeout:g} s")
+
+    def _lost(self, error: BaseException) -> None:
+        if self.ready:
+            log.warning("store: unreachable (%s)", type(error).__name__)
+            self._ready = trio.Event()
+            self._broken.set()
+
+    async def _heal(self) -> None:
+        """Probe until a query passes again (asyncpg replaces broken connections)."""
+        pool = self._pool
+        assert pool is not None
+        backoff = Backoff(initial=0.1, maximum=5.0)
+        attempt = 0
+        while True:
+            with trio.move_on_after(self._settings.timeout):
+                try:
+                    await self._bridge.call(pool.fetchval("SELECT 1"))
+                    return
+                except _DATABASE_ERRORS:
+                    pass
+            await trio.sleep(backoff.delay(attempt, self._rng))
+            attempt += 1
 
     async def _connect(self) -> None:
         backoff = Backoff(initial=0.5, maximum=10.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from fixtures.sim_switch import SimSwitch, SimSwitchOptions
 from fixtures.terminal import Terminal
 from proxy.app import App, Secrets
 from proxy.config import Config, parse_config
+from proxy.embedded import EmbeddedUnavailable, start_embedded
 from proxy.upstream import Link
 
 FAST_RECONNECT = {"initial_delay": 0.05, "max_delay": 0.2}
@@ -186,15 +188,25 @@ class Database:
         return await trio.to_thread.run_sync(asyncio.run, query())
 
 
-def test_dsn() -> str:
+_embedded_dsn: list[str] = []
+
+
+def journal_dsn() -> str:
+    """`ISO_PROXY_TEST_DSN`, else an embedded PostgreSQL started once for the session."""
     dsn = os.environ.get("ISO_PROXY_TEST_DSN")
-    if not dsn:
-        pytest.skip("set ISO_PROXY_TEST_DSN to run the journal tests against Postgres")
-    return dsn
+    if dsn:
+        return dsn
+    if not _embedded_dsn:
+        data_dir = Path(tempfile.gettempdir()) / f"iso-proxy-test-pg-{os.getuid()}"
+        try:
+            _embedded_dsn.append(start_embedded(data_dir))
+        except EmbeddedUnavailable as error:
+            pytest.skip(f"no ISO_PROXY_TEST_DSN and {error}")
+    return _embedded_dsn[0]
 
 
 @pytest.fixture
 async def database() -> AsyncIterator[Database]:
-    db = Database(test_dsn(), f"test_{uuid.uuid4().hex[:12]}")
+    db = Database(journal_dsn(), f"test_{uuid.uuid4().hex[:12]}")
     yield db
     await db.fetch(f'DROP SCHEMA IF EXISTS "{db.schema}" CASCADE')

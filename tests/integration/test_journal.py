@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import pytest
 import trio
 
 from codec import Message, Mti
-from fixtures.messages import TEST_PAN, financial
+from fixtures.chaos import ChaosProxy, Mode
+from fixtures.messages import TEST_PAN, echo, financial
 from fixtures.sim_switch import SimSwitch
 from proxy.app import App
 from tests.conftest import Database, Terminals, proxy_config, start_proxy, start_switch
@@ -148,3 +150,73 @@ async def test_no_card_data_in_the_table_or_the_logs(
         assert PIN_BLOCK not in text
     masked = await database.fetch("SELECT DISTINCT pan_masked FROM transactions")
     assert masked == [{"pan_masked": "411111******1111"}]
+
+
+async def _store_behind_chaos(
+    nursery: trio.Nursery, database: Database, mode: Mode
+) -> tuple[SimSwitch, App, int, ChaosProxy]:
+    url = urlsplit(database.dsn)
+    socket_dir = parse_qs(url.query).get("host", [""])[0]  # the embedded server's socket
+    target: tuple[str, int] | str = (
+        f"{socket_dir}/.s.PGSQL.{url.port or 5432}"
+        if socket_dir.startswith("/")
+        else (url.hostname or "127.0.0.1", url.port or 5432)
+    )
+    chaos = ChaosProxy(target, mode)
+    await nursery.start(chaos.run)
+    dsn = urlunsplit(
+        url._replace(netloc=f"{url.username or 'postgres'}@127.0.0.1:{chaos.port}", query="")
+    )
+    switch = await start_switch(nursery)
+    app, port = await start_proxy(
+        nursery,
+        proxy_config(
+            {"alpha": switch.port}, store={"dsn": dsn, "schema": database.schema, "timeout": 1}
+        ),
+    )
+    return switch, app, port, chaos
+
+
+async def test_postgres_down_at_start_then_up(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    switch, app, port, chaos = await _store_behind_chaos(nursery, database, Mode.REFUSE)
+    assert app.store is not None and not app.store.ready  # started all the same
+    terminal = await terminals.connect(port)
+    with trio.fail_after(1):  # at once, not after store.timeout
+        assert (await terminal.request(financial(1))).get("39") == "96"
+    assert (await terminal.request(echo(2))).get("39") == "00"  # the proxy itself still works
+    chaos.mode = Mode.RELAY
+    with trio.fail_after(15):
+        await app.store.wait_ready()
+    assert (await terminal.request(financial(3))).get("39") == "00"
+    assert [r.get("11") for r in switch.transactions()] == ["000003"]  # never unclaimed
+
+
+async def test_postgres_lost_mid_run_means_rc_96_and_nothing_forwarded_until_back(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    switch, app, port, chaos = await _store_behind_chaos(nursery, database, Mode.RELAY)
+    assert app.store is not None
+    with trio.fail_after(10):
+        await app.store.wait_ready()
+    terminal = await terminals.connect(port)
+    assert (await terminal.request(financial(1))).get("39") == "00"
+
+    chaos.mode = Mode.REFUSE
+    chaos.sever()
+    for stan in (2, 3, 4):
+        with trio.fail_after(2):
+            assert (await terminal.request(financial(stan))).get("39") == "96"
+    assert not app.store.ready
+
+    chaos.mode = Mode.RELAY
+    with trio.fail_after(15):
+        await app.store.wait_ready()
+    assert (await terminal.request(financial(5))).get("39") == "00"
+    assert [r.get("11") for r in switch.transactions()] == ["000001", "000005"]
+    rows = await database.fetch("SELECT stan, state FROM transactions ORDER BY stan")
+    assert rows == [
+        {"stan": "000001", "state": "answered"},
+        {"stan": "000005", "state": "answered"},
+    ]

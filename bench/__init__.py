@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that measure and report, never pass/fail timing in the test suite."""
