@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import trio
 
 from proxy.config import Config
-from proxy.forwarder import Forwarder, Journal
+from proxy.forwarder import Forwarder, Journal, utc_now
 from proxy.pool import Pool
 from proxy.server import Server
 from proxy.store import Store, StoreSettings
@@ -33,6 +35,7 @@ class App:
         secrets: Secrets | None = None,
         *,
         rng: random.Random | None = None,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         secrets = secrets or Secrets()
         self.config = config
@@ -61,8 +64,10 @@ class App:
                 identity=TransactionIdentity(config.idempotency.key_fields, pan_key),
                 on_conflict=config.idempotency.on_conflict,
                 join_timeout=max(s.timeout for s in config.switches) + config.store.timeout,
+                clock=clock,
             )
-        self.server = Server(config.listen, Forwarder(self.pool, config.routing.match_key, journal))
+        self.forwarder = Forwarder(self.pool, config.routing.match_key, journal)
+        self.server = Server(config.listen, self.forwarder)
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

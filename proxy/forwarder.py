@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import trio
@@ -24,14 +26,20 @@ log = logging.getLogger("iso_proxy.transactions")
 JOIN_POLL = 0.05
 
 
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 @dataclass(frozen=True, slots=True)
 class Journal:
-    """The journal and what it needs: the store, how to name transactions, the policy."""
+    """The journal and what it needs: the store, how to name transactions, the policy,
+    and the wall clock that dates requests without field 7 (and resolves its year)."""
 
     store: Store
     identity: TransactionIdentity
     on_conflict: str
     join_timeout: float
+    clock: Callable[[], datetime] = field(default=utc_now)
 
 
 class _Pending:
@@ -60,6 +68,7 @@ class Forwarder:
         self._match_fields = match_fields
         self._journal = journal
         self._carrying: dict[str, _Pending] = {}
+        self.duplicates: Counter[decisions.Duplicate] = Counter()
 
     async def handle(self, message: Message) -> Message | None:
         decision = decisions.from_terminal(message)
@@ -74,7 +83,7 @@ class Forwarder:
         return await self._journaled(message, self._journal)
 
     async def _journaled(self, message: Message, journal: Journal) -> Message:
-        claim = journal.identity.claim(message, datetime.now(UTC))
+        claim = journal.identity.claim(message, journal.clock())
         carried = self._carrying.get(claim.key)
         if carried is not None:  # a duplicate of a transaction this instance carries
             return await self._duplicate(message, claim, carried.claim.fingerprint, carried)
@@ -118,6 +127,7 @@ class Forwarder:
         action = decisions.on_duplicate(
             held_fingerprint, completed, claim.fingerprint, journal.on_conflict
         )
+        self.duplicates[action] += 1
         if action is decisions.Duplicate.REJECT:
             _log_outcome(message, decisions.DUPLICATE_TRANSMISSION, "same key, other content", 0)
             return answer(message, decisions.DUPLICATE_TRANSMISSION)

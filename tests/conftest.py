@@ -6,8 +6,9 @@ import asyncio
 import os
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from fixtures.terminal import Terminal
 from proxy.app import App, Secrets
 from proxy.config import Config, parse_config
 from proxy.embedded import EmbeddedUnavailable, start_embedded
+from proxy.forwarder import utc_now
 from proxy.upstream import Link
 
 FAST_RECONNECT = {"initial_delay": 0.05, "max_delay": 0.2}
@@ -80,10 +82,14 @@ TEST_PAN_KEY = b"test-pan-key-not-a-secret-0123456789"
 
 
 async def start_proxy(
-    nursery: trio.Nursery, config: Config, *, links_up: bool = True
+    nursery: trio.Nursery,
+    config: Config,
+    *,
+    links_up: bool = True,
+    clock: Callable[[], datetime] = utc_now,
 ) -> tuple[App, int]:
     """The proxy; with `links_up`, once every link has passed its first echoes."""
-    app = App(config, Secrets(pan_key=TEST_PAN_KEY))
+    app = App(config, Secrets(pan_key=TEST_PAN_KEY), clock=clock)
     port: int = await nursery.start(app.run)
     if links_up:
         with trio.fail_after(10):

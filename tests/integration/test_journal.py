@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -14,6 +15,7 @@ from fixtures.chaos import ChaosProxy, Mode
 from fixtures.messages import TEST_PAN, echo, financial
 from fixtures.sim_switch import SimSwitch
 from proxy.app import App
+from proxy.decisions import Duplicate
 from tests.conftest import Database, Terminals, proxy_config, start_proxy, start_switch
 
 TRACK2 = f"{TEST_PAN}=2512101123456789"
@@ -80,7 +82,7 @@ async def test_a_repeat_after_completion_gets_the_stored_answer(
 async def test_the_same_key_with_other_content_gets_rc_94(
     nursery: trio.Nursery, terminals: Terminals, database: Database
 ) -> None:
-    switch, _, port = await _journaled(nursery, database)
+    switch, app, port = await _journaled(nursery, database)
     terminal = await terminals.connect(port)
     moment = datetime.now(UTC)
     assert (await terminal.request(financial(8, amount=1000, when=moment))).get("39") == "00"
@@ -88,6 +90,7 @@ async def test_the_same_key_with_other_content_gets_rc_94(
     assert (other.get("39"), other.get("4")) == ("94", "000000002000")
     assert switch.financial_total() == 1
     assert len(await database.fetch("SELECT 1 FROM transactions")) == 1
+    assert app.forwarder.duplicates == Counter({Duplicate.REJECT: 1})
 
 
 async def test_the_same_stan_on_another_day_is_a_new_transaction(
@@ -102,6 +105,34 @@ async def test_the_same_stan_on_another_day_is_a_new_transaction(
     assert switch.financial_total() == 2
     rows = await database.fetch("SELECT tx_date FROM transactions ORDER BY tx_date")
     assert [r["tx_date"] for r in rows] == [(today - timedelta(days=1)).date(), today.date()]
+
+
+async def test_the_same_stan_across_new_year_is_a_new_transaction(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    switch = await start_switch(nursery)
+    received = [datetime(2026, 12, 31, 23, 59, 58, tzinfo=UTC)]
+    app, port = await start_proxy(
+        nursery,
+        proxy_config({"alpha": switch.port}, store=database.store()),
+        clock=lambda: received[0],
+    )
+    assert app.store is not None
+    await app.store.wait_ready()
+    terminal = await terminals.connect(port)
+    # Sent at 23:59:57 on 31 Dec, received just before midnight...
+    old_year = financial(5, when=datetime(2026, 12, 31, 23, 59, 57)).with_fields({"37": None})
+    assert (await terminal.request(old_year)).get("39") == "00"
+    # ... its repeat arrives after midnight: still last year's transaction, replayed.
+    received[0] = datetime(2027, 1, 1, 0, 0, 3, tzinfo=UTC)
+    repeat = old_year.with_fields({}, mti=Mti.parse("0201"))
+    assert (await terminal.request(repeat)).get("39") == "00"
+    # The same STAN sent in the new year is a new transaction.
+    new_year = financial(5, when=datetime(2027, 1, 1, 0, 0, 2)).with_fields({"37": None})
+    assert (await terminal.request(new_year)).get("39") == "00"
+    assert switch.financial_total() == 2
+    rows = await database.fetch("SELECT tx_date FROM transactions ORDER BY tx_date")
+    assert [r["tx_date"].isoformat() for r in rows] == ["2026-12-31", "2027-01-01"]
 
 
 async def test_two_instances_on_one_database_never_forward_a_duplicate(
