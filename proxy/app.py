@@ -63,7 +63,7 @@ class App:
                 store=self.store,
                 identity=TransactionIdentity(config.idempotency.key_fields, pan_key),
                 on_conflict=config.idempotency.on_conflict,
-                join_timeout=max(s.timeout for s in config.switches) + config.store.timeout,
+                join_timeout=max(s.timeout for s in config.switches) + 2 * config.store.timeout + 1,
                 clock=clock,
             )
         self.forwarder = Forwarder(self.pool, config.routing.match_key, journal)

@@ -87,7 +87,7 @@ class HealthConfig:
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
     enabled: bool
-    dsn: str | None
+    dsn: str | None = field(repr=False)  # may hold a password
     schema: str | None
     timeout: float
     pool_size: int
@@ -450,8 +450,15 @@ def _key_field_list(value: list[Any]) -> str | None:
 
 
 def _identifier(value: str) -> str | None:
-    ok = value and len(value) <= 63 and value.replace("_", "a").isalnum() and value.isascii()
-    return None if ok else "must be a plain SQL identifier (letters, digits, '_')"
+    ok = (
+        value
+        and len(value) <= 63
+        and value.replace("_", "a").isalnum()
+        and value.isascii()
+        and value == value.lower()
+        and not value[0].isdigit()
+    )
+    return None if ok else "must be a plain SQL identifier (lowercase letters, digits, '_')"
 
 
 def _field_names(value: list[Any]) -> list[str]:

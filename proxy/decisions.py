@@ -38,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from codec import Message
+from codec import Message, Mti
 from proxy.errors import (
     KeyInFlight,
     LinkLost,
@@ -58,6 +58,7 @@ DUPLICATE_TRANSMISSION = "94"
 SYSTEM_MALFUNCTION = "96"
 
 FORWARDED_CLASSES = frozenset({1, 2, 4})
+REVERSAL = 4
 NETWORK_MANAGEMENT = 8
 
 
@@ -126,6 +127,17 @@ def on_duplicate(
     if held_fingerprint != fingerprint and not (on_conflict == "replay" and completed):
         return Duplicate.REJECT
     return Duplicate.REPLAY if completed else Duplicate.JOIN
+
+
+def may_reclaim(state: str, mti: Mti) -> bool:
+    """Whether a request may claim again a key whose transaction ended without a switch's
+    answer: always when it never left (`failed`); after a timeout (`timed_out`: it may have
+    reached the switch) only for a repeat of a reversal or an advice, which switches expect
+    to receive again until they acknowledge it."""
+    if state == "failed":
+        return True
+    repeatable = mti.message_class == REVERSAL or mti.is_advice
+    return state == "timed_out" and mti.is_repeat and repeatable
 
 
 def failure_state(error: ProxyError) -> str:

@@ -45,12 +45,13 @@ class Journal:
 class _Pending:
     """A transaction this instance is carrying: duplicates wait here for its outcome."""
 
-    __slots__ = ("claim", "done", "recorded")
+    __slots__ = ("claim", "done", "recorded", "unrecorded_rc")
 
     def __init__(self, claim: Claim) -> None:
         self.claim = claim
         self.done = trio.Event()
         self.recorded: Recorded | None = None
+        self.unrecorded_rc: str | None = None  # what its terminal got when it ended unrecorded
 
 
 class Forwarder:
@@ -94,18 +95,22 @@ class Forwarder:
                 recorded = await journal.store.claim(claim)
             except StoreUnavailable as error:
                 _log_outcome(message, decisions.SYSTEM_MALFUNCTION, str(error), 0.0)
+                pending.unrecorded_rc = decisions.SYSTEM_MALFUNCTION
                 return answer(message, decisions.SYSTEM_MALFUNCTION)
             if recorded is not None:  # claimed before, by another instance or an earlier run
                 return await self._duplicate(message, claim, recorded.fingerprint, recorded)
             response, outcome = await self._forward(message, claim)
             assert outcome is not None
             try:
-                await journal.store.complete(outcome)
+                recorded_now = await journal.store.complete(outcome)
             except StoreUnavailable as error:
                 # No answer leaves without its record: the terminal is told the system
                 # failed, and the claim stays open for recovery.
                 log.error("outcome of %s not recorded (%s); answering 96", message.mti, error)
+                pending.unrecorded_rc = decisions.SYSTEM_MALFUNCTION
                 return answer(message, decisions.SYSTEM_MALFUNCTION)
+            if not recorded_now:
+                log.error("outcome of %s found its claim already closed", message.mti)
             pending.recorded = _as_recorded(claim, outcome)
             return response
         finally:
@@ -133,21 +138,31 @@ class Forwarder:
             return answer(message, decisions.DUPLICATE_TRANSMISSION)
         if action is decisions.Duplicate.JOIN:
             local = held if isinstance(held, _Pending) else None
-            recorded = await self._join(claim.key, journal, local)
+            if local is not None:
+                with trio.move_on_after(journal.join_timeout):
+                    await local.done.wait()
+                if local.unrecorded_rc is not None:
+                    return answer(message, local.unrecorded_rc)
+                recorded = local.recorded
+            if recorded is None or not recorded.completed:
+                recorded = await self._poll(claim.key, journal)
+            if (
+                recorded is not None
+                and decisions.on_duplicate(
+                    recorded.fingerprint, recorded.completed, claim.fingerprint, journal.on_conflict
+                )
+                is decisions.Duplicate.REJECT
+            ):  # what ended under the key is another transaction
+                return answer(message, decisions.DUPLICATE_TRANSMISSION)
         if recorded is None or not recorded.completed:
             _log_outcome(message, decisions.SWITCH_INOPERATIVE, "joined, no outcome", 0)
             return answer(message, decisions.SWITCH_INOPERATIVE)
         _log_outcome(message, recorded.rc or "", "replayed", 0)
         return replay(message, recorded)
 
-    async def _join(self, key: str, journal: Journal, local: _Pending | None) -> Recorded | None:
-        """The outcome of a transaction in flight: `local` when this instance carries it,
-        else (or if it ended unrecorded) as the journal records it."""
+    async def _poll(self, key: str, journal: Journal) -> Recorded | None:
+        """The outcome of a transaction another instance carries, once the journal has it."""
         with trio.move_on_after(journal.join_timeout):
-            if local is not None:
-                await local.done.wait()
-                if local.recorded is not None:
-                    return local.recorded
             while True:
                 try:
                     recorded = await journal.store.recorded(key)

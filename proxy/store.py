@@ -29,19 +29,23 @@ passes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from importlib import resources
 from typing import Any, Generic, TypeVar
 
 import asyncpg
 import trio
 
+from codec import Mti
 from proxy.backoff import Backoff
+from proxy.decisions import may_reclaim
 from proxy.errors import ProxyError
 from proxy.transactions import Claim, Outcome, Recorded
 
@@ -53,7 +57,9 @@ R = TypeVar("R")
 
 MIGRATION_LOCK = 0x150_8583  # pg_advisory_xact_lock key shared by all instances
 # Database errors, and the OS errors of a lost connection: all mean "store unavailable".
-_DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+_DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# Errors of the data, not the connection: the store is fine, this write is not.
+_DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 
 
 class StoreUnavailable(ProxyError):
@@ -62,7 +68,7 @@ class StoreUnavailable(ProxyError):
 
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
-    dsn: str
+    dsn: str = field(repr=False)  # may hold a password
     schema: str | None
     timeout: float
     pool_size: int
@@ -87,45 +93,88 @@ class _Bridge:
         future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
-        future.add_done_callback(lambda _: token.run_sync_soon(done.set))
+
+        def wake(_: object) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+        future.add_done_callback(wake)
         try:
             await done.wait()
         except BaseException:
             future.cancel()  # cancels the asyncio task, and with it the query
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await done.wait()  # let it clean up (close what it opened)
             raise
         return future.result()
 
     async def stop(self) -> None:
+        with trio.move_on_after(5.0):
+            await self.call(_cancel_everything())
         self._loop.call_soon_threadsafe(self._loop.stop)
         await trio.to_thread.run_sync(self._thread.join, 5.0)
         if not self._thread.is_alive():
             self._loop.close()
 
 
+async def _cancel_everything() -> None:
+    """In the bridge's loop: cancel and await every other task, finish async generators."""
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.get_running_loop().shutdown_asyncgens()
+
+
 class _Slot(Generic[R]):
-    __slots__ = ("done", "error", "result")
+    __slots__ = ("abandoned", "done", "error", "result", "taken")
 
     def __init__(self) -> None:
         self.done = trio.Event()
+        self.taken = False  # in a write under way: its outcome is no longer ours to drop
+        self.abandoned = False  # its caller gave up while it was still queued: never written
         self.result: R | None = None
         self.error: BaseException | None = None
 
 
 class _Batcher(Generic[I, R]):
-    """Gathers concurrent submissions and writes each gathering with one `flush` call."""
+    """Gathers concurrent submissions and writes each gathering with one `flush` call.
+
+    A submission its caller gives up on while still queued is dropped, never written. One
+    already being written is waited for (the write is bounded by `flush_timeout`), so the
+    caller always learns what the database really holds. If a batch fails for a reason of
+    its data (not the connection), its items are written one by one, so one bad item
+    cannot fail its neighbours.
+    """
 
     def __init__(
-        self, flush: Callable[[list[I]], Awaitable[list[R]]], max_size: int, max_wait: float
+        self,
+        flush: Callable[[list[I]], Awaitable[list[R]]],
+        max_size: int,
+        max_wait: float,
+        flush_timeout: float,
     ) -> None:
         self._flush = flush
         self._max_size = max_size
         self._max_wait = max_wait
+        self._flush_timeout = flush_timeout
         self._send, self._receive = trio.open_memory_channel[tuple[I, _Slot[R]]](max_size * 4)
 
-    async def submit(self, item: I) -> R:
+    async def submit(self, item: I, deadline: float) -> R:
+        """The write's result; TooSlowError when it could not start before `deadline`."""
         slot: _Slot[R] = _Slot()
-        await self._send.send((item, slot))  # blocks while the queue is full: bounded
-        await slot.done.wait()
+        try:
+            with trio.move_on_at(deadline):
+                await self._send.send((item, slot))  # blocks while the queue is full
+                await slot.done.wait()
+        finally:
+            if not slot.done.is_set() and not slot.taken:
+                slot.abandoned = True
+        if slot.abandoned:
+            raise trio.TooSlowError
+        if not slot.done.is_set():
+            with trio.CancelScope(shield=True):  # being written: learn how it went
+                await slot.done.wait()
         if slot.error is not None:
             raise slot.error
         return slot.result  # type: ignore[return-value]
@@ -141,16 +190,39 @@ class _Batcher(Generic[I, R]):
                     batch.append(self._receive.receive_nowait())
                 except trio.WouldBlock:
                     break
-            try:
-                results = await self._flush([item for item, _ in batch])
-            except Exception as error:  # delivered to every waiter of the batch
-                for _, slot in batch:
-                    slot.error = error
-                    slot.done.set()
-                continue
-            for (_, slot), result in zip(batch, results, strict=True):
-                slot.result = result
-                slot.done.set()
+            live = [(item, slot) for item, slot in batch if not slot.abandoned]
+            for _, slot in live:
+                slot.taken = True
+            if live:
+                await self._write(live)
+
+    async def _write(self, batch: list[tuple[I, _Slot[R]]]) -> None:
+        try:
+            results = await self._bounded_flush([item for item, _ in batch])
+        except _DATA_ERRORS as error:
+            if len(batch) == 1:
+                _settle(batch[0][1], error=error)
+                return
+            for one in batch:
+                await self._write([one])
+            return
+        except Exception as error:  # delivered to every waiter of the batch
+            for _, slot in batch:
+                _settle(slot, error=error)
+            return
+        for (_, slot), result in zip(batch, results, strict=True):
+            _settle(slot, result=result)
+
+    async def _bounded_flush(self, items: list[I]) -> list[R]:
+        with trio.move_on_after(self._flush_timeout):
+            return await self._flush(items)
+        raise TimeoutError(f"write slower than {self._flush_timeout:g} s")
+
+
+def _settle(slot: _Slot[R], *, result: R | None = None, error: BaseException | None = None) -> None:
+    slot.result = result
+    slot.error = error
+    slot.done.set()
 
 
 class Store:
@@ -159,15 +231,15 @@ class Store:
     def __init__(self, settings: StoreSettings) -> None:
         self._settings = settings
         self._rng = random.Random()
-        self._bridge = _Bridge()
+        self._bridge: _Bridge | None = None
         self._pool: asyncpg.Pool | None = None
         self._ready = trio.Event()
         self._broken = trio.Event()
         self._claims: _Batcher[Claim, Recorded | None] = _Batcher(
-            self._flush_claims, settings.batch_max, settings.batch_wait
+            self._flush_claims, settings.batch_max, settings.batch_wait, settings.timeout
         )
         self._outcomes: _Batcher[Outcome, bool] = _Batcher(
-            self._flush_outcomes, settings.batch_max, settings.batch_wait
+            self._flush_outcomes, settings.batch_max, settings.batch_wait, settings.timeout
         )
 
     @property
@@ -179,7 +251,8 @@ class Store:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect (retrying with backoff while Postgres is down), migrate, write batches."""
-        self._bridge.start()
+        bridge = self._bridge = _Bridge()
+        bridge.start()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._claims.run)
@@ -198,35 +271,42 @@ class Store:
                 if self._pool is not None:
                     pool = self._pool
                     with trio.move_on_after(5):
-                        await self._bridge.call(pool.close())
-                await self._bridge.stop()
+                        await bridge.call(pool.close())
+                await bridge.stop()
 
     async def claim(self, claim: Claim) -> Recorded | None:
         """Claim `claim.key`: None when it is ours now, else what the journal holds."""
-        return await self._within_timeout(self._claims.submit(claim))
+        return await self._guarded(partial(self._claims.submit, claim))
 
-    async def complete(self, outcome: Outcome) -> None:
-        """Record how a claimed transaction ended (once: a second outcome is ignored)."""
-        await self._within_timeout(self._outcomes.submit(outcome))
+    async def complete(self, outcome: Outcome) -> bool:
+        """Record how a claimed transaction ended. False when it already had an outcome."""
+        return await self._guarded(partial(self._outcomes.submit, outcome))
 
     async def recorded(self, key: str) -> Recorded | None:
         """What the journal holds for `key`, if anything."""
-        rows = await self._within_timeout(self._query(_SELECT_RECORDED, [[key]]))
+        rows = await self._guarded(partial(self._query_by, _SELECT_RECORDED, [[key]]))
         return _recorded(rows[0]) if rows else None
 
-    async def _within_timeout(self, work: Awaitable[T]) -> T:
+    async def _guarded(self, work: Callable[[float], Awaitable[T]]) -> T:
+        """`work(deadline)` within store.timeout; every failure becomes StoreUnavailable."""
         if not self.ready:
-            if isinstance(work, Coroutine):
-                work.close()
             raise StoreUnavailable("store not connected")
-        with trio.move_on_after(self._settings.timeout) as scope:
-            try:
-                return await work
-            except _DATABASE_ERRORS as error:
-                self._lost(error)
-                raise StoreUnavailable(f"store error: {type(error).__name__}") from None
-        assert scope.cancelled_caught
-        raise StoreUnavailable(f"store slower than {self._settings.timeout:g} s")
+        try:
+            return await work(trio.current_time() + self._settings.timeout)
+        except trio.TooSlowError:
+            raise StoreUnavailable(f"store slower than {self._settings.timeout:g} s") from None
+        except _DATA_ERRORS as error:  # this write's data; the store itself is fine
+            raise StoreUnavailable(f"store refused the data: {type(error).__name__}") from None
+        except _DATABASE_ERRORS as error:
+            self._lost(error)
+            raise StoreUnavailable(f"store error: {type(error).__name__}") from None
+
+    async def _query_by(
+        self, sql: str, args: Sequence[Any], deadline: float
+    ) -> list[asyncpg.Record]:
+        with trio.move_on_at(deadline):
+            return await self._query(sql, args)
+        raise trio.TooSlowError
 
     def _lost(self, error: BaseException) -> None:
         if self.ready:
@@ -236,14 +316,14 @@ class Store:
 
     async def _heal(self) -> None:
         """Probe until a query passes again (asyncpg replaces broken connections)."""
-        pool = self._pool
-        assert pool is not None
+        pool, bridge = self._pool, self._bridge
+        assert pool is not None and bridge is not None
         backoff = Backoff(initial=0.1, maximum=5.0)
         attempt = 0
         while True:
             with trio.move_on_after(self._settings.timeout):
                 try:
-                    await self._bridge.call(pool.fetchval("SELECT 1"))
+                    await bridge.call(pool.fetchval("SELECT 1"))
                     return
                 except _DATABASE_ERRORS:
                     pass
@@ -255,6 +335,7 @@ class Store:
         attempt = 0
         while True:
             try:
+                assert self._bridge is not None
                 self._pool = await self._bridge.call(self._open_pool())
                 log.info("store: connected")
                 return
@@ -273,6 +354,7 @@ class Store:
                 max_size=settings.pool_size,
                 server_settings=server_settings,
                 command_timeout=settings.timeout,
+                timeout=max(settings.timeout, 1.0),  # each (re)connect
             )
         try:
             async with pool.acquire() as connection:
@@ -283,9 +365,9 @@ class Store:
         return pool
 
     async def _query(self, sql: str, args: Sequence[Any]) -> list[asyncpg.Record]:
-        pool = self._pool
-        assert pool is not None
-        rows: list[asyncpg.Record] = await self._bridge.call(pool.fetch(sql, *args))
+        pool, bridge = self._pool, self._bridge
+        assert pool is not None and bridge is not None
+        rows: list[asyncpg.Record] = await bridge.call(pool.fetch(sql, *args))
         return rows
 
     async def _flush_claims(self, claims: list[Claim]) -> list[Recorded | None]:
@@ -316,6 +398,26 @@ class Store:
         if unseen:  # claimed by another instance after this statement's snapshot
             for row in await self._query(_SELECT_RECORDED, [unseen]):
                 held[row["tx_key"]] = _recorded(row)
+        again = [
+            (claim, held[key].state)
+            for key, claim in first.items()
+            if key in held
+            and held[key].fingerprint == claim.fingerprint
+            and may_reclaim(held[key].state, Mti.parse(claim.mti))
+        ]
+        if again:  # ended without a switch's answer, and may go again: reclaim, atomically
+            rows = await self._query(
+                _RECLAIM,
+                [
+                    [c.key for c, _ in again],
+                    [c.mti for c, _ in again],
+                    [state for _, state in again],
+                    self._settings.instance,
+                ],
+            )
+            for row in rows:
+                won.add(row["tx_key"])
+                del held[row["tx_key"]]
         results: list[Recorded | None] = []
         for claim in claims:
             if claim.key in won and first[claim.key] is claim:
@@ -349,8 +451,11 @@ async def _migrate(connection: asyncpg.Connection, schema: str | None) -> None:
     """Apply the SQL files not applied yet, in order, one instance at a time."""
     async with connection.transaction():
         await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-        if schema:
-            await connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        exists = await connection.fetchval(
+            "SELECT true FROM pg_namespace WHERE nspname = $1", schema
+        )
+        if schema and not exists:  # a DBA may have made it for a role that cannot
+            await connection.execute(f'CREATE SCHEMA "{schema}"')
         await connection.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
             " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
@@ -408,6 +513,16 @@ SELECT i.tx_key, ins.tx_key IS NOT NULL AS claimed,
 FROM input i
 LEFT JOIN inserted ins ON ins.tx_key = i.tx_key
 LEFT JOIN transactions t ON t.tx_key = i.tx_key AND ins.tx_key IS NULL
+"""
+
+_RECLAIM = """
+UPDATE transactions t
+SET state = 'claimed', mti = u.mti, instance = $4, claimed_at = now(), completed_at = NULL,
+    switch = NULL, rc = NULL, response_mti = NULL, auth_code = NULL, response = NULL,
+    response_fields = NULL, latency_ms = NULL
+FROM unnest($1::text[], $2::text[], $3::text[]) AS u(tx_key, mti, from_state)
+WHERE t.tx_key = u.tx_key AND t.state = u.from_state
+RETURNING t.tx_key
 """
 
 _SELECT_RECORDED = """

@@ -93,13 +93,14 @@ class TransactionIdentity:
     def claim(self, request: Message, received_at: datetime) -> Claim:
         tx_date = transaction_date(request.get(DATE_FIELD), received_at)
         pan = request.get("2")
+        acquirer, rrn = request.get("32"), request.get("37")
         return Claim(
-            key=self.key(request, tx_date),
+            key=storable(self.key(request, tx_date)),
             mti=request.mti.code,
-            terminal=request.get("41") or "",
-            stan=request.get("11") or "",
-            acquirer=request.get("32"),
-            rrn=request.get("37"),
+            terminal=storable(request.get("41") or ""),
+            stan=storable(request.get("11") or ""),
+            acquirer=storable(acquirer) if acquirer is not None else None,
+            rrn=storable(rrn) if rrn is not None else None,
             tx_date=tx_date,
             fingerprint=self.fingerprint(request),
             pan_masked=mask_pan(pan) if pan else None,
@@ -151,7 +152,14 @@ def transaction_date(field7: str | None, received_at: datetime) -> date:
 
 def safe_fields(message: Message) -> dict[str, str]:
     """The fields that may be stored: the whitelist only (no PAN, track, PIN, chip data)."""
-    return {name: value for name, value in message.fields.items() if name in LOGGABLE_FIELDS}
+    return {
+        name: storable(value) for name, value in message.fields.items() if name in LOGGABLE_FIELDS
+    }
+
+
+def storable(text: str) -> str:
+    """`text` as PostgreSQL text can hold it (no NUL), the same way every time."""
+    return text.replace("\x00", "\ufffd")
 
 
 def outcome_of(
@@ -164,12 +172,13 @@ def outcome_of(
 ) -> Outcome:
     """The outcome of a claim: the answer the terminal gets (the switch's, or the proxy's
     own when no switch answered) and how it came about."""
+    auth_code = response.get("38")
     return Outcome(
         key=claim.key,
         state=state,
-        rc=response.get("39") or "",
+        rc=storable(response.get("39") or ""),
         response_mti=response.mti.code,
-        auth_code=response.get("38"),
+        auth_code=storable(auth_code) if auth_code is not None else None,
         fields=safe_fields(response),
         field_names=tuple(sorted(response.fields, key=_field_order)),
         switch=switch,
@@ -177,11 +186,17 @@ def outcome_of(
     )
 
 
+# Fields an answer echoes from its request that the journal does not keep: a replay takes
+# them from the incoming request (same fingerprint, so the same card). Anything else the
+# journal did not keep (chip data, balances, private fields) is left out of a replay.
+ECHOED_FROM_REQUEST = frozenset({"2"})
+
+
 def replay(request: Message, recorded: Recorded) -> Message:
     """The stored answer, for `request` (a repeat or a re-send of the same transaction)."""
     fields = dict(recorded.fields)
     for name in recorded.field_names:
-        if name not in fields and (value := request.get(name)) is not None:
+        if name in ECHOED_FROM_REQUEST and (value := request.get(name)) is not None:
             fields[name] = value
     mti = Mti.parse(recorded.response_mti) if recorded.response_mti else request.mti.response()
     return Message(mti, fields)

@@ -16,7 +16,15 @@ from fixtures.messages import TEST_PAN, echo, financial
 from fixtures.sim_switch import SimSwitch
 from proxy.app import App
 from proxy.decisions import Duplicate
-from tests.conftest import Database, Terminals, proxy_config, start_proxy, start_switch
+from tests.conftest import (
+    Database,
+    Terminals,
+    all_links,
+    pipeline,
+    proxy_config,
+    start_proxy,
+    start_switch,
+)
 
 TRACK2 = f"{TEST_PAN}=2512101123456789"
 PIN_BLOCK = "0412AC89ABCDEF67"
@@ -251,3 +259,60 @@ async def test_postgres_lost_mid_run_means_rc_96_and_nothing_forwarded_until_bac
         {"stan": "000001", "state": "answered"},
         {"stan": "000005", "state": "answered"},
     ]
+
+
+async def test_a_duplicate_never_gets_the_answer_of_other_content_under_its_key(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    switch, _, port = await _journaled(nursery, database)
+    terminal = await terminals.connect(port)
+    moment = datetime.now(UTC)
+    assert (await terminal.request(financial(6, amount=1000, when=moment))).get("39") == "00"
+    # Two copies of another purchase under the same key (a terminal that reused its STAN):
+    # the first is refused, and the second, joining it, must not get the first's approval.
+    other = financial(6, amount=2000, when=moment)
+    answers = await pipeline(terminal, [other, other])
+    assert [(a.get("39"), a.get("4")) for a in answers] == [("94", "000000002000")] * 2
+    assert switch.financial_total() == 1
+
+
+async def test_a_request_that_never_left_may_be_sent_again(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    closed = trio.socket.socket()
+    await closed.bind(("127.0.0.1", 0))
+    switch_port = closed.getsockname()[1]
+    closed.close()
+    app, port = await start_proxy(
+        nursery, proxy_config({"alpha": switch_port}, store=database.store()), links_up=False
+    )
+    assert app.store is not None
+    await app.store.wait_ready()
+    terminal = await terminals.connect(port)
+    advice = financial(12, mti="0220")
+    assert (await terminal.request(advice)).get("39") == "91"  # no link: recorded as failed
+    switch = await start_switch(nursery, port=switch_port)
+    with trio.fail_after(10):
+        await app.pool.wait_until(lambda: all(link.is_up for link in all_links(app)))
+    repeat = await terminal.request(advice.with_fields({}, mti=Mti.parse("0221")))
+    assert (repeat.mti.code, repeat.get("39")) == ("0230", "00")
+    assert switch.financial_total() == 1
+    rows = await database.fetch("SELECT mti, state, rc FROM transactions")
+    assert rows == [{"mti": "0221", "state": "answered", "rc": "00"}]
+
+
+async def test_nul_characters_are_stored_safely_and_fail_nobody_else(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    switch, _, port = await _journaled(nursery, database)
+    terminal = await terminals.connect(port)
+    odd = financial(13).with_fields({"42": "MERCHANT\x00000001"})
+    answers = await pipeline(terminal, [odd, financial(14), financial(15)])
+    assert sorted((a.get("11"), a.get("39")) for a in answers) == [
+        ("000013", "00"),
+        ("000014", "00"),
+        ("000015", "00"),
+    ]
+    assert switch.financial_total() == 3
+    rows = await database.fetch("SELECT request->>'42' AS merchant FROM transactions")
+    assert {r["merchant"] for r in rows} == {"MERCHANT\ufffd000001", "MERCHANT0000001"}

@@ -177,3 +177,16 @@ def test_sim_switch_refuses_a_bad_rc() -> None:
     result = _cli("sim-switch", "--port", "0", "--rc", "0")
     assert result.returncode == 2
     assert "a response code is 2 letters or digits" in result.stderr
+
+
+def test_the_dsn_never_shows_in_a_repr_and_schemas_are_plain_lowercase() -> None:
+    raw = {
+        "switches": [{"name": "a", "host": "h", "port": 1}],
+        "store": {"dsn": "postgresql://app:s3cr3t@db/iso", "schema": "iso_proxy"},
+    }
+    config = parse_config(raw, base_dir=REPO)
+    assert "s3cr3t" not in repr(config)
+    for schema in ("IsoProxy", "1st", "a-b", "x;drop"):
+        with pytest.raises(ConfigError) as caught:
+            parse_config({**raw, "store": {"schema": schema}}, base_dir=REPO)
+        assert caught.value.problems[0].startswith("store.schema: must be a plain SQL")

@@ -1,0 +1,114 @@
+"""The store's group commit, without a database: what is written, dropped and retried."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+import trio
+import trio.testing
+
+from proxy.store import _Batcher
+
+
+class _Database:
+    """A fake flush: records each batch; a gate holds writes; 'bad' items fail the batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.gate = trio.Event()
+        self.gate.set()
+
+    async def flush(self, items: list[str]) -> list[str]:
+        self.batches.append(items)
+        await self.gate.wait()
+        if "bad" in items:
+            raise asyncpg.DataError("invalid byte sequence")
+        return [f"ok:{item}" for item in items]
+
+
+async def test_concurrent_submissions_share_one_write(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    db = _Database()
+    batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=10, max_wait=0.001, flush_timeout=1)
+    results: dict[str, str] = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batcher.run)
+
+        async def submit(item: str) -> None:
+            results[item] = await batcher.submit(item, trio.current_time() + 5)
+
+        async with trio.open_nursery() as submitters:
+            for n in range(25):
+                submitters.start_soon(submit, f"i{n}")
+        nursery.cancel_scope.cancel()
+    assert results == {f"i{n}": f"ok:i{n}" for n in range(25)}
+    assert [len(batch) for batch in db.batches] == [10, 10, 5]
+
+
+async def test_one_bad_item_does_not_fail_its_neighbours(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    db = _Database()
+    batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=10, max_wait=0.01, flush_timeout=1)
+    outcomes: dict[str, str] = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batcher.run)
+
+        async def submit(item: str) -> None:
+            try:
+                outcomes[item] = await batcher.submit(item, trio.current_time() + 5)
+            except asyncpg.DataError:
+                outcomes[item] = "refused"
+
+        async with trio.open_nursery() as submitters:
+            for item in ("a", "bad", "c"):
+                submitters.start_soon(submit, item)
+        nursery.cancel_scope.cancel()
+    assert outcomes == {"a": "ok:a", "bad": "refused", "c": "ok:c"}
+    assert sorted(db.batches[0]) == ["a", "bad", "c"]  # one write, then one by one
+    assert sorted(map(tuple, db.batches[1:])) == [("a",), ("bad",), ("c",)]
+
+
+async def test_a_submission_given_up_while_queued_is_never_written(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    db = _Database()
+    db.gate = trio.Event()  # the first write hangs for a while
+    batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=1, max_wait=0.001, flush_timeout=10)
+    outcomes: dict[str, str] = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batcher.run)
+
+        async def submit(item: str, wait: float) -> None:
+            try:
+                outcomes[item] = await batcher.submit(item, trio.current_time() + wait)
+            except trio.TooSlowError:
+                outcomes[item] = "gave up"
+
+        async with trio.open_nursery() as submitters:
+            submitters.start_soon(submit, "first", 1.0)  # taken into the hung write
+            await trio.testing.wait_all_tasks_blocked()
+            submitters.start_soon(submit, "second", 1.0)  # still queued at its deadline
+            await trio.sleep(3)
+            db.gate.set()
+        nursery.cancel_scope.cancel()
+    # The first was being written: its caller waited for the truth past its deadline.
+    # The second was dropped at its deadline: its caller knows it was never written.
+    assert outcomes == {"first": "ok:first", "second": "gave up"}
+    assert db.batches == [["first"]]
+
+
+async def test_a_hung_write_is_cut_at_the_flush_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    db = _Database()
+    db.gate = trio.Event()  # never opens
+    batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=1, max_wait=0.001, flush_timeout=2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batcher.run)
+        started = trio.current_time()
+        with pytest.raises(TimeoutError):
+            await batcher.submit("x", trio.current_time() + 0.5)
+        assert trio.current_time() - started == pytest.approx(2.0)
+        nursery.cancel_scope.cancel()
