@@ -195,7 +195,12 @@ class Forwarder:
         if claim is None:
             return answered.response, None
         outcome = outcome_of(
-            claim, answered.response, state="answered", switch=answered.switch, latency_ms=elapsed
+            claim,
+            answered.response,
+            state="answered",
+            switch=answered.switch,
+            link=answered.link,
+            latency_ms=elapsed,
         )
         return answered.response, outcome
 

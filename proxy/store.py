@@ -440,6 +440,7 @@ class Store:
                 [json.dumps(dict(o.fields)) for o in outcomes],
                 [",".join(o.field_names) for o in outcomes],
                 [o.switch for o in outcomes],
+                [o.link for o in outcomes],
                 [o.latency_ms for o in outcomes],
             ],
         )
@@ -518,7 +519,7 @@ LEFT JOIN transactions t ON t.tx_key = i.tx_key AND ins.tx_key IS NULL
 _RECLAIM = """
 UPDATE transactions t
 SET state = 'claimed', mti = u.mti, instance = $4, claimed_at = now(), completed_at = NULL,
-    switch = NULL, rc = NULL, response_mti = NULL, auth_code = NULL, response = NULL,
+    switch = NULL, link = NULL, rc = NULL, response_mti = NULL, auth_code = NULL, response = NULL,
     response_fields = NULL, latency_ms = NULL
 FROM unnest($1::text[], $2::text[], $3::text[]) AS u(tx_key, mti, from_state)
 WHERE t.tx_key = u.tx_key AND t.state = u.from_state
@@ -534,11 +535,12 @@ _COMPLETE = """
 UPDATE transactions t
 SET state = u.state, rc = u.rc, response_mti = u.response_mti, auth_code = u.auth_code,
     response = u.response::jsonb, response_fields = string_to_array(u.response_fields, ','),
-    switch = u.switch, latency_ms = u.latency_ms, completed_at = now()
+    switch = u.switch, link = u.link, latency_ms = u.latency_ms, completed_at = now()
 FROM unnest(
     $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-    $8::text[], $9::float8[]
-) AS u(tx_key, state, rc, response_mti, auth_code, response, response_fields, switch, latency_ms)
+    $8::text[], $9::text[], $10::float8[]
+) AS u(tx_key, state, rc, response_mti, auth_code, response, response_fields, switch, link,
+       latency_ms)
 WHERE t.tx_key = u.tx_key AND t.state = 'claimed'
 RETURNING t.tx_key
 """

@@ -64,6 +64,7 @@ class Outcome:
     fields: Mapping[str, str] = field(default_factory=dict, repr=False)
     field_names: tuple[str, ...] = ()
     switch: str | None = None
+    link: str | None = None
     latency_ms: float = 0.0
 
 
@@ -168,6 +169,7 @@ def outcome_of(
     *,
     state: str,
     switch: str | None = None,
+    link: str | None = None,
     latency_ms: float = 0.0,
 ) -> Outcome:
     """The outcome of a claim: the answer the terminal gets (the switch's, or the proxy's
@@ -182,6 +184,7 @@ def outcome_of(
         fields=safe_fields(response),
         field_names=tuple(sorted(response.fields, key=_field_order)),
         switch=switch,
+        link=link,
         latency_ms=latency_ms,
     )
 

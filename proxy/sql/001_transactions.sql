@@ -16,6 +16,7 @@ CREATE TABLE IF NOT EXISTS transactions (
     state           text NOT NULL CHECK (state IN ('claimed', 'answered', 'timed_out', 'failed')),
     instance        text NOT NULL,
     switch          text,
+    link            text,
     rc              text,
     response_mti    text,
     auth_code       text,

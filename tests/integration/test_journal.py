@@ -63,8 +63,15 @@ async def test_fifty_identical_requests_at_once_make_one_row_and_one_forward(
     assert {(a.mti.code, a.get("39"), a.get("38"), a.get("11")) for a in answers} == {
         ("0210", "00", "A00042", "000042")
     }
-    rows = await database.fetch("SELECT state, rc, auth_code FROM transactions")
-    assert rows == [{"state": "answered", "rc": "00", "auth_code": "A00042"}]
+    rows = await database.fetch("SELECT state, rc, auth_code, switch, link FROM transactions")
+    assert len(rows) == 1
+    assert rows[0]["link"] in ("alpha/0", "alpha/1")
+    assert {k: rows[0][k] for k in ("state", "rc", "auth_code", "switch")} == {
+        "state": "answered",
+        "rc": "00",
+        "auth_code": "A00042",
+        "switch": "alpha",
+    }
 
 
 async def test_a_repeat_after_completion_gets_the_stored_answer(
