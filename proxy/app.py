@@ -13,9 +13,11 @@ import trio
 from proxy.config import Config
 from proxy.forwarder import Forwarder, Journal, utc_now
 from proxy.pool import Pool
+from proxy.reversals import ReversalWorker
 from proxy.server import Server
 from proxy.store import Store, StoreSettings
 from proxy.transactions import TransactionIdentity
+from proxy.upstream import WRITE_GRACE
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,7 @@ class App:
         self.instance = uuid.uuid4().hex[:12]
         self.pool = Pool(config.switches, config.health, config.routing, rng or random.Random())
         self.store: Store | None = None
+        self.reversals: ReversalWorker | None = None
         journal = None
         if config.store.enabled:
             dsn = config.store.dsn or secrets.dsn
@@ -64,9 +67,22 @@ class App:
                 identity=TransactionIdentity(config.idempotency.key_fields, pan_key),
                 on_conflict=config.idempotency.on_conflict,
                 join_timeout=max(s.timeout for s in config.switches) + 2 * config.store.timeout + 1,
+                reversal=config.reversal,
                 clock=clock,
             )
-        self.forwarder = Forwarder(self.pool, config.routing.match_key, journal)
+        self.forwarder = Forwarder(
+            self.pool, config.routing.match_key, journal, timeout_rc=config.reversal.timeout_rc
+        )
+        if self.store is not None:
+            longest = max(s.timeout for s in config.switches)
+            self.reversals = ReversalWorker(
+                self.store,
+                self.pool,
+                config.reversal,
+                config.routing.match_key,
+                lease=longest + WRITE_GRACE + config.store.timeout + 5,
+                rng=rng or random.Random(),
+            )
         self.server = Server(config.listen, self.forwarder)
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -74,5 +90,10 @@ class App:
             if self.store is not None:
                 await nursery.start(self.store.run)
             await nursery.start(self.pool.run)
+            if self.reversals is not None:
+                await nursery.start(self.reversals.run)
+                nursery.start_soon(
+                    self.forwarder.record_late_answers, self.pool.late_answers, self.reversals
+                )
             port: int = await nursery.start(self.server.run)
             task_status.started(port)

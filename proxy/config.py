@@ -104,6 +104,16 @@ class IdempotencyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ReversalConfig:
+    message: str
+    max_attempts: int
+    backoff_initial: float
+    backoff_max: float
+    on_undelivered: bool
+    timeout_rc: str
+
+
+@dataclass(frozen=True, slots=True)
 class RoutingConfig:
     strategy: str
     match_key: tuple[str, ...]
@@ -122,6 +132,7 @@ class Config:
     routing: RoutingConfig
     store: StoreConfig
     idempotency: IdempotencyConfig
+    reversal: ReversalConfig
     log: LogConfig
 
 
@@ -212,7 +223,7 @@ def parse_config(raw: object, *, base_dir: Path) -> Config:
     top = reader.mapping(
         raw,
         "config",
-        ("listen", "switches", "health", "routing", "store", "idempotency", "log"),
+        ("listen", "switches", "health", "routing", "store", "idempotency", "reversal", "log"),
     )
     config = Config(
         listen=_listen(reader, top.get("listen")),
@@ -221,6 +232,7 @@ def parse_config(raw: object, *, base_dir: Path) -> Config:
         routing=_routing(reader, top.get("routing")),
         store=_store(reader, top.get("store")),
         idempotency=_idempotency(reader, top.get("idempotency")),
+        reversal=_reversal(reader, top.get("reversal")),
         log=_log(reader, top.get("log")),
     )
     endpoints = {"listen": config.listen.endpoint} | {
@@ -370,6 +382,33 @@ def _idempotency(reader: _Reader, raw_value: object) -> IdempotencyConfig:
         on_conflict=reader.value(raw, path, "on_conflict", "rc94", _one_of(ON_CONFLICT)),
         pan_hash=reader.value(raw, path, "pan_hash", True),
     )
+
+
+def _reversal(reader: _Reader, raw_value: object) -> ReversalConfig:
+    path = "reversal"
+    raw = reader.mapping(
+        raw_value,
+        path,
+        (
+            "message",
+            "max_attempts",
+            "backoff_initial",
+            "backoff_max",
+            "on_undelivered",
+            "timeout_rc",
+        ),
+    )
+    reversal = ReversalConfig(
+        message=reader.value(raw, path, "message", "0400", _one_of(("0400", "0420"))),
+        max_attempts=reader.value(raw, path, "max_attempts", 10, _between(1, 1000)),
+        backoff_initial=reader.value(raw, path, "backoff_initial", 1.0, _positive(3600)),
+        backoff_max=reader.value(raw, path, "backoff_max", 60.0, _positive(86_400)),
+        on_undelivered=reader.value(raw, path, "on_undelivered", True),
+        timeout_rc=reader.value(raw, path, "timeout_rc", "91", _one_of(("91", "68"))),
+    )
+    if reversal.backoff_max < reversal.backoff_initial:
+        reader.fail(_join(path, "backoff_max"), "must be >= backoff_initial")
+    return reversal
 
 
 def _log(reader: _Reader, raw_value: object) -> LogConfig:

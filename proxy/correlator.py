@@ -26,7 +26,8 @@ same terminal and STAN, another amount). A late answer is reported as late, neve
 delivered. Tombstones count against the connection's limit; `stale` tells the caller how
 many a connection holds, so it can recycle a connection that stopped answering.
 
-    open(key, waiter)                     claims the key, or raises KeyInFlight
+    open(key, waiter, tag)                claims the key, or raises KeyInFlight (a tombstone
+                                          of an earlier attempt with the same tag gives way)
     claim_write(key, waiter, conn, limit) just before the first byte: ties the request to
                                           `conn`; LinkFull at the limit, NotWritten if the
                                           request is no longer this waiter's to send
@@ -60,6 +61,7 @@ class _Entry(Generic[W]):
     waiter: W
     connection: str | None = None
     tombstone: bool = False
+    tag: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +81,15 @@ class Correlator(Generic[W]):
     def __len__(self) -> int:
         return len(self._entries)
 
-    def open(self, key: MatchKey, waiter: W) -> None:
-        if key in self._entries:
-            raise KeyInFlight("a request with this key is still in flight")
-        self._entries[key] = _Entry(waiter)
+    def open(self, key: MatchKey, waiter: W, tag: str | None = None) -> None:
+        """Claim `key`. A tombstone left by an earlier attempt with the same `tag` (a
+        repeat of the same reversal, say) gives way: any answer to either attempt serves."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            if not (entry.tombstone and tag is not None and entry.tag == tag):
+                raise KeyInFlight("a request with this key is still in flight")
+            self._remove(key, entry)
+        self._entries[key] = _Entry(waiter, tag=tag)
 
     def claim_write(self, key: MatchKey, waiter: W, connection: str, limit: int) -> None:
         entry = self._entries.get(key)

@@ -129,6 +129,24 @@ def on_duplicate(
     return Duplicate.REPLAY if completed else Duplicate.JOIN
 
 
+def reverse_after_timeout(mti: Mti) -> bool:
+    """A request of class 1 or 2 that may have reached a switch but got no answer is
+    reversed: if the switch approved it, the cardholder would be charged for a purchase
+    the terminal saw fail. (A reversal is not itself reversed: the terminal repeats it.)"""
+    return mti.message_class in (1, 2)
+
+
+def reverse_if_undelivered(mti: Mti, rc: str, policy: bool) -> bool:
+    """An approval of an authorization or a financial request that its terminal never
+    received is reversed (policy `reversal.on_undelivered`)."""
+    return policy and rc == APPROVED and mti.message_class in (1, 2) and not mti.is_advice
+
+
+def repeat_of(mti: Mti) -> Mti:
+    """The repeat of a request: 0400 -> 0401, 0420 -> 0421."""
+    return Mti.parse(mti.code[:3] + str(mti.origin | 1))
+
+
 def may_reclaim(state: str, mti: Mti) -> bool:
     """Whether a request may claim again a key whose transaction ended without a switch's
     answer: always when it never left (`failed`); after a timeout (`timed_out`: it may have
@@ -146,8 +164,12 @@ def failure_state(error: ProxyError) -> str:
     return "timed_out" if isinstance(error, LinkLost | UpstreamTimeout) else "failed"
 
 
-def failure_rc(error: ProxyError) -> str:
-    """The RC a terminal gets when its request could not be completed."""
+def failure_rc(error: ProxyError, timeout_rc: str = SWITCH_INOPERATIVE) -> str:
+    """The RC a terminal gets when its request could not be completed; for no answer by
+    the deadline, the configured `reversal.timeout_rc` (91, or 68 "response received too
+    late")."""
+    if isinstance(error, UpstreamTimeout):
+        return timeout_rc
     for kind, rc in FAILURE_RC.items():
         if isinstance(error, kind):
             return rc

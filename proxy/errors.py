@@ -31,7 +31,11 @@ class KeyInFlight(ProxyError):
 
 
 class UpstreamError(ProxyError):
-    """A request could not be completed by a switch."""
+    """A request could not be completed by a switch (`switch`, when one was involved)."""
+
+    def __init__(self, message: str, *, switch: str | None = None) -> None:
+        super().__init__(message)
+        self.switch = switch
 
 
 class NotWritten(UpstreamError):

@@ -10,14 +10,24 @@ from datetime import UTC, datetime
 
 import trio
 
-from codec import Message
+from codec import Message, Mti
 from proxy import decisions
-from proxy.errors import ProxyError
+from proxy.config import ReversalConfig
+from proxy.errors import ProxyError, UpstreamError
 from proxy.keys import match_key
-from proxy.pool import Pool
+from proxy.pool import LateAnswer, Pool
 from proxy.responses import answer
+from proxy.reversals import LATE_TAG, ReversalWorker
 from proxy.store import Store, StoreUnavailable
-from proxy.transactions import Claim, Outcome, Recorded, TransactionIdentity, outcome_of, replay
+from proxy.transactions import (
+    Claim,
+    Outcome,
+    Recorded,
+    TransactionIdentity,
+    outcome_of,
+    replay,
+    reversal_for,
+)
 
 log = logging.getLogger("iso_proxy.transactions")
 
@@ -39,7 +49,25 @@ class Journal:
     identity: TransactionIdentity
     on_conflict: str
     join_timeout: float
+    reversal: ReversalConfig
     clock: Callable[[], datetime] = field(default=utc_now)
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What the journal needs to reverse an answer its terminal never received."""
+
+    claim: Claim
+    switch: str | None
+    rc: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The answer for the terminal, and its receipt when the journal recorded it."""
+
+    message: Message
+    receipt: Receipt | None = None
 
 
 class _Pending:
@@ -63,31 +91,85 @@ class Forwarder:
     """
 
     def __init__(
-        self, pool: Pool, match_fields: tuple[str, ...], journal: Journal | None = None
+        self,
+        pool: Pool,
+        match_fields: tuple[str, ...],
+        journal: Journal | None = None,
+        *,
+        timeout_rc: str = decisions.SWITCH_INOPERATIVE,
     ) -> None:
         self._pool = pool
         self._match_fields = match_fields
         self._journal = journal
+        self._timeout_rc = timeout_rc
+        self.late_recorded = 0
+        self._late_changed = trio.Event()
         self._carrying: dict[str, _Pending] = {}
         self.duplicates: Counter[decisions.Duplicate] = Counter()
 
-    async def handle(self, message: Message) -> Message | None:
+    async def handle(self, message: Message) -> Reply | None:
         decision = decisions.from_terminal(message)
         if decision.action is decisions.Action.DROP:
             log.warning("dropped %s from a terminal: %s", message.mti, decision.reason)
             return None
         if decision.action is decisions.Action.ANSWER and decision.rc is not None:
-            return answer(message, decision.rc)
+            return Reply(answer(message, decision.rc))
         if self._journal is None:
             response, _ = await self._forward(message, None)
-            return response
+            return Reply(response)
         return await self._journaled(message, self._journal)
 
-    async def _journaled(self, message: Message, journal: Journal) -> Message:
+    async def undelivered(self, receipt: Receipt) -> None:
+        """The terminal's connection was gone before its answer could be written: an
+        approval is reversed (policy `reversal.on_undelivered`)."""
+        journal = self._journal
+        claim = receipt.claim
+        mti = Mti.parse(claim.mti)
+        if journal is None or not decisions.reverse_if_undelivered(
+            mti, receipt.rc, journal.reversal.on_undelivered
+        ):
+            return
+        reversal = reversal_for(claim.fields, claim.mti, journal.reversal.message, journal.clock())
+        try:
+            await journal.store.queue_reversal(claim.key, receipt.switch, reversal, "undelivered")
+            log.warning("%s approval undelivered: reversal queued", claim.mti)
+        except StoreUnavailable as error:
+            log.error("%s approval undelivered; reversal NOT queued (%s)", claim.mti, error)
+
+    async def record_late_answers(
+        self, late: trio.MemoryReceiveChannel[LateAnswer], reversals: ReversalWorker | None
+    ) -> None:
+        """Record answers that came after their deadline (never delivered to anyone): a
+        transaction's, against its row; a reversal's, as its acknowledgment."""
+        journal = self._journal
+        async for answer_ in late:
+            if journal is None:
+                continue
+            if answer_.tag.startswith(LATE_TAG):
+                if reversals is not None:
+                    reversal_id = int(answer_.tag.removeprefix(LATE_TAG))
+                    await reversals.acknowledge_late(reversal_id, answer_.response.get("39"))
+                continue
+            rc = answer_.response.get("39") or ""
+            try:
+                await journal.store.record_late(answer_.tag, rc, answer_.latency_ms)
+            except StoreUnavailable as error:
+                log.warning("late answer not recorded (%s)", error)
+                continue
+            self.late_recorded += 1
+            self._late_changed.set()
+            self._late_changed = trio.Event()
+
+    async def wait_late_recorded(self, count: int) -> None:
+        """Wait until `count` late answers have been recorded (for tests and operators)."""
+        while self.late_recorded < count:
+            await self._late_changed.wait()
+
+    async def _journaled(self, message: Message, journal: Journal) -> Reply:
         claim = journal.identity.claim(message, journal.clock())
         carried = self._carrying.get(claim.key)
         if carried is not None:  # a duplicate of a transaction this instance carries
-            return await self._duplicate(message, claim, carried.claim.fingerprint, carried)
+            return Reply(await self._duplicate(message, claim, carried.claim.fingerprint, carried))
         pending = _Pending(claim)
         self._carrying[claim.key] = pending
         try:
@@ -96,9 +178,9 @@ class Forwarder:
             except StoreUnavailable as error:
                 _log_outcome(message, decisions.SYSTEM_MALFUNCTION, str(error), 0.0)
                 pending.unrecorded_rc = decisions.SYSTEM_MALFUNCTION
-                return answer(message, decisions.SYSTEM_MALFUNCTION)
+                return Reply(answer(message, decisions.SYSTEM_MALFUNCTION))
             if recorded is not None:  # claimed before, by another instance or an earlier run
-                return await self._duplicate(message, claim, recorded.fingerprint, recorded)
+                return Reply(await self._duplicate(message, claim, recorded.fingerprint, recorded))
             response, outcome = await self._forward(message, claim)
             assert outcome is not None
             try:
@@ -108,11 +190,11 @@ class Forwarder:
                 # failed, and the claim stays open for recovery.
                 log.error("outcome of %s not recorded (%s); answering 96", message.mti, error)
                 pending.unrecorded_rc = decisions.SYSTEM_MALFUNCTION
-                return answer(message, decisions.SYSTEM_MALFUNCTION)
+                return Reply(answer(message, decisions.SYSTEM_MALFUNCTION))
             if not recorded_now:
                 log.error("outcome of %s found its claim already closed", message.mti)
             pending.recorded = _as_recorded(claim, outcome)
-            return response
+            return Reply(response, Receipt(claim, outcome.switch, outcome.rc))
         finally:
             del self._carrying[claim.key]
             pending.done.set()
@@ -178,16 +260,27 @@ class Forwarder:
     ) -> tuple[Message, Outcome | None]:
         started = trio.current_time()
         try:
-            answered = await self._pool.forward(message, match_key(message, self._match_fields))
+            answered = await self._pool.forward(
+                message,
+                match_key(message, self._match_fields),
+                tag=claim.key if claim is not None else None,
+            )
         except ProxyError as error:
-            rc = decisions.failure_rc(error)
+            rc = decisions.failure_rc(error, self._timeout_rc)
             elapsed = (trio.current_time() - started) * 1000
             _log_outcome(message, rc, str(error), elapsed)
             response = answer(message, rc)
-            if claim is None:
+            if claim is None or self._journal is None:
                 return response, None
+            state = decisions.failure_state(error)
+            switch = error.switch if isinstance(error, UpstreamError) else None
+            reversal = None
+            if state == "timed_out" and decisions.reverse_after_timeout(message.mti):
+                reversal = reversal_for(
+                    claim.fields, claim.mti, self._journal.reversal.message, self._journal.clock()
+                )
             outcome = outcome_of(
-                claim, response, state=decisions.failure_state(error), latency_ms=elapsed
+                claim, response, state=state, switch=switch, latency_ms=elapsed, reversal=reversal
             )
             return response, outcome
         elapsed = (trio.current_time() - started) * 1000

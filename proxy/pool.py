@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -41,17 +42,31 @@ class Answered:
     link: str
 
 
+@dataclass(frozen=True, slots=True)
+class LateAnswer:
+    """An answer that came after its request's deadline: recorded, never delivered."""
+
+    tag: str
+    response: Message
+    latency_ms: float
+
+
+# Late answers waiting to be recorded; beyond this they are only logged.
+MAX_LATE_ANSWERS = 1000
+
+
 class _Waiter:
     """Where a request waits for its answer (or for the news that its link died)."""
 
-    __slots__ = ("connection", "error", "event", "response", "written_at")
+    __slots__ = ("connection", "error", "event", "response", "tag", "written_at")
 
-    def __init__(self) -> None:
+    def __init__(self, tag: str | None) -> None:
         self.event = trio.Event()
         self.response: Message | None = None
         self.error: UpstreamError | None = None
         self.connection = ""
         self.written_at = 0.0
+        self.tag = tag  # the caller's name for the request (its transaction key)
 
     def deliver(self, response: Message) -> None:
         self.response = response
@@ -90,6 +105,9 @@ class Pool:
         self._least_cost: LeastCost[Link] = LeastCost()
         self._link_turns: dict[str, RoundRobin[Link]] = {name: RoundRobin() for name in self.links}
         self._changed = trio.Event()
+        self._late_send, self.late_answers = trio.open_memory_channel[LateAnswer](MAX_LATE_ANSWERS)
+        self.late_count = 0
+        self.unmatched_count = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run every link; ready once each has made its first connection attempt."""
@@ -108,26 +126,37 @@ class Pool:
         while not condition():
             await self._changed.wait()
 
-    async def forward(self, message: Message, key: MatchKey) -> Answered:
+    async def forward(
+        self,
+        message: Message,
+        key: MatchKey,
+        *,
+        tag: str | None = None,
+        switch: str | None = None,
+    ) -> Answered:
         """Send `message` over a healthy link and return the switch's answer.
 
         One deadline, the chosen switch's `timeout` from now, bounds the whole request:
-        waiting to write, writing, and waiting for the answer. Raises KeyInFlight,
-        NoLinkAvailable, LinkLost, UpstreamTimeout or UnencodableMessage.
+        waiting to write, writing, and waiting for the answer. With `switch`, only that
+        switch's links are used. An answer arriving after the deadline goes to
+        `late_answers` under `tag`. Raises KeyInFlight, NoLinkAvailable, LinkLost,
+        UpstreamTimeout or UnencodableMessage.
         """
         started = trio.current_time()
-        waiter = _Waiter()
-        self._correlator.open(key, waiter)
+        waiter = _Waiter(tag)
+        self._correlator.open(key, waiter, tag)
         timed_out: Link | None = None
         try:
-            link, deadline = await self._send(message, key, waiter, started)
+            link, deadline = await self._send(message, key, waiter, started, switch)
             with trio.move_on_at(deadline):
                 await waiter.event.wait()
             if waiter.error is not None:
                 raise waiter.error
             if waiter.response is None:
                 timed_out = link
-                raise UpstreamTimeout(f"no answer from {link.switch.name} in time")
+                raise UpstreamTimeout(
+                    f"no answer from {link.switch.name} in time", switch=link.switch.name
+                )
             link.transaction_done(
                 waiter.connection, answered=True, rtt=trio.current_time() - waiter.written_at
             )
@@ -141,13 +170,13 @@ class Pool:
                 self._recycle_if_stale(timed_out)
 
     async def _send(
-        self, message: Message, key: MatchKey, waiter: _Waiter, started: float
+        self, message: Message, key: MatchKey, waiter: _Waiter, started: float, only: str | None
     ) -> tuple[Link, float]:
         tried: set[str] = set()
         unencodable = 0
         # The candidates are looked at afresh after each failure: a link that came up (or
         # reconnected) while this request waited for another is a fair next choice.
-        while link := next((c for c in self._candidates() if c.connection not in tried), None):
+        while link := next((c for c in self._candidates(only) if c.connection not in tried), None):
             tried.add(link.connection)
             deadline = started + link.switch.timeout
             claim = partial(self._claim, key, waiter, link.switch.max_inflight)
@@ -174,7 +203,7 @@ class Pool:
             log.warning("link %s: too many unanswered requests; reconnecting", link.name)
             link.recycle()
 
-    def _candidates(self) -> Iterator[Link]:
+    def _candidates(self, only: str | None = None) -> Iterator[Link]:
         """Every usable link (up, not full), in the order the strategy prefers.
 
         By switch (round_robin, weighted): first one link of each switch, switches in the
@@ -184,7 +213,8 @@ class Pool:
         usable = {
             name: up
             for name, links in self.links.items()
-            if (up := [link for link in links if link.is_up and not self._full(link)])
+            if (only is None or name == only)
+            and (up := [link for link in links if link.is_up and not self._full(link)])
         }
         if self._strategy == "least_latency":
             links = [link for up in usable.values() for link in up]
@@ -218,14 +248,26 @@ class Pool:
             match = self._correlator.resolve(link.connection, key)
         if match is None:
             log.warning("link %s: %s answer matches no request; dropped", link.name, response.mti)
+            self.unmatched_count += 1
         elif match.late:
             log.warning("link %s: late %s answer; not delivered", link.name, response.mti)
+            self.late_count += 1
+            waiter = match.waiter
+            if waiter.tag is not None:
+                latency = (trio.current_time() - waiter.written_at) * 1000
+                with contextlib.suppress(trio.WouldBlock):
+                    self._late_send.send_nowait(LateAnswer(waiter.tag, response, latency))
         else:
             match.waiter.deliver(response)
 
     def _on_state(self, link: Link) -> None:
         if link.state is LinkState.DOWN:
             for waiter in self._correlator.fail_connection(link.connection):
-                waiter.fail(LinkLost(f"link {link.name} lost with the request in flight"))
+                waiter.fail(
+                    LinkLost(
+                        f"link {link.name} lost with the request in flight",
+                        switch=link.switch.name,
+                    )
+                )
         self._changed.set()
         self._changed = trio.Event()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from functools import partial
 
@@ -21,7 +22,7 @@ from codec import (
 )
 from proxy.config import ListenConfig
 from proxy.decisions import FORMAT_ERROR, SYSTEM_MALFUNCTION
-from proxy.forwarder import Forwarder
+from proxy.forwarder import Forwarder, Reply
 from proxy.responses import answer, answer_salvaged
 
 log = logging.getLogger("iso_proxy.server")
@@ -112,28 +113,32 @@ class _Connection:
     async def _handle(self, request: Message, tpdu: bytes | None) -> None:
         try:
             try:
-                response = await self._forwarder.handle(request)
+                reply = await self._forwarder.handle(request)
             except Exception as exc:  # one request's failure must not cancel its neighbours
                 log.error("%s failed inside the proxy: %s", request.mti, type(exc).__name__)
-                response = answer(request, SYSTEM_MALFUNCTION)
-            if response is not None:
-                await self._reply(request, response, tpdu)
+                reply = Reply(answer(request, SYSTEM_MALFUNCTION))
+            if reply is None:
+                return
+            delivered = await self._reply(request, reply.message, tpdu)
+            if not delivered and reply.receipt is not None:
+                await self._forwarder.undelivered(reply.receipt)
         finally:
             self._in_flight.release()
 
-    async def _reply(self, request: Message | None, response: Message, tpdu: bytes | None) -> None:
-        """Send `response`; one the terminal's format cannot carry becomes RC 96."""
+    async def _reply(self, request: Message | None, response: Message, tpdu: bytes | None) -> bool:
+        """Send `response` (one the terminal's format cannot carry becomes RC 96); whether
+        the terminal got `response` itself."""
         try:
             data = self._frame(response, tpdu)
         except CodecError as exc:
             log.error("%s answer does not fit the terminal's format: %s", response.mti, exc)
-            if request is None:
-                return
-            try:
-                data = self._frame(answer(request, SYSTEM_MALFUNCTION), tpdu)
-            except CodecError:
-                return
-        await self._write(data, response)
+            if request is not None:
+                with contextlib.suppress(CodecError):
+                    await self._write(
+                        self._frame(answer(request, SYSTEM_MALFUNCTION), tpdu), response
+                    )
+            return False
+        return await self._write(data, response)
 
     def _frame(self, message: Message, tpdu: bytes | None) -> bytes:
         return encode_frame(
@@ -141,8 +146,9 @@ class _Connection:
             Frame(encode(message, self._endpoint.spec), swap_tpdu(tpdu) if tpdu else None),
         )
 
-    async def _write(self, data: bytes, message: Message) -> None:
-        """Write one whole frame; a cancel never leaves half a frame on the wire."""
+    async def _write(self, data: bytes, message: Message) -> bool:
+        """Write one whole frame (a cancel never leaves half a frame on the wire); whether
+        it was written."""
         async with self._write_lock:
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + self._listen.write_timeout
@@ -150,7 +156,9 @@ class _Connection:
                     await self._stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     log.warning("answer %s undelivered: terminal gone", message.mti)
-                    return
+                    return False
             if scope.cancelled_caught:
                 log.warning("terminal not reading; closing connection")
                 await self._stream.aclose()
+                return False
+        return True

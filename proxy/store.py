@@ -43,7 +43,7 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 import trio
 
-from codec import Mti
+from codec import Message, Mti
 from proxy.backoff import Backoff
 from proxy.decisions import may_reclaim
 from proxy.errors import ProxyError
@@ -442,10 +442,57 @@ class Store:
                 [o.switch for o in outcomes],
                 [o.link for o in outcomes],
                 [o.latency_ms for o in outcomes],
+                [o.reversal.mti.code if o.reversal else None for o in outcomes],
+                [json.dumps(dict(o.reversal.fields)) if o.reversal else None for o in outcomes],
             ],
         )
         written = {row["tx_key"] for row in rows}
         return [o.key in written for o in outcomes]
+
+    async def record_late(self, key: str, rc: str, latency_ms: float) -> None:
+        """A switch's answer that came after the deadline: recorded, never delivered."""
+        await self._guarded(partial(self._query_by, _RECORD_LATE, [key, rc, latency_ms]))
+
+    async def queue_reversal(
+        self, key: str, switch: str | None, reversal: Message, why: str
+    ) -> bool:
+        """Queue the reversal of `key` (once: False when one is already queued)."""
+        args = [key, switch, reversal.mti.code, json.dumps(dict(reversal.fields)), why]
+        rows = await self._guarded(partial(self._query_by, _QUEUE_REVERSAL, args))
+        return bool(rows)
+
+    async def lease_reversals(self, limit: int, lease: float) -> list[DueReversal]:
+        """Due reversals for this instance to send, oldest first, leased for `lease` seconds
+        (other instances skip them meanwhile: each is sent by one instance at a time)."""
+        rows = await self._guarded(
+            partial(self._query_by, _LEASE_REVERSALS, [self._settings.instance, limit, lease])
+        )
+        return [
+            DueReversal(
+                r["id"], r["tx_key"], r["switch"], r["mti"], json.loads(r["message"]), r["attempts"]
+            )
+            for r in rows
+        ]
+
+    async def reversal_sent(
+        self, reversal_id: int, state: str, rc: str | None, retry_in: float
+    ) -> None:
+        """After an attempt: `acknowledged`, `failed` (given up), or `queued` again."""
+        args = [reversal_id, state, rc, retry_in]
+        await self._guarded(partial(self._query_by, _REVERSAL_SENT, args))
+
+
+@dataclass(frozen=True, slots=True)
+class DueReversal:
+    id: int
+    tx_key: str
+    switch: str | None
+    mti: str
+    fields: dict[str, str] = field(repr=False)
+    attempts: int
+
+    def message(self) -> Message:
+        return Message(Mti.parse(self.mti), self.fields)
 
 
 async def _migrate(connection: asyncpg.Connection, schema: str | None) -> None:
@@ -532,15 +579,60 @@ FROM transactions WHERE tx_key = ANY($1::text[])
 """
 
 _COMPLETE = """
-UPDATE transactions t
-SET state = u.state, rc = u.rc, response_mti = u.response_mti, auth_code = u.auth_code,
-    response = u.response::jsonb, response_fields = string_to_array(u.response_fields, ','),
-    switch = u.switch, link = u.link, latency_ms = u.latency_ms, completed_at = now()
-FROM unnest(
-    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-    $8::text[], $9::text[], $10::float8[]
-) AS u(tx_key, state, rc, response_mti, auth_code, response, response_fields, switch, link,
-       latency_ms)
-WHERE t.tx_key = u.tx_key AND t.state = 'claimed'
-RETURNING t.tx_key
+WITH u AS (
+    SELECT * FROM unnest(
+        $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+        $8::text[], $9::text[], $10::float8[], $11::text[], $12::text[]
+    ) AS u(tx_key, state, rc, response_mti, auth_code, response, response_fields, switch, link,
+           latency_ms, reversal_mti, reversal)
+), done AS (
+    UPDATE transactions t
+    SET state = u.state, rc = u.rc, response_mti = u.response_mti, auth_code = u.auth_code,
+        response = u.response::jsonb, response_fields = string_to_array(u.response_fields, ','),
+        switch = u.switch, link = u.link, latency_ms = u.latency_ms, completed_at = now()
+    FROM u
+    WHERE t.tx_key = u.tx_key AND t.state = 'claimed'
+    RETURNING t.tx_key
+), queued AS (
+    INSERT INTO reversals (tx_key, switch, mti, message, state, reason)
+    SELECT u.tx_key, u.switch, u.reversal_mti, u.reversal::jsonb, 'queued', u.state
+    FROM u JOIN done ON done.tx_key = u.tx_key
+    WHERE u.reversal_mti IS NOT NULL
+    ON CONFLICT (tx_key) DO NOTHING
+)
+SELECT tx_key FROM done
+"""
+
+_RECORD_LATE = """
+UPDATE transactions SET late_rc = $2, late_latency_ms = $3 WHERE tx_key = $1 RETURNING tx_key
+"""
+
+_QUEUE_REVERSAL = """
+INSERT INTO reversals (tx_key, switch, mti, message, state, reason)
+VALUES ($1, $2, $3, $4::jsonb, 'queued', $5)
+ON CONFLICT (tx_key) DO NOTHING
+RETURNING id
+"""
+
+_LEASE_REVERSALS = """
+UPDATE reversals r
+SET leased_by = $1, lease_until = now() + make_interval(secs => $3), attempts = attempts + 1,
+    updated_at = now()
+WHERE r.id IN (
+    SELECT id FROM reversals
+    WHERE state = 'queued' AND next_attempt_at <= now()
+      AND (lease_until IS NULL OR lease_until < now())
+    ORDER BY id
+    FOR UPDATE SKIP LOCKED
+    LIMIT $2
+)
+RETURNING r.id, r.tx_key, r.switch, r.mti, r.message, r.attempts
+"""
+
+_REVERSAL_SENT = """
+UPDATE reversals
+SET state = $2, last_rc = $3, leased_by = NULL, lease_until = NULL, updated_at = now(),
+    next_attempt_at = now() + make_interval(secs => $4)
+WHERE id = $1 AND state <> 'acknowledged'
+RETURNING id
 """

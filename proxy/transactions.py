@@ -66,6 +66,7 @@ class Outcome:
     switch: str | None = None
     link: str | None = None
     latency_ms: float = 0.0
+    reversal: Message | None = field(default=None, repr=False)  # queued with the outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +172,7 @@ def outcome_of(
     switch: str | None = None,
     link: str | None = None,
     latency_ms: float = 0.0,
+    reversal: Message | None = None,
 ) -> Outcome:
     """The outcome of a claim: the answer the terminal gets (the switch's, or the proxy's
     own when no switch answered) and how it came about."""
@@ -186,6 +188,7 @@ def outcome_of(
         switch=switch,
         link=link,
         latency_ms=latency_ms,
+        reversal=reversal,
     )
 
 
@@ -207,3 +210,27 @@ def replay(request: Message, recorded: Recorded) -> Message:
 
 def _field_order(name: str) -> tuple[int, str]:
     return (int(name), "") if name.isdigit() else (-1, name)
+
+
+# What a reversal carries of its original (never card data: the switch finds the original
+# by field 90 and the identification fields).
+REVERSAL_FIELDS = ("3", "4", "5", "6", "11", "12", "13", "32", "33", "37", "41", "42", "49", "50")
+
+
+def original_data_elements(original: Mapping[str, str], original_mti: str) -> str:
+    """Field 90: original MTI, STAN, transmission date and time, acquirer and forwarding
+    institution identification (each zero-padded to its length: 4 + 6 + 10 + 11 + 11)."""
+    return (
+        f"{original_mti:0>4}{original.get('11', ''):0>6}{original.get('7', ''):0>10}"
+        f"{original.get('32', '')[-11:]:0>11}{original.get('33', '')[-11:]:0>11}"
+    )
+
+
+def reversal_for(
+    original: Mapping[str, str], original_mti: str, mti: str, now: datetime
+) -> Message:
+    """The reversal (0400, or 0420 advice) of a transaction, from its stored fields."""
+    fields = {name: original[name] for name in REVERSAL_FIELDS if name in original}
+    fields["7"] = now.strftime("%m%d%H%M%S")
+    fields["90"] = original_data_elements(original, original_mti)
+    return Message(Mti.parse(mti), fields)

@@ -190,7 +190,7 @@ class Link:
             if failure is not None:
                 # The frame may be partly on the wire: the stream is unusable from here on.
                 await self._close(stream)
-                raise LinkLost(f"write to link {self.name} {failure}")
+                raise LinkLost(f"write to link {self.name} {failure}", switch=self.switch.name)
         finally:
             self._write_lock.release()
 

@@ -41,6 +41,7 @@ def proxy_config(
     each: Mapping[str, Mapping[str, Any]] | None = None,
     store: Mapping[str, Any] | None = None,
     idempotency: Mapping[str, Any] | None = None,
+    reversal: Mapping[str, Any] | None = None,
     base_dir: Path | None = None,
 ) -> Config:
     """A config for a proxy on 127.0.0.1:0 in front of the given switches.
@@ -67,6 +68,8 @@ def proxy_config(
     raw["store"] = dict(store) if store is not None else {"enabled": False}
     if idempotency is not None:
         raw["idempotency"] = dict(idempotency)
+    if reversal is not None:
+        raw["reversal"] = dict(reversal)
     if routing is not None:
         raw["routing"] = dict(routing)
     return parse_config(raw, base_dir=base_dir or Path.cwd())

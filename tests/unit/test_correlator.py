@@ -177,3 +177,16 @@ def test_matches_a_model(operations: list[tuple[str, tuple[str, ...], str]]) -> 
             assert table.stale(each) == sum(
                 1 for m in model.values() if m.connection == each and m.tombstone
             )
+
+
+def test_a_repeat_with_the_same_tag_takes_over_its_own_tombstone() -> None:
+    table: Correlator[str] = Correlator()
+    table.open(K, "first", tag="reversal:1")
+    table.claim_write(K, "first", "a/0#1", limit=10)
+    table.finish(K, "first", answered=False)  # timed out: a tombstone
+    with pytest.raises(KeyInFlight):
+        table.open(K, "someone else", tag="reversal:2")
+    table.open(K, "repeat", tag="reversal:1")  # the same reversal, again
+    table.claim_write(K, "repeat", "a/0#1", limit=10)
+    assert (table.in_flight("a/0#1"), table.stale("a/0#1")) == (1, 0)
+    assert table.resolve("a/0#1", K) == Match("repeat", late=False)

@@ -12,11 +12,13 @@ from codec import Mti
 from fixtures.messages import TEST_PAN, financial
 from proxy import decisions
 from proxy.decisions import Duplicate
+from proxy.errors import LinkLost, UpstreamTimeout
 from proxy.transactions import (
     Recorded,
     TransactionIdentity,
     outcome_of,
     replay,
+    reversal_for,
     safe_fields,
     transaction_date,
 )
@@ -126,3 +128,51 @@ def test_on_duplicate(
     held: bytes, completed: bool, incoming: bytes, on_conflict: str, action: Duplicate
 ) -> None:
     assert decisions.on_duplicate(held, completed, incoming, on_conflict) is action
+
+
+def test_a_reversal_names_its_original_and_carries_no_card_data() -> None:
+    request = financial(77, when=NOW).with_fields({"32": "12345", "35": f"{TEST_PAN}=2512"})
+    claim = _identity().claim(request, NOW)
+    reversal = reversal_for(claim.fields, claim.mti, "0400", NOW)
+    assert reversal.mti.code == "0400"
+    assert reversal.get("90") == "0200" + "000077" + NOW.strftime("%m%d%H%M%S") + (
+        "00000012345" + "00000000000"
+    )
+    assert len(reversal.get("90") or "") == 42
+    assert (reversal.get("11"), reversal.get("4"), reversal.get("41")) == (
+        "000077",
+        "000000001000",
+        "TERM0001",
+    )
+    assert not {"2", "35", "52", "55"} & set(reversal.fields)
+
+
+@pytest.mark.parametrize(
+    ("mti", "reversed_"), [("0100", True), ("0200", True), ("0220", True), ("0400", False)]
+)
+def test_what_a_timeout_reverses(mti: str, reversed_: bool) -> None:
+    assert decisions.reverse_after_timeout(Mti.parse(mti)) is reversed_
+
+
+@pytest.mark.parametrize(
+    ("mti", "rc", "policy", "reversed_"),
+    [
+        ("0200", "00", True, True),
+        ("0100", "00", True, True),
+        ("0200", "05", True, False),
+        ("0200", "00", False, False),
+        ("0220", "00", True, False),
+        ("0400", "00", True, False),
+    ],
+)
+def test_what_an_undelivered_answer_reverses(
+    mti: str, rc: str, policy: bool, reversed_: bool
+) -> None:
+    assert decisions.reverse_if_undelivered(Mti.parse(mti), rc, policy) is reversed_
+
+
+def test_repeats_and_the_timeout_rc() -> None:
+    assert decisions.repeat_of(Mti.parse("0400")).code == "0401"
+    assert decisions.repeat_of(Mti.parse("0420")).code == "0421"
+    assert decisions.failure_rc(UpstreamTimeout("late"), "68") == "68"
+    assert decisions.failure_rc(LinkLost("gone"), "68") == "91"

@@ -1,0 +1,165 @@
+"""Timeouts, late answers and store-and-forward reversals, against a real Postgres."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+import trio
+
+from fixtures.messages import echo, financial
+from fixtures.sim_switch import SimSwitch
+from proxy.app import App
+from proxy.reversals import ReversalWorker
+from tests.conftest import Database, Terminals, proxy_config, start_proxy, start_switch
+
+QUICK_REVERSALS = {"backoff_initial": 0.05, "backoff_max": 0.4}
+
+
+async def _proxy(
+    nursery: trio.Nursery,
+    database: Database,
+    switch: SimSwitch,
+    *,
+    switch_timeout: float = 0.3,
+    reversal: dict[str, Any] | None = None,
+    **switch_settings: Any,
+) -> tuple[App, int]:
+    app, port = await start_proxy(
+        nursery,
+        proxy_config(
+            {"alpha": switch.port},
+            switch={"timeout": switch_timeout, **switch_settings},
+            store=database.store(),
+            reversal={**QUICK_REVERSALS, **(reversal or {})},
+        ),
+    )
+    assert app.store is not None
+    with trio.fail_after(10):
+        await app.store.wait_ready()
+    return app, port
+
+
+async def test_a_late_approval_is_recorded_not_delivered_and_reversed_once(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    switch = await start_switch(nursery, delay=0.8)
+    app, port = await _proxy(nursery, database, switch)
+    terminal = await terminals.connect(port)
+    started = trio.current_time()
+    answer = await terminal.request(financial(21))
+    elapsed = trio.current_time() - started
+    assert (answer.mti.code, answer.get("39")) == ("0210", "91")
+    assert 0.3 <= elapsed < 0.3 + 0.25  # at the deadline
+
+    with trio.fail_after(10):
+        await switch.wait_until(lambda: switch.received_reversals() >= 1)
+        await app.forwarder.wait_late_recorded(1)
+    reversal = next(r for r in switch.requests if r.mti.code == "0400")
+    assert (reversal.get("90") or "").startswith("0200000021")  # names the original
+    assert (reversal.get("11"), reversal.get("4")) == ("000021", "000000001000")
+    assert "2" not in reversal.fields  # no card data kept to send
+    rows = await database.fetch(
+        "SELECT t.state, t.rc, t.late_rc, r.state AS reversal, r.mti FROM transactions t"
+        " JOIN reversals r USING (tx_key)"
+    )
+    assert rows[0]["state"] == "timed_out" and rows[0]["rc"] == "91"
+    assert rows[0]["late_rc"] == "00"  # the late approval, recorded
+    # Nothing reached the terminal after its 91: the next thing it gets is its echo's answer.
+    reply = await terminal.request(echo(22))
+    assert (reply.mti.code, reply.get("11")) == ("0810", "000022")
+    assert app.reversals is not None
+    with trio.fail_after(10):
+        await app.reversals.wait_until(lambda: app.reversals.acknowledged >= 1)  # type: ignore[union-attr]
+    assert (await database.fetch("SELECT state FROM reversals")) == [{"state": "acknowledged"}]
+    assert switch.received_reversals() == 1
+
+
+async def test_unanswered_reversals_are_repeated_with_backoff_until_acknowledged(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    switch = await start_switch(nursery, drop=True, ignore_reversals=3)
+    app, port = await _proxy(nursery, database, switch, reversal={"max_attempts": 10})
+    terminal = await terminals.connect(port)
+    assert (await terminal.request(financial(31))).get("39") == "91"
+    with trio.fail_after(15):
+        await switch.wait_until(lambda: switch.received_reversals() >= 4)
+    reversals = [r.mti.code for r in switch.requests if r.mti.message_class == 4]
+    assert reversals == ["0400", "0401", "0401", "0401"]
+    worker = app.reversals
+    assert worker is not None
+    with trio.fail_after(10):
+        await worker.wait_until(lambda: worker.acknowledged >= 1)
+    rows = await database.fetch("SELECT state, attempts, last_rc FROM reversals")
+    assert rows == [{"state": "acknowledged", "attempts": 4, "last_rc": "00"}]
+    with trio.move_on_after(1.0):  # a while later, nothing more was sent
+        await switch.wait_until(lambda: switch.received_reversals() > 4)
+    assert switch.received_reversals() == 4
+
+
+async def test_a_reset_after_the_write_answers_at_once_and_queues_a_reversal(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    dying = await start_switch(nursery, close_after=2)  # its echo, then the request: reset
+    _, port = await _proxy(nursery, database, dying, switch_timeout=10, connections=1)
+    terminal = await terminals.connect(port)
+    with trio.fail_after(3):  # not at the 10 s deadline
+        assert (await terminal.request(financial(41))).get("39") == "91"
+    assert [r.get("11") for r in dying.transactions()] == ["000041"]
+    rows = await database.fetch("SELECT reason FROM reversals")
+    assert rows == [{"reason": "timed_out"}]
+
+
+async def test_an_approval_the_terminal_never_received_is_reversed(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    switch = await start_switch(nursery, delay=0.3)
+    _, port = await _proxy(nursery, database, switch, switch_timeout=5)
+    terminal = await terminals.connect(port)
+    await terminal.send(financial(51))
+    # Gone before the approval comes back (a reset, as when a terminal loses power).
+    stream = terminal.stream
+    assert isinstance(stream, trio.SocketStream)
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await terminal.aclose()
+    with trio.fail_after(10):
+        await switch.wait_until(lambda: switch.received_reversals() >= 1)
+    rows = await database.fetch(
+        "SELECT t.rc, r.reason FROM transactions t JOIN reversals r USING (tx_key)"
+    )
+    assert rows == [{"rc": "00", "reason": "undelivered"}]
+
+
+async def test_two_instances_send_each_queued_reversal_once(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    switch = await start_switch(nursery, delay=0.5)
+    first, first_port = await _proxy(nursery, database, switch)
+    second, second_port = await _proxy(nursery, database, switch)
+    async with trio.open_nursery() as senders:
+        for n, port in enumerate([first_port, second_port] * 5):
+
+            async def send(stan: int = 60 + n, port: int = port) -> None:
+                terminal = await terminals.connect(port)
+                assert (await terminal.request(financial(stan))).get("39") == "91"
+
+            senders.start_soon(send)
+    workers = [app.reversals for app in (first, second) if app.reversals is not None]
+
+    def all_acknowledged() -> bool:
+        return sum(worker.acknowledged for worker in workers) >= 10
+
+    with trio.fail_after(15):
+        async with trio.open_nursery() as waiting:  # whichever worker records the last one
+            for worker in workers:
+
+                async def wait(worker: ReversalWorker = worker) -> None:
+                    await worker.wait_until(all_acknowledged)
+                    waiting.cancel_scope.cancel()
+
+                waiting.start_soon(wait)
+    stans = sorted(r.get("11") or "" for r in switch.requests if r.mti.message_class == 4)
+    assert stans == [f"{60 + n:06d}" for n in range(10)]  # each sent once, by one of them
+    rows = await database.fetch("SELECT state, attempts FROM reversals")
+    assert rows == [{"state": "acknowledged", "attempts": 1}] * 10
