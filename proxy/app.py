@@ -19,6 +19,9 @@ from proxy.store import Store, StoreSettings
 from proxy.transactions import TransactionIdentity
 from proxy.upstream import WRITE_GRACE
 
+# How often claims left open (by a crash, or a lost outcome write) are looked for.
+RECOVERY_EVERY = 10.0
+
 
 @dataclass(frozen=True, slots=True)
 class Secrets:
@@ -83,6 +86,8 @@ class App:
                 lease=longest + WRITE_GRACE + config.store.timeout + 5,
                 rng=rng or random.Random(),
             )
+            # No live claim stays open longer than this: claim, wait, write, outcome.
+            self.orphan_age = longest + WRITE_GRACE + 2 * config.store.timeout + 1
         self.server = Server(config.listen, self.forwarder)
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -95,5 +100,7 @@ class App:
                 nursery.start_soon(
                     self.forwarder.record_late_answers, self.pool.late_answers, self.reversals
                 )
+                every = min(RECOVERY_EVERY, self.orphan_age)
+                nursery.start_soon(self.reversals.recover, self.orphan_age, every)
             port: int = await nursery.start(self.server.run)
             task_status.started(port)

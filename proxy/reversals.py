@@ -57,6 +57,18 @@ class ReversalWorker:
         self.acknowledged = 0
         self._recorded = trio.Event()
 
+    async def recover(self, older_than: float, every: float) -> None:
+        """Every `every` seconds (the first time at startup), queue reversals for claims a
+        crash (or a lost outcome write) left open for longer than `older_than`."""
+        while True:
+            await self._store.wait_ready()
+            try:
+                if recovered := await self._store.recover(older_than, self._config.message):
+                    log.warning("recovered %d open transaction(s): reversals queued", recovered)
+            except StoreUnavailable as error:
+                log.warning("recovery postponed: %s", error)
+            await trio.sleep(every)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:

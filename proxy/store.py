@@ -36,6 +36,7 @@ import random
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 from importlib import resources
 from typing import Any, Generic, TypeVar
@@ -45,9 +46,9 @@ import trio
 
 from codec import Message, Mti
 from proxy.backoff import Backoff
-from proxy.decisions import may_reclaim
+from proxy.decisions import may_reclaim, reverse_after_timeout
 from proxy.errors import ProxyError
-from proxy.transactions import Claim, Outcome, Recorded
+from proxy.transactions import Claim, Outcome, Recorded, reversal_for
 
 log = logging.getLogger("iso_proxy.store")
 
@@ -461,6 +462,21 @@ class Store:
         rows = await self._guarded(partial(self._query_by, _QUEUE_REVERSAL, args))
         return bool(rows)
 
+    async def recover(self, older_than: float, reversal_mti: str) -> int:
+        """Claims left open longer than any transaction can take (a crash, or an outcome
+        that could not be written): closed as timed out, each with a reversal queued, once
+        (rows are locked and skipped, so instances recovering together never overlap)."""
+        bridge, pool = self._bridge, self._pool
+        if not self.ready or bridge is None or pool is None:
+            raise StoreUnavailable("store not connected")
+        try:
+            with trio.fail_after(self._settings.timeout * 5):
+                return await bridge.call(_recover(pool, older_than, reversal_mti))
+        except trio.TooSlowError:
+            raise StoreUnavailable("recovery slower than expected") from None
+        except _DATABASE_ERRORS as error:
+            raise StoreUnavailable(f"store error: {type(error).__name__}") from None
+
     async def lease_reversals(self, limit: int, lease: float) -> list[DueReversal]:
         """Due reversals for this instance to send, oldest first, leased for `lease` seconds
         (other instances skip them meanwhile: each is sent by one instance at a time)."""
@@ -493,6 +509,26 @@ class DueReversal:
 
     def message(self) -> Message:
         return Message(Mti.parse(self.mti), self.fields)
+
+
+async def _recover(pool: asyncpg.Pool, older_than: float, reversal_mti: str) -> int:
+    """In the bridge's loop: close orphaned claims and queue their reversals, atomically."""
+    now = datetime.now(UTC)
+    async with pool.acquire() as connection, connection.transaction():
+        rows = await connection.fetch(_ORPHANS, older_than)
+        for row in rows:
+            if not reverse_after_timeout(Mti.parse(row["mti"])):
+                continue
+            reversal = reversal_for(json.loads(row["request"]), row["mti"], reversal_mti, now)
+            await connection.execute(
+                _QUEUE_REVERSAL,
+                row["tx_key"],
+                row["switch"],
+                reversal.mti.code,
+                json.dumps(dict(reversal.fields)),
+                "recovered",
+            )
+        return len(rows)
 
 
 async def _migrate(connection: asyncpg.Connection, schema: str | None) -> None:
@@ -635,4 +671,15 @@ SET state = $2, last_rc = $3, leased_by = NULL, lease_until = NULL, updated_at =
     next_attempt_at = now() + make_interval(secs => $4)
 WHERE id = $1 AND state <> 'acknowledged'
 RETURNING id
+"""
+
+_ORPHANS = """
+UPDATE transactions
+SET state = 'timed_out', rc = '96', completed_at = now()
+WHERE tx_key IN (
+    SELECT tx_key FROM transactions
+    WHERE state = 'claimed' AND claimed_at < now() - make_interval(secs => $1)
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING tx_key, mti, switch, request
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 import trio
 
 from fixtures.messages import echo, financial
-from tests.conftest import Terminals, start_switch
+from tests.conftest import TEST_PAN_KEY, Database, Terminals, start_switch
 
 LISTENING = re.compile(rb"listening on [^ ]+:(\d+)")
 LINK_UP = re.compile(rb"link [^ ]+: up$")
@@ -64,9 +65,11 @@ class _Children:
         self._nursery = nursery
         self.spawned: list[_Process] = []
 
-    async def spawn(self, *args: str) -> _Process:
+    async def spawn(self, *args: str, env: dict[str, str] | None = None) -> _Process:
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "proxy", *args], stderr=subprocess.PIPE
+            [sys.executable, "-m", "proxy", *args],
+            stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
         )
         child = _Process(process)
         self.spawned.append(child)
@@ -139,3 +142,44 @@ async def test_run_signs_on_and_signs_off_on_sigterm(
     for opening in switch.openings:
         assert opening[0] == "0800/001"
         assert opening[-1] == "0800/002"
+
+
+async def test_a_killed_proxy_has_what_it_left_in_flight_reversed_once(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    children: _Children,
+    database: Database,
+    terminals: Terminals,
+) -> None:
+    switch = await start_switch(nursery, delay=60)  # holds every purchase: all in flight
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "listen: {host: 127.0.0.1, port: 0}\n"
+        f"switches: [{{name: alpha, host: 127.0.0.1, port: {switch.port}, timeout: 1}}]\n"
+        f"store: {{schema: {database.schema}, timeout: 0.5}}\n"
+        "reversal: {backoff_initial: 0.2, backoff_max: 1}\n"
+    )
+    env = {"ISO_PROXY_DSN": database.dsn, "ISO_PROXY_PAN_KEY": TEST_PAN_KEY.decode()}
+    first = await children.spawn("run", "-c", str(config), env=env)
+    with trio.fail_after(20):
+        port = await first.port()
+        await first.wait_for(LINK_UP)
+        terminal = await terminals.connect(port)
+        await terminal.stream.send_all(
+            b"".join(terminal.frame(financial(stan)) for stan in (71, 72, 73))
+        )
+        await switch.wait_until(lambda: switch.financial_total() >= 3)
+    first.process.kill()  # SIGKILL: no outcome recorded, nothing cleaned up
+    await first.process.wait()
+
+    second = await children.spawn("run", "-c", str(config), env=env)
+    with trio.fail_after(30):
+        await second.wait_for(LINK_UP)
+        await switch.wait_until(lambda: switch.received_reversals() >= 3)
+    reversed_stans = sorted(r.get("11") or "" for r in switch.requests if r.mti.code == "0400")
+    assert reversed_stans == ["000071", "000072", "000073"]  # each once
+    purchases = [r.get("11") for r in switch.requests if r.mti.message_class == 2]
+    assert sorted(purchases) == ["000071", "000072", "000073"]  # none forwarded again
+    rows = await database.fetch("SELECT state FROM transactions")
+    assert [r["state"] for r in rows] == ["timed_out"] * 3
+    await _stop(second)
