@@ -178,7 +178,7 @@ async def test_a_killed_proxy_has_what_it_left_in_flight_reversed_once(
         await switch.wait_until(lambda: switch.received_reversals() >= 3)
     reversed_stans = sorted(r.get("11") or "" for r in switch.requests if r.mti.code == "0400")
     assert reversed_stans == ["000071", "000072", "000073"]  # each once
-    purchases = [r.get("11") for r in switch.requests if r.mti.message_class == 2]
+    purchases = [r.get("11") or "" for r in switch.requests if r.mti.message_class == 2]
     assert sorted(purchases) == ["000071", "000072", "000073"]  # none forwarded again
     rows = await database.fetch("SELECT state FROM transactions")
     assert [r["state"] for r in rows] == ["timed_out"] * 3
