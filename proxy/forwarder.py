@@ -181,7 +181,9 @@ class Forwarder:
                 return Reply(answer(message, decisions.SYSTEM_MALFUNCTION))
             if recorded is not None:  # claimed before, by another instance or an earlier run
                 return Reply(await self._duplicate(message, claim, recorded.fingerprint, recorded))
-            response, outcome = await self._forward(message, claim)
+            response, outcome = await self._forward(
+                message, claim, await self._original_switch(message, journal)
+            )
             assert outcome is not None
             try:
                 recorded_now = await journal.store.complete(outcome)
@@ -255,8 +257,24 @@ class Forwarder:
                 await trio.sleep(JOIN_POLL)
         return None
 
+    async def _original_switch(self, message: Message, journal: Journal) -> str | None:
+        """For a terminal's reversal, the switch that handled the original (field 90), so
+        the reversal reaches the switch that may have approved it; None: the normal choice."""
+        if message.mti.message_class != decisions.REVERSAL:
+            return None
+        key = journal.identity.original_key(message, journal.clock())
+        if key is None:
+            return None
+        try:
+            original = await journal.store.recorded(key)
+        except StoreUnavailable:
+            return None
+        if original is None or original.switch not in self._pool.switches:
+            return None
+        return original.switch
+
     async def _forward(
-        self, message: Message, claim: Claim | None
+        self, message: Message, claim: Claim | None, switch: str | None = None
     ) -> tuple[Message, Outcome | None]:
         started = trio.current_time()
         try:
@@ -264,6 +282,7 @@ class Forwarder:
                 message,
                 match_key(message, self._match_fields),
                 tag=claim.key if claim is not None else None,
+                switch=switch,
             )
         except ProxyError as error:
             rc = decisions.failure_rc(error, self._timeout_rc)

@@ -569,6 +569,7 @@ def _recorded(row: asyncpg.Record) -> Recorded:
         response_mti=row["response_mti"],
         fields=json.loads(row["response"]) if row["response"] else {},
         field_names=tuple(names) if names else (),
+        switch=row["switch"],
     )
 
 
@@ -593,7 +594,7 @@ WITH input AS (
     RETURNING tx_key
 )
 SELECT i.tx_key, ins.tx_key IS NOT NULL AS claimed,
-       t.fingerprint, t.state, t.rc, t.response_mti, t.response, t.response_fields
+       t.fingerprint, t.state, t.rc, t.response_mti, t.response, t.response_fields, t.switch
 FROM input i
 LEFT JOIN inserted ins ON ins.tx_key = i.tx_key
 LEFT JOIN transactions t ON t.tx_key = i.tx_key AND ins.tx_key IS NULL
@@ -610,7 +611,7 @@ RETURNING t.tx_key
 """
 
 _SELECT_RECORDED = """
-SELECT tx_key, fingerprint, state, rc, response_mti, response, response_fields
+SELECT tx_key, fingerprint, state, rc, response_mti, response, response_fields, switch
 FROM transactions WHERE tx_key = ANY($1::text[])
 """
 

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 
-from codec import LOGGABLE_FIELDS, Message, Mti, mask_pan
+from codec import LOGGABLE_FIELDS, CodecError, Message, Mti, mask_pan
 
 DATE_FIELD = "7"
 FINGERPRINT_FIELDS = ("2", "3", "4", "5", "6", "14", "22", "25", "42", "49", "50", "51")
@@ -79,6 +79,7 @@ class Recorded:
     response_mti: str | None
     fields: Mapping[str, str] = field(repr=False)
     field_names: tuple[str, ...]
+    switch: str | None = None
 
     @property
     def completed(self) -> bool:
@@ -118,6 +119,19 @@ class TransactionIdentity:
             else:
                 parts.append(f"{name}={request.get(name) or ''}")
         return _SEPARATOR.join(parts)
+
+    def original_key(self, reversal: Message, received_at: datetime) -> str | None:
+        """The key of the transaction a reversal names in field 90 (original MTI, STAN and
+        transmission date and time), with the reversal's own identification fields."""
+        elements = reversal.get("90")
+        if elements is None or len(elements) < 20 or not elements[:20].isdigit():
+            return None
+        try:
+            mti = Mti.parse(elements[:4])
+        except CodecError:
+            return None
+        original = reversal.with_fields({"11": elements[4:10], "7": elements[10:20]}, mti=mti)
+        return storable(self.key(original, transaction_date(elements[10:20], received_at)))
 
     def fingerprint(self, request: Message) -> bytes:
         """HMAC of the financial fields; without a secret, the PAN is left out of it."""

@@ -8,6 +8,7 @@ from typing import Any
 
 import trio
 
+from codec import Mti
 from fixtures.messages import echo, financial
 from fixtures.sim_switch import SimSwitch
 from proxy.app import App
@@ -163,3 +164,39 @@ async def test_two_instances_send_each_queued_reversal_once(
     assert stans == [f"{60 + n:06d}" for n in range(10)]  # each sent once, by one of them
     rows = await database.fetch("SELECT state, attempts FROM reversals")
     assert rows == [{"state": "acknowledged", "attempts": 1}] * 10
+
+
+async def test_a_terminals_reversal_goes_to_the_switch_that_handled_the_original(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    alpha = await start_switch(nursery)
+    beta = await start_switch(nursery)
+    app, port = await start_proxy(
+        nursery,
+        proxy_config(
+            {"alpha": alpha.port, "beta": beta.port},
+            switch={"connections": 1},
+            store=database.store(),
+        ),
+    )
+    assert app.store is not None
+    await app.store.wait_ready()
+    terminal = await terminals.connect(port)
+    for stan in (81, 82, 83):  # round-robin: alpha, beta, alpha
+        original = financial(stan)
+        assert (await terminal.request(original)).get("39") == "00"
+    assert [r.get("11") for r in alpha.transactions()] == ["000081", "000083"]
+    # Reverse 000083 (alpha's): round-robin would pick beta next; it must go to alpha.
+    original = alpha.transactions()[-1]
+    reversal = original.with_fields(
+        {"11": "000084", "90": "0200000083" + (original.get("7") or "") + "0" * 22},
+        mti=Mti.parse("0400"),
+    )
+    assert (await terminal.request(reversal)).mti.code == "0410"
+    assert [r.get("11") for r in alpha.requests if r.mti.message_class == 4] == ["000084"]
+    assert not [r for r in beta.requests if r.get("11") == "000084"]
+    # A reversal whose original is unknown takes the normal choice: some switch, once.
+    stray = reversal.with_fields({"11": "000085", "90": "0200000099" + "0" * 32})
+    assert (await terminal.request(stray)).mti.code == "0410"
+    strays = [r for sw in (alpha, beta) for r in sw.requests if r.get("11") == "000085"]
+    assert len(strays) == 1
