@@ -26,6 +26,9 @@ STRATEGIES = ("round_robin", "weighted", "least_latency")
 DEFAULT_MATCH_KEY = ("41", "11")
 DEFAULT_KEY_FIELDS = ("32", "41", "11", "37", "7")
 ON_CONFLICT = ("rc94", "replay")
+# Answers to a reversal that mean the switch has dealt with it: done, nothing to reverse,
+# not a transaction it can reverse, already had it.
+ACK_RCS = ("00", "25", "12", "94")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Fields the proxy reads or writes itself: MTI, bitmap, STAN, RC, terminal, NMI code.
 REQUIRED_FIELDS = ("t", "p", "11", "39", "41", "70")
@@ -111,6 +114,7 @@ class ReversalConfig:
     backoff_max: float
     on_undelivered: bool
     timeout_rc: str
+    acknowledge_rcs: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,6 +400,7 @@ def _reversal(reader: _Reader, raw_value: object) -> ReversalConfig:
             "backoff_max",
             "on_undelivered",
             "timeout_rc",
+            "acknowledge_rcs",
         ),
     )
     reversal = ReversalConfig(
@@ -405,6 +410,9 @@ def _reversal(reader: _Reader, raw_value: object) -> ReversalConfig:
         backoff_max=reader.value(raw, path, "backoff_max", 60.0, _positive(86_400)),
         on_undelivered=reader.value(raw, path, "on_undelivered", True),
         timeout_rc=reader.value(raw, path, "timeout_rc", "91", _one_of(("91", "68"))),
+        acknowledge_rcs=tuple(
+            str(rc) for rc in reader.value(raw, path, "acknowledge_rcs", list(ACK_RCS), _rcs)
+        ),
     )
     if reversal.backoff_max < reversal.backoff_initial:
         reader.fail(_join(path, "backoff_max"), "must be >= backoff_initial")
@@ -486,6 +494,11 @@ def _key_field_list(value: list[Any]) -> str | None:
     if card_data := sorted(set(fields) & SENSITIVE_FIELDS, key=int):
         return f"must not use card data fields ({', '.join(card_data)})"
     return None
+
+
+def _rcs(value: list[Any]) -> str | None:
+    ok = value and all(isinstance(rc, str) and len(rc) == 2 and rc.isalnum() for rc in value)
+    return None if ok else 'must be a list of 2-character response codes, e.g. ["00", "25"]'
 
 
 def _identifier(value: str) -> str | None:

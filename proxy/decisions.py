@@ -132,8 +132,9 @@ def on_duplicate(
 def reverse_after_timeout(mti: Mti) -> bool:
     """A request of class 1 or 2 that may have reached a switch but got no answer is
     reversed: if the switch approved it, the cardholder would be charged for a purchase
-    the terminal saw fail. (A reversal is not itself reversed: the terminal repeats it.)"""
-    return mti.message_class in (1, 2)
+    the terminal saw fail. Not a reversal (the terminal repeats it), nor an advice (an
+    offline sale already happened: its repeat is sent again, see `may_reclaim`)."""
+    return mti.message_class in (1, 2) and not mti.is_advice
 
 
 def reverse_if_undelivered(mti: Mti, rc: str, policy: bool) -> bool:

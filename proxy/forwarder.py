@@ -34,6 +34,11 @@ log = logging.getLogger("iso_proxy.transactions")
 # While a duplicate waits for a transaction another instance carries, it asks the journal
 # this often whether that transaction has ended.
 JOIN_POLL = 0.05
+# Keys whose answer reached a terminal, remembered so a copy lost elsewhere is not reversed.
+MAX_DELIVERED_KEYS = 10_000
+# Waits between tries to queue the reversal of an undelivered approval while the store is
+# away (after the last, the claim-recovery sweep cannot help: the row is complete).
+UNDELIVERED_RETRIES = (0.5, 1.0, 2.0, 4.0)
 
 
 def utc_now() -> datetime:
@@ -55,11 +60,13 @@ class Journal:
 
 @dataclass(frozen=True, slots=True)
 class Receipt:
-    """What the journal needs to reverse an answer its terminal never received."""
+    """What the journal needs to reverse an answer its terminal never received. A
+    duplicate's receipt (`original` False) only tells that the answer did get through."""
 
     claim: Claim
     switch: str | None
     rc: str
+    original: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +112,7 @@ class Forwarder:
         self.late_recorded = 0
         self._late_changed = trio.Event()
         self._carrying: dict[str, _Pending] = {}
+        self._delivered: dict[str, None] = {}  # keys recently answered to a terminal
         self.duplicates: Counter[decisions.Duplicate] = Counter()
 
     async def handle(self, message: Message) -> Reply | None:
@@ -119,22 +127,41 @@ class Forwarder:
             return Reply(response)
         return await self._journaled(message, self._journal)
 
+    def delivered(self, receipt: Receipt) -> None:
+        """An answer reached its terminal: a copy that did not (on a connection the terminal
+        had already dropped, say) is then no reason to reverse."""
+        self._delivered[receipt.claim.key] = None
+        while len(self._delivered) > MAX_DELIVERED_KEYS:
+            self._delivered.pop(next(iter(self._delivered)))
+
     async def undelivered(self, receipt: Receipt) -> None:
         """The terminal's connection was gone before its answer could be written: an
-        approval is reversed (policy `reversal.on_undelivered`)."""
+        approval is reversed (policy `reversal.on_undelivered`), unless a duplicate of the
+        same transaction already carried it to the terminal."""
         journal = self._journal
         claim = receipt.claim
         mti = Mti.parse(claim.mti)
-        if journal is None or not decisions.reverse_if_undelivered(
-            mti, receipt.rc, journal.reversal.on_undelivered
+        if (
+            journal is None
+            or not receipt.original
+            or claim.key in self._delivered
+            or not decisions.reverse_if_undelivered(
+                mti, receipt.rc, journal.reversal.on_undelivered
+            )
         ):
             return
         reversal = reversal_for(claim.fields, claim.mti, journal.reversal.message, journal.clock())
-        try:
-            await journal.store.queue_reversal(claim.key, receipt.switch, reversal, "undelivered")
-            log.warning("%s approval undelivered: reversal queued", claim.mti)
-        except StoreUnavailable as error:
-            log.error("%s approval undelivered; reversal NOT queued (%s)", claim.mti, error)
+        for delay in UNDELIVERED_RETRIES:
+            try:
+                await journal.store.queue_reversal(
+                    claim.key, receipt.switch, reversal, "undelivered"
+                )
+                log.warning("%s approval undelivered: reversal queued", claim.mti)
+                return
+            except StoreUnavailable as error:
+                log.warning("%s approval undelivered; reversal not queued yet (%s)", mti, error)
+            await trio.sleep(delay)
+        log.error("%s approval undelivered; reversal NOT queued: the store is away", claim.mti)
 
     async def record_late_answers(
         self, late: trio.MemoryReceiveChannel[LateAnswer], reversals: ReversalWorker | None
@@ -169,7 +196,8 @@ class Forwarder:
         claim = journal.identity.claim(message, journal.clock())
         carried = self._carrying.get(claim.key)
         if carried is not None:  # a duplicate of a transaction this instance carries
-            return Reply(await self._duplicate(message, claim, carried.claim.fingerprint, carried))
+            reply = await self._duplicate(message, claim, carried.claim.fingerprint, carried)
+            return Reply(reply, Receipt(claim, None, reply.get("39") or "", original=False))
         pending = _Pending(claim)
         self._carrying[claim.key] = pending
         try:

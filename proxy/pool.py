@@ -133,6 +133,7 @@ class Pool:
         *,
         tag: str | None = None,
         switch: str | None = None,
+        judge_link: bool = True,
     ) -> Answered:
         """Send `message` over a healthy link and return the switch's answer.
 
@@ -157,16 +158,18 @@ class Pool:
                 raise UpstreamTimeout(
                     f"no answer from {link.switch.name} in time", switch=link.switch.name
                 )
-            link.transaction_done(
-                waiter.connection, answered=True, rtt=trio.current_time() - waiter.written_at
-            )
+            if judge_link:
+                link.transaction_done(
+                    waiter.connection, answered=True, rtt=trio.current_time() - waiter.written_at
+                )
             return Answered(waiter.response, link.switch.name, link.name)
         finally:
             # Written but unanswered (timed out, or this task was cancelled): the key stays
             # taken until the late answer or the connection's end.
             self._correlator.finish(key, waiter, answered=waiter.event.is_set())
             if timed_out is not None:
-                timed_out.transaction_done(waiter.connection, answered=False, rtt=0.0)
+                if judge_link:
+                    timed_out.transaction_done(waiter.connection, answered=False, rtt=0.0)
                 self._recycle_if_stale(timed_out)
 
     async def _send(

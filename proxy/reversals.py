@@ -5,8 +5,10 @@ undelivered approval, ...). This worker leases the due ones (several instances s
 queue: a lease hides a reversal from the others, so each is sent by one instance at a
 time), sends each over a healthy link of its switch (any switch when none is recorded),
 the first attempt as 0400 / 0420 and the next ones as repeats 0401 / 0421, and records the
-result: acknowledged on any answer, queued again with exponential backoff when there is
-none, failed after `reversal.max_attempts` (logged, without card data).
+result: acknowledged on an answer with an RC of `reversal.acknowledge_rcs`, queued again
+with exponential backoff otherwise, failed after `reversal.max_attempts` attempts that
+were written (logged, without card data). Attempts that never left the proxy (no link
+up...) are not counted: an outage delays a reversal, it never fails it unsent.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from collections.abc import Callable
 
 import trio
 
+from codec import Message
 from proxy import decisions
 from proxy.backoff import Backoff
 from proxy.config import ReversalConfig
-from proxy.errors import ProxyError
+from proxy.errors import LinkLost, ProxyError, UpstreamTimeout
 from proxy.keys import match_key
 from proxy.pool import Pool
 from proxy.store import DueReversal, Store, StoreUnavailable
@@ -29,8 +32,9 @@ log = logging.getLogger("iso_proxy.reversals")
 
 # A late answer to a reversal still acknowledges it: its pool tag names the reversal.
 LATE_TAG = "reversal:"
-# How many due reversals one lease takes, and how often an idle worker looks again.
-LEASE_BATCH = 16
+# How many due reversals one lease takes (one: its lease starts just before its send), and
+# how often an idle worker looks again.
+LEASE_BATCH = 1
 IDLE_POLL = 0.5
 
 
@@ -54,7 +58,9 @@ class ReversalWorker:
         self._rng = rng
         self._backoff = Backoff(config.backoff_initial, config.backoff_max)
         self.sent = 0
+        self.tried = 0
         self.acknowledged = 0
+        self.failed = 0
         self._recorded = trio.Event()
 
     async def recover(self, older_than: float, every: float) -> None:
@@ -84,54 +90,86 @@ class ReversalWorker:
 
     async def _send(self, due: DueReversal) -> None:
         message = due.message()
-        if due.attempts > 1:
+        if due.attempts > 0:  # an earlier attempt was written: this one is a repeat
             message = message.with_fields({}, mti=decisions.repeat_of(message.mti))
-        self.sent += 1
         try:
             answered = await self._pool.forward(
                 message,
                 match_key(message, self._match_fields),
                 tag=f"{LATE_TAG}{due.id}",
                 switch=due.switch,
+                judge_link=False,  # a switch slow to reverse is not a dead link
             )
-        except ProxyError as error:
-            if due.attempts >= self._config.max_attempts:
-                log.error(
-                    "reversal %d (%s) given up after %d attempts: %s",
-                    due.id, message.mti, due.attempts, error,
-                )  # fmt: skip
-                await self._record(due, "failed", None, 0.0)
-            else:
-                delay = self._backoff.delay(due.attempts - 1, self._rng)
-                log.warning("reversal %d unanswered (%s); again in %.1fs", due.id, error, delay)
-                await self._record(due, "queued", None, delay)
+        except (UpstreamTimeout, LinkLost) as error:  # written, no answer
+            self.sent += 1
+            await self._retry(due, message, error, written=True)
             return
+        except ProxyError as error:  # never left: no link, key busy, not encodable
+            await self._retry(due, message, error, written=False)
+            return
+        self.sent += 1
         rc = answered.response.get("39")
-        log.info("reversal %d acknowledged by %s: rc=%r", due.id, answered.switch, rc)
-        await self._record(due, "acknowledged", rc, 0.0)
+        if rc in self._config.acknowledge_rcs:
+            log.info("reversal %d acknowledged by %s: rc=%r", due.id, answered.switch, rc)
+            await self._record(due, "acknowledged", rc, 0.0, written=True)
+        else:  # the switch did not process it (91, 96, a stand-in...): again later
+            await self._retry(due, message, f"answered rc={rc!r}", written=True, rc=rc)
+
+    async def _retry(
+        self,
+        due: DueReversal,
+        message: Message,
+        why: object,
+        *,
+        written: bool,
+        rc: str | None = None,
+    ) -> None:
+        attempts = due.attempts + written
+        if written and attempts >= self._config.max_attempts:
+            log.error(
+                "reversal %d (%s) given up after %d attempts: %s",
+                due.id,
+                message.mti,
+                attempts,
+                why,
+            )
+            await self._record(due, "failed", rc, 0.0, written=written)
+            return
+        # Attempts that never left the proxy (switch down...) are not counted: an outage
+        # delays a reversal, it never makes it give up unsent.
+        delay = self._backoff.delay(max(attempts - 1, 0), self._rng)
+        log.warning("reversal %d not acknowledged (%s); again in %.1fs", due.id, why, delay)
+        await self._record(due, "queued", rc, delay, written=written)
 
     async def acknowledge_late(self, reversal_id: int, rc: str | None) -> None:
         """A switch answered a reversal after its deadline: that is an acknowledgment."""
         log.info("reversal %d acknowledged late: rc=%r", reversal_id, rc)
-        await self._record_id(reversal_id, "acknowledged", rc, 0.0)
+        await self._record_id(reversal_id, "acknowledged", rc, 0.0, written=False)
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
         """Wait until `condition()` holds; it is checked after each recorded attempt."""
         while not condition():
             await self._recorded.wait()
 
-    async def _record(self, due: DueReversal, state: str, rc: str | None, retry_in: float) -> None:
-        await self._record_id(due.id, state, rc, retry_in)
+    async def _record(
+        self, due: DueReversal, state: str, rc: str | None, retry_in: float, *, written: bool
+    ) -> None:
+        await self._record_id(due.id, state, rc, retry_in, written=written)
 
     async def _record_id(
-        self, reversal_id: int, state: str, rc: str | None, retry_in: float
+        self, reversal_id: int, state: str, rc: str | None, retry_in: float, *, written: bool
     ) -> None:
         try:
-            await self._store.reversal_sent(reversal_id, state, rc, retry_in)
+            if not await self._store.reversal_sent(reversal_id, state, rc, retry_in, written):
+                log.warning("reversal %d: lease lapsed, another instance has it", reversal_id)
+                return
         except StoreUnavailable as error:  # its lease runs out; it will be sent again
             log.warning("reversal %d result not recorded (%s)", reversal_id, error)
             return
+        self.tried += 1
         if state == "acknowledged":
             self.acknowledged += 1
+        elif state == "failed":
+            self.failed += 1
         self._recorded.set()
         self._recorded = trio.Event()

@@ -120,8 +120,11 @@ class _Connection:
             if reply is None:
                 return
             delivered = await self._reply(request, reply.message, tpdu)
-            if not delivered and reply.receipt is not None:
-                await self._forwarder.undelivered(reply.receipt)
+            if reply.receipt is not None:
+                if delivered:
+                    self._forwarder.delivered(reply.receipt)
+                else:
+                    await self._forwarder.undelivered(reply.receipt)
         finally:
             self._in_flight.release()
 

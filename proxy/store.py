@@ -48,7 +48,7 @@ from codec import Message, Mti
 from proxy.backoff import Backoff
 from proxy.decisions import may_reclaim, reverse_after_timeout
 from proxy.errors import ProxyError
-from proxy.transactions import Claim, Outcome, Recorded, reversal_for
+from proxy.transactions import Claim, Outcome, Recorded, reversal_for, storable
 
 log = logging.getLogger("iso_proxy.store")
 
@@ -452,7 +452,8 @@ class Store:
 
     async def record_late(self, key: str, rc: str, latency_ms: float) -> None:
         """A switch's answer that came after the deadline: recorded, never delivered."""
-        await self._guarded(partial(self._query_by, _RECORD_LATE, [key, rc, latency_ms]))
+        args = [key, storable(rc), latency_ms]
+        await self._guarded(partial(self._query_by, _RECORD_LATE, args))
 
     async def queue_reversal(
         self, key: str, switch: str | None, reversal: Message, why: str
@@ -483,6 +484,7 @@ class Store:
         rows = await self._guarded(
             partial(self._query_by, _LEASE_REVERSALS, [self._settings.instance, limit, lease])
         )
+        rows = sorted(rows, key=lambda row: row["id"])
         return [
             DueReversal(
                 r["id"], r["tx_key"], r["switch"], r["mti"], json.loads(r["message"]), r["attempts"]
@@ -491,11 +493,20 @@ class Store:
         ]
 
     async def reversal_sent(
-        self, reversal_id: int, state: str, rc: str | None, retry_in: float
-    ) -> None:
-        """After an attempt: `acknowledged`, `failed` (given up), or `queued` again."""
-        args = [reversal_id, state, rc, retry_in]
-        await self._guarded(partial(self._query_by, _REVERSAL_SENT, args))
+        self, reversal_id: int, state: str, rc: str | None, retry_in: float, written: bool
+    ) -> bool:
+        """After an attempt: `acknowledged`, `failed` (given up), or `queued` again; an
+        attempt counts only if the reversal was `written`. False when this instance's
+        lease had lapsed and another holds the reversal (an acknowledgment always lands)."""
+        args = [
+            reversal_id,
+            state,
+            storable(rc) if rc is not None else None,
+            retry_in,
+            self._settings.instance,
+            written,
+        ]
+        return bool(await self._guarded(partial(self._query_by, _REVERSAL_SENT, args)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -653,8 +664,7 @@ RETURNING id
 
 _LEASE_REVERSALS = """
 UPDATE reversals r
-SET leased_by = $1, lease_until = now() + make_interval(secs => $3), attempts = attempts + 1,
-    updated_at = now()
+SET leased_by = $1, lease_until = now() + make_interval(secs => $3), updated_at = now()
 WHERE r.id IN (
     SELECT id FROM reversals
     WHERE state = 'queued' AND next_attempt_at <= now()
@@ -669,8 +679,10 @@ RETURNING r.id, r.tx_key, r.switch, r.mti, r.message, r.attempts
 _REVERSAL_SENT = """
 UPDATE reversals
 SET state = $2, last_rc = $3, leased_by = NULL, lease_until = NULL, updated_at = now(),
-    next_attempt_at = now() + make_interval(secs => $4)
+    next_attempt_at = now() + make_interval(secs => $4),
+    attempts = attempts + CASE WHEN $6 THEN 1 ELSE 0 END
 WHERE id = $1 AND state <> 'acknowledged'
+  AND ($2 = 'acknowledged' OR leased_by = $5 OR leased_by IS NULL)
 RETURNING id
 """
 

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import socket
 import struct
+from datetime import UTC, datetime
 from typing import Any
 
 import trio
 
-from codec import Mti
+from codec import Message, Mti
 from fixtures.messages import echo, financial
 from fixtures.sim_switch import SimSwitch
 from proxy.app import App
 from proxy.reversals import ReversalWorker
-from tests.conftest import Database, Terminals, proxy_config, start_proxy, start_switch
+from proxy.transactions import TransactionIdentity, reversal_for
+from tests.conftest import (
+    TEST_PAN_KEY,
+    Database,
+    Terminals,
+    proxy_config,
+    start_proxy,
+    start_switch,
+)
 
 QUICK_REVERSALS = {"backoff_initial": 0.05, "backoff_max": 0.4}
 
@@ -200,3 +209,60 @@ async def test_a_terminals_reversal_goes_to_the_switch_that_handled_the_original
     assert (await terminal.request(stray)).mti.code == "0410"
     strays = [r for sw in (alpha, beta) for r in sw.requests if r.get("11") == "000085"]
     assert len(strays) == 1
+
+
+def _queued_reversal() -> Message:
+    original = financial(91)
+    return reversal_for(dict(original.fields), "0200", "0400", datetime.now(UTC))
+
+
+async def _queue(app: App, database: Database, reversal: Message) -> None:
+    assert app.store is not None
+    claim = TransactionIdentity(("41", "11"), TEST_PAN_KEY).claim(financial(91), datetime.now(UTC))
+    assert await app.store.claim(claim) is None
+    assert await app.store.queue_reversal(claim.key, "alpha", reversal, "timed_out")
+
+
+async def test_a_reversal_waits_out_an_outage_without_spending_attempts(
+    nursery: trio.Nursery, database: Database
+) -> None:
+    closed = trio.socket.socket()
+    await closed.bind(("127.0.0.1", 0))
+    switch_port = closed.getsockname()[1]
+    closed.close()
+    app, _ = await start_proxy(
+        nursery,
+        proxy_config(
+            {"alpha": switch_port},
+            store=database.store(),
+            reversal={**QUICK_REVERSALS, "max_attempts": 2},
+        ),
+        links_up=False,
+    )
+    assert app.store is not None and app.reversals is not None
+    await app.store.wait_ready()
+    await _queue(app, database, _queued_reversal())
+    worker = app.reversals
+    with trio.fail_after(10):  # several tries while the switch is down: none counted
+        await worker.wait_until(lambda: worker.tried >= 4)
+    switch = await start_switch(nursery, port=switch_port)
+    with trio.fail_after(15):
+        await worker.wait_until(lambda: worker.acknowledged >= 1)
+    assert [r.mti.code for r in switch.requests if r.mti.message_class == 4] == ["0400"]
+    rows = await database.fetch("SELECT state, attempts FROM reversals")
+    assert rows == [{"state": "acknowledged", "attempts": 1}]
+
+
+async def test_a_reversal_answered_without_processing_is_not_acknowledged(
+    nursery: trio.Nursery, database: Database
+) -> None:
+    switch = await start_switch(nursery, rc="96")  # "system malfunction" to everything
+    app, _ = await _proxy(nursery, database, switch, reversal={"max_attempts": 2})
+    assert app.reversals is not None
+    await _queue(app, database, _queued_reversal())
+    worker = app.reversals
+    with trio.fail_after(15):
+        await worker.wait_until(lambda: worker.failed >= 1)
+    assert [r.mti.code for r in switch.requests if r.mti.message_class == 4] == ["0400", "0401"]
+    rows = await database.fetch("SELECT state, attempts, last_rc FROM reversals")
+    assert rows == [{"state": "failed", "attempts": 2, "last_rc": "96"}]

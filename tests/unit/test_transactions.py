@@ -148,7 +148,7 @@ def test_a_reversal_names_its_original_and_carries_no_card_data() -> None:
 
 
 @pytest.mark.parametrize(
-    ("mti", "reversed_"), [("0100", True), ("0200", True), ("0220", True), ("0400", False)]
+    ("mti", "reversed_"), [("0100", True), ("0200", True), ("0220", False), ("0400", False)]
 )
 def test_what_a_timeout_reverses(mti: str, reversed_: bool) -> None:
     assert decisions.reverse_after_timeout(Mti.parse(mti)) is reversed_
