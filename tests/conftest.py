@@ -84,6 +84,14 @@ async def start_switch(nursery: trio.Nursery, **options: Any) -> SimSwitch:
 TEST_PAN_KEY = b"test-pan-key-not-a-secret-0123456789"
 
 
+async def unused_port() -> int:
+    """A loopback port nothing listens on (now: a test may start something there later)."""
+    with trio.socket.socket() as probe:
+        await probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
 async def start_proxy(
     nursery: trio.Nursery,
     config: Config,

@@ -8,7 +8,7 @@ import sys
 
 import trio
 
-from tests.conftest import proxy_config, start_proxy, start_switch
+from tests.conftest import proxy_config, start_proxy, start_switch, unused_port
 
 LINE = re.compile(r"^0810 from 127\.0\.0\.1:\d+: stan=\d{6} rc=00 time=\d+\.\d\d ms$")
 
@@ -45,10 +45,7 @@ async def test_echo_against_a_switch_that_drops_echoes_reports_the_loss(
 
 
 async def test_echo_when_nothing_listens_fails_clearly() -> None:
-    closed = trio.socket.socket()
-    await closed.bind(("127.0.0.1", 0))
-    port = closed.getsockname()[1]
-    closed.close()
+    port = await unused_port()
     result = await _echo(port, "-n", "1")
     output = result.stdout.decode()
     assert result.returncode == 1

@@ -24,6 +24,7 @@ from tests.conftest import (
     proxy_config,
     start_proxy,
     start_switch,
+    unused_port,
 )
 
 TRACK2 = f"{TEST_PAN}=2512101123456789"
@@ -286,10 +287,7 @@ async def test_a_duplicate_never_gets_the_answer_of_other_content_under_its_key(
 async def test_a_request_that_never_left_may_be_sent_again(
     nursery: trio.Nursery, terminals: Terminals, database: Database
 ) -> None:
-    closed = trio.socket.socket()
-    await closed.bind(("127.0.0.1", 0))
-    switch_port = closed.getsockname()[1]
-    closed.close()
+    switch_port = await unused_port()
     app, port = await start_proxy(
         nursery, proxy_config({"alpha": switch_port}, store=database.store()), links_up=False
     )

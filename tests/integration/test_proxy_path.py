@@ -19,6 +19,7 @@ from tests.conftest import (
     proxy_with_one_switch,
     start_proxy,
     start_switch,
+    unused_port,
 )
 
 
@@ -115,10 +116,7 @@ async def test_no_link_up_answers_rc_91_at_once(
     nursery: trio.Nursery,
     terminals: Terminals,
 ) -> None:
-    closed = trio.socket.socket()
-    await closed.bind(("127.0.0.1", 0))
-    dead_port = closed.getsockname()[1]
-    closed.close()
+    dead_port = await unused_port()
     _, port = await start_proxy(nursery, proxy_config({"alpha": dead_port}), links_up=False)
     terminal = await terminals.connect(port)
     with trio.fail_after(2):  # far below the switch's 5 s timeout
@@ -264,10 +262,7 @@ async def test_switch_traffic_the_proxy_did_not_ask_for(
 async def test_a_switch_down_at_start_is_connected_when_it_comes_up(
     nursery: trio.Nursery, terminals: Terminals
 ) -> None:
-    reserved = trio.socket.socket()
-    await reserved.bind(("127.0.0.1", 0))
-    switch_port = reserved.getsockname()[1]
-    reserved.close()
+    switch_port = await unused_port()
     app, port = await start_proxy(nursery, proxy_config({"alpha": switch_port}), links_up=False)
     terminal = await terminals.connect(port)
     assert (await terminal.request(financial(1))).get("39") == "91"

@@ -22,6 +22,7 @@ from tests.conftest import (
     proxy_config,
     start_proxy,
     start_switch,
+    unused_port,
 )
 
 QUICK_REVERSALS = {"backoff_initial": 0.05, "backoff_max": 0.4}
@@ -226,10 +227,7 @@ async def _queue(app: App, database: Database, reversal: Message) -> None:
 async def test_a_reversal_waits_out_an_outage_without_spending_attempts(
     nursery: trio.Nursery, database: Database
 ) -> None:
-    closed = trio.socket.socket()
-    await closed.bind(("127.0.0.1", 0))
-    switch_port = closed.getsockname()[1]
-    closed.close()
+    switch_port = await unused_port()
     app, _ = await start_proxy(
         nursery,
         proxy_config(
