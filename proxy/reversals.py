@@ -90,7 +90,7 @@ class ReversalWorker:
 
     async def _send(self, due: DueReversal) -> None:
         message = due.message()
-        if due.attempts > 0:  # an earlier attempt was written: this one is a repeat
+        if due.attempts > 0 or due.lapsed:  # an earlier attempt was (maybe) written
             message = message.with_fields({}, mti=decisions.repeat_of(message.mti))
         try:
             answered = await self._pool.forward(

@@ -487,7 +487,13 @@ class Store:
         rows = sorted(rows, key=lambda row: row["id"])
         return [
             DueReversal(
-                r["id"], r["tx_key"], r["switch"], r["mti"], json.loads(r["message"]), r["attempts"]
+                r["id"],
+                r["tx_key"],
+                r["switch"],
+                r["mti"],
+                json.loads(r["message"]),
+                r["attempts"],
+                r["lapsed"],
             )
             for r in rows
         ]
@@ -517,6 +523,7 @@ class DueReversal:
     mti: str
     fields: dict[str, str] = field(repr=False)
     attempts: int
+    lapsed: bool  # an earlier holder's lease ran out: it may have written it
 
     def message(self) -> Message:
         return Message(Mti.parse(self.mti), self.fields)
@@ -663,17 +670,19 @@ RETURNING id
 """
 
 _LEASE_REVERSALS = """
-UPDATE reversals r
-SET leased_by = $1, lease_until = now() + make_interval(secs => $3), updated_at = now()
-WHERE r.id IN (
-    SELECT id FROM reversals
+WITH due AS (
+    SELECT id, leased_by IS NOT NULL AS lapsed FROM reversals
     WHERE state = 'queued' AND next_attempt_at <= now()
       AND (lease_until IS NULL OR lease_until < now())
     ORDER BY id
     FOR UPDATE SKIP LOCKED
     LIMIT $2
 )
-RETURNING r.id, r.tx_key, r.switch, r.mti, r.message, r.attempts
+UPDATE reversals r
+SET leased_by = $1, lease_until = now() + make_interval(secs => $3), updated_at = now()
+FROM due
+WHERE r.id = due.id
+RETURNING r.id, r.tx_key, r.switch, r.mti, r.message, r.attempts, due.lapsed
 """
 
 _REVERSAL_SENT = """
