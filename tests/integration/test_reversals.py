@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
 import struct
 from datetime import UTC, datetime
@@ -91,13 +92,25 @@ async def test_unanswered_reversals_are_repeated_with_backoff_until_acknowledged
     nursery: trio.Nursery, terminals: Terminals, database: Database
 ) -> None:
     switch = await start_switch(nursery, drop=True, ignore_reversals=3)
-    app, port = await _proxy(nursery, database, switch, reversal={"max_attempts": 10})
+    app, port = await _proxy(
+        nursery,
+        database,
+        switch,
+        reversal={"max_attempts": 10, "backoff_initial": 0.2, "backoff_max": 5},
+    )
     terminal = await terminals.connect(port)
     assert (await terminal.request(financial(31))).get("39") == "91"
     with trio.fail_after(15):
         await switch.wait_until(lambda: switch.received_reversals() >= 4)
     reversals = [r.mti.code for r in switch.requests if r.mti.message_class == 4]
     assert reversals == ["0400", "0401", "0401", "0401"]
+    times = [
+        t for r, t in zip(switch.requests, switch.arrivals, strict=True) if r.mti.message_class == 4
+    ]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    # Each gap: the 0.3 s wait for an answer, then a backoff of 0.2, 0.4, 0.8 s (less
+    # up to 20% jitter): they grow.
+    assert gaps[0] < gaps[1] < gaps[2], gaps
     worker = app.reversals
     assert worker is not None
     with trio.fail_after(10):
