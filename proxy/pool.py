@@ -118,9 +118,6 @@ class Pool:
                         starting.start_soon(nursery.start, link.run)
             task_status.started()
 
-    def up_links(self) -> list[Link]:
-        return [link for links in self.links.values() for link in links if link.is_up]
-
     async def wait_until(self, condition: Callable[[], bool]) -> None:
         """Wait until `condition()` holds; it is checked after every link state change."""
         while not condition():

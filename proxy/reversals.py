@@ -57,7 +57,6 @@ class ReversalWorker:
         self._lease = lease
         self._rng = rng
         self._backoff = Backoff(config.backoff_initial, config.backoff_max)
-        self.sent = 0
         self.tried = 0
         self.acknowledged = 0
         self.failed = 0
@@ -101,13 +100,11 @@ class ReversalWorker:
                 judge_link=False,  # a switch slow to reverse is not a dead link
             )
         except (UpstreamTimeout, LinkLost) as error:  # written, no answer
-            self.sent += 1
             await self._retry(due, message, error, written=True)
             return
         except ProxyError as error:  # never left: no link, key busy, not encodable
             await self._retry(due, message, error, written=False)
             return
-        self.sent += 1
         rc = answered.response.get("39")
         if rc in self._config.acknowledge_rcs:
             log.info("reversal %d acknowledged by %s: rc=%r", due.id, answered.switch, rc)
