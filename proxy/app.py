@@ -10,8 +10,10 @@ from datetime import datetime
 
 import trio
 
+from proxy.admin import AdminServer
 from proxy.config import Config
 from proxy.forwarder import Forwarder, Journal, utc_now
+from proxy.metrics import ProxyCollector, registry_for
 from proxy.pool import Pool
 from proxy.reversals import ReversalWorker
 from proxy.server import Server
@@ -90,8 +92,29 @@ class App:
             self.orphan_age = longest + WRITE_GRACE + 2 * config.store.timeout + 1
         self.server = Server(config.listen, self.forwarder)
 
+        self.registry = registry_for(
+            ProxyCollector(self.pool, self.server, self.forwarder, self.reversals)
+        )
+        self.admin: AdminServer | None = None
+        if config.admin.enabled:
+            self.admin = AdminServer(
+                config.admin.host, config.admin.port, self.registry, self.readiness
+            )
+        self.admin_port = 0
+
+    def readiness(self) -> list[str]:
+        """What keeps the proxy from taking traffic; empty when it is ready."""
+        problems = []
+        if self.store is not None and not self.store.ready:
+            problems.append("store unreachable")
+        if not any(link.is_up for links in self.pool.links.values() for link in links):
+            problems.append("no switch link up")
+        return problems
+
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            if self.admin is not None:
+                self.admin_port = await nursery.start(self.admin.run)
             if self.store is not None:
                 await nursery.start(self.store.run)
             await nursery.start(self.pool.run)

@@ -124,6 +124,13 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    enabled: bool
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str
 
@@ -137,6 +144,7 @@ class Config:
     store: StoreConfig
     idempotency: IdempotencyConfig
     reversal: ReversalConfig
+    admin: AdminConfig
     log: LogConfig
 
 
@@ -227,7 +235,17 @@ def parse_config(raw: object, *, base_dir: Path) -> Config:
     top = reader.mapping(
         raw,
         "config",
-        ("listen", "switches", "health", "routing", "store", "idempotency", "reversal", "log"),
+        (
+            "listen",
+            "switches",
+            "health",
+            "routing",
+            "store",
+            "idempotency",
+            "reversal",
+            "admin",
+            "log",
+        ),
     )
     config = Config(
         listen=_listen(reader, top.get("listen")),
@@ -237,6 +255,7 @@ def parse_config(raw: object, *, base_dir: Path) -> Config:
         store=_store(reader, top.get("store")),
         idempotency=_idempotency(reader, top.get("idempotency")),
         reversal=_reversal(reader, top.get("reversal")),
+        admin=_admin(reader, top.get("admin")),
         log=_log(reader, top.get("log")),
     )
     endpoints = {"listen": config.listen.endpoint} | {
@@ -417,6 +436,15 @@ def _reversal(reader: _Reader, raw_value: object) -> ReversalConfig:
     if reversal.backoff_max < reversal.backoff_initial:
         reader.fail(_join(path, "backoff_max"), "must be >= backoff_initial")
     return reversal
+
+
+def _admin(reader: _Reader, raw_value: object) -> AdminConfig:
+    raw = reader.mapping(raw_value, "admin", ("enabled", "host", "port"))
+    return AdminConfig(
+        enabled=reader.value(raw, "admin", "enabled", True),
+        host=reader.value(raw, "admin", "host", "127.0.0.1", _host),
+        port=reader.value(raw, "admin", "port", 9100, _between(0, 65535)),
+    )
 
 
 def _log(reader: _Reader, raw_value: object) -> LogConfig:

@@ -236,6 +236,10 @@ class Pool:
         """Peak-EWMA round trip times the requests the link is already waiting on."""
         return (link.latency.value or 0.0) * (self._correlator.in_flight(link.connection) + 1)
 
+    def in_flight(self, link: Link) -> int:
+        """Requests written on `link`'s current connection and not yet answered."""
+        return self._correlator.in_flight(link.connection)
+
     def _full(self, link: Link) -> bool:
         return self._correlator.in_flight(link.connection) >= link.switch.max_inflight
 

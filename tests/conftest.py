@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 import trio
 
 from codec import FrameFormat, Message, load_spec
+from fixtures.chaos import ChaosProxy, Mode
 from fixtures.messages import financial
 from fixtures.sim_switch import SimSwitch, SimSwitchOptions
 from fixtures.terminal import Terminal
@@ -65,6 +67,7 @@ def proxy_config(
         ],
     }
     raw["health"] = {**FAST_HEALTH, **(health or {})}
+    raw["admin"] = {"host": "127.0.0.1", "port": 0}
     raw["store"] = dict(store) if store is not None else {"enabled": False}
     if idempotency is not None:
         raw["idempotency"] = dict(idempotency)
@@ -189,6 +192,21 @@ class Database:
     def store(self, **settings: Any) -> dict[str, Any]:
         """The `store:` config section for a journal in this schema."""
         return {"dsn": self.dsn, "schema": self.schema, **settings}
+
+    async def behind_chaos(self, nursery: trio.Nursery, mode: Mode) -> tuple[ChaosProxy, str]:
+        """A fault-injecting relay in front of this database, and the DSN that goes through
+        it (TCP, or the embedded server's Unix socket)."""
+        url = urlsplit(self.dsn)
+        socket_dir = parse_qs(url.query).get("host", [""])[0]
+        target: tuple[str, int] | str = (
+            f"{socket_dir}/.s.PGSQL.{url.port or 5432}"
+            if socket_dir.startswith("/")
+            else (url.hostname or "127.0.0.1", url.port or 5432)
+        )
+        chaos = ChaosProxy(target, mode)
+        await nursery.start(chaos.run)
+        netloc = f"{url.username or 'postgres'}@127.0.0.1:{chaos.port}"
+        return chaos, urlunsplit(url._replace(netloc=netloc, query=""))
 
     async def fetch(self, sql: str) -> list[dict[str, Any]]:
         """Run a query in this schema from a helper thread (tests only)."""

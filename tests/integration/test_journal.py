@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import pytest
 import trio
@@ -202,18 +201,7 @@ async def test_no_card_data_in_the_table_or_the_logs(
 async def _store_behind_chaos(
     nursery: trio.Nursery, database: Database, mode: Mode
 ) -> tuple[SimSwitch, App, int, ChaosProxy]:
-    url = urlsplit(database.dsn)
-    socket_dir = parse_qs(url.query).get("host", [""])[0]  # the embedded server's socket
-    target: tuple[str, int] | str = (
-        f"{socket_dir}/.s.PGSQL.{url.port or 5432}"
-        if socket_dir.startswith("/")
-        else (url.hostname or "127.0.0.1", url.port or 5432)
-    )
-    chaos = ChaosProxy(target, mode)
-    await nursery.start(chaos.run)
-    dsn = urlunsplit(
-        url._replace(netloc=f"{url.username or 'postgres'}@127.0.0.1:{chaos.port}", query="")
-    )
+    chaos, dsn = await database.behind_chaos(nursery, mode)
     switch = await start_switch(nursery)
     app, port = await start_proxy(
         nursery,

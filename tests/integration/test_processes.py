@@ -16,7 +16,8 @@ import trio
 from fixtures.messages import echo, financial
 from tests.conftest import TEST_PAN_KEY, Database, Terminals, start_switch
 
-LISTENING = re.compile(rb"listening on [^ ]+:(\d+)")
+LISTENING = re.compile(rb"(?:iso_proxy\.server: |sim switch )listening on [^ ]+:(\d+)")
+ADMIN = re.compile(rb"admin listening on [^ ]+:(\d+)")
 LINK_UP = re.compile(rb"link [^ ]+: up$")
 
 
@@ -99,7 +100,7 @@ async def test_quick_start_processes_carry_traffic_and_stop_cleanly(
     beta = await children.spawn("sim-switch", "--port", "0", "--delay", "0.01")
     config = tmp_path / "config.yaml"
     config.write_text(
-        "listen: {host: 127.0.0.1, port: 0}\nstore: {enabled: false}\n"
+        "listen: {host: 127.0.0.1, port: 0}\nstore: {enabled: false}\nadmin: {port: 0}\n"
         "switches:\n"
         f"  - {{name: alpha, host: 127.0.0.1, port: {await alpha.port()}, connections: 2}}\n"
         f"  - {{name: beta, host: 127.0.0.1, port: {await beta.port()}, connections: 2}}\n"
@@ -130,7 +131,7 @@ async def test_run_signs_on_and_signs_off_on_sigterm(
     switch = await start_switch(nursery)
     config = tmp_path / "config.yaml"
     config.write_text(
-        "listen: {host: 127.0.0.1, port: 0}\nstore: {enabled: false}\n"
+        "listen: {host: 127.0.0.1, port: 0}\nstore: {enabled: false}\nadmin: {port: 0}\n"
         f"switches: [{{name: alpha, host: 127.0.0.1, port: {switch.port}, connections: 2,"
         " sign_on: true}]\n"
     )
@@ -154,7 +155,7 @@ async def test_a_killed_proxy_has_what_it_left_in_flight_reversed_once(
     switch = await start_switch(nursery, delay=60)  # holds every purchase: all in flight
     config = tmp_path / "config.yaml"
     config.write_text(
-        "listen: {host: 127.0.0.1, port: 0}\n"
+        "listen: {host: 127.0.0.1, port: 0}\nadmin: {port: 0}\n"
         f"switches: [{{name: alpha, host: 127.0.0.1, port: {switch.port}, timeout: 1}}]\n"
         f"store: {{schema: {database.schema}, timeout: 0.5}}\n"
         "reversal: {backoff_initial: 0.2, backoff_max: 1}\n"

@@ -164,6 +164,7 @@ def test_run_reports_a_port_in_use_clearly(tmp_path: Path) -> None:
         config = tmp_path / "config.yaml"
         config.write_text(
             f"listen: {{host: 127.0.0.1, port: {port}}}\nstore: {{enabled: false}}\n"
+            "admin: {port: 0}\n"
             "switches: [{name: a, host: 127.0.0.1, port: 9, connect_timeout: 0.5}]\n"
         )
         result = _cli("run", "-c", str(config))

@@ -1,0 +1,96 @@
+"""Prometheus metrics, read from the live services when scraped (nothing on the hot path).
+
+Labels are bounded: switch, link, state, action. Never a STAN, RRN or PAN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from proxy.forwarder import Forwarder
+from proxy.health import LinkState
+from proxy.pool import Pool
+from proxy.reversals import ReversalWorker
+from proxy.server import Server
+
+
+class ProxyCollector(Collector):
+    """Gauges and counters of the pool, the server, the journal and the reversal worker."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        server: Server,
+        forwarder: Forwarder,
+        reversals: ReversalWorker | None,
+    ) -> None:
+        self._pool = pool
+        self._server = server
+        self._forwarder = forwarder
+        self._reversals = reversals
+
+    def collect(self) -> Iterator[Metric]:
+        switch_up = GaugeMetricFamily(
+            "isoproxy_switch_up", "1 when at least one link of the switch is up", labels=["switch"]
+        )
+        link_state = GaugeMetricFamily(
+            "isoproxy_link_state",
+            "1 for the state each link is in",
+            labels=["switch", "link", "state"],
+        )
+        inflight = GaugeMetricFamily(
+            "isoproxy_inflight",
+            "Requests written to the switch, not yet answered",
+            labels=["switch"],
+        )
+        for name, links in self._pool.links.items():
+            switch_up.add_metric([name], float(any(link.is_up for link in links)))
+            inflight.add_metric([name], float(sum(self._pool.in_flight(link) for link in links)))
+            for link in links:
+                for state in LinkState:
+                    link_state.add_metric(
+                        [name, link.name, state.value], float(link.state is state)
+                    )
+        yield switch_up
+        yield link_state
+        yield inflight
+        yield GaugeMetricFamily(
+            "isoproxy_client_connections",
+            "Terminal connections open",
+            value=float(self._server.connections),
+        )
+        yield CounterMetricFamily(
+            "isoproxy_late_responses",
+            "Switch answers that came after their deadline (recorded, never delivered)",
+            value=float(self._pool.late_count),
+        )
+        yield CounterMetricFamily(
+            "isoproxy_unmatched_responses",
+            "Switch answers that matched no request",
+            value=float(self._pool.unmatched_count),
+        )
+        duplicates = CounterMetricFamily(
+            "isoproxy_duplicates", "Duplicates answered without a switch", labels=["action"]
+        )
+        for action, count in sorted(self._forwarder.duplicates.items()):
+            duplicates.add_metric([action.value], float(count))
+        yield duplicates
+        if self._reversals is not None:
+            reversals = CounterMetricFamily(
+                "isoproxy_reversals", "Reversal attempts recorded, by result", labels=["result"]
+            )
+            reversals.add_metric(["acknowledged"], float(self._reversals.acknowledged))
+            reversals.add_metric(["failed"], float(self._reversals.failed))
+            reversals.add_metric(["tried"], float(self._reversals.tried))
+            yield reversals
+
+
+def registry_for(collector: Collector) -> CollectorRegistry:
+    """A registry of this proxy's own (never the process-wide default: tests run several)."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(collector)
+    return registry

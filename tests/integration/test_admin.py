@@ -1,0 +1,146 @@
+"""The admin HTTP server: health, readiness and Prometheus metrics, read with real clients."""
+
+from __future__ import annotations
+
+import json
+
+import h11
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from fixtures.chaos import Mode
+from fixtures.messages import financial
+from fixtures.sim_switch import SimSwitch, SimSwitchOptions
+from tests.conftest import Database, Terminals, proxy_config, start_proxy, start_switch
+
+
+async def http(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:
+    """One request to 127.0.0.1:`port` (h11 on the client side too); status and body."""
+    client = h11.Connection(h11.CLIENT)
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        request = h11.Request(method=method, target=path, headers=[("host", "localhost")])
+        await stream.send_all(client.send(request) + client.send(h11.EndOfMessage()))
+        status, body = 0, b""
+        while True:
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                client.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                return status, body
+
+
+def _samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text.decode())
+        for sample in family.samples
+    }
+
+
+async def test_health_readiness_and_metrics(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    alpha = SimSwitch()
+    alpha_scope = trio.CancelScope()
+
+    async def run_alpha(task_status: trio.TaskStatus[int]) -> None:
+        with alpha_scope:
+            await alpha.run(task_status=task_status)
+
+    alpha_port: int = await nursery.start(run_alpha)
+    beta = await start_switch(nursery)
+    app, port = await start_proxy(
+        nursery,
+        proxy_config({"alpha": alpha_port, "beta": beta.port}, store=database.store()),
+    )
+    assert app.store is not None
+    await app.store.wait_ready()
+    admin = app.admin_port
+
+    assert await http(admin, "/healthz") == (200, b"ok\n")
+    status, body = await http(admin, "/readyz")
+    assert (status, json.loads(body)) == (200, {"ready": True, "problems": []})
+
+    terminal = await terminals.connect(port)
+    for stan in (1, 2, 3, 4):
+        assert (await terminal.request(financial(stan))).get("39") == "00"
+    assert (await terminal.request(financial(4))).get("39") == "00"  # a re-send: replayed
+    status, text = await http(admin, "/metrics")
+    assert status == 200
+    samples = _samples(text)
+    assert samples[("isoproxy_switch_up", (("switch", "alpha"),))] == 1
+    assert samples[("isoproxy_switch_up", (("switch", "beta"),))] == 1
+    assert samples[("isoproxy_duplicates_total", (("action", "replay"),))] == 1
+    assert samples[("isoproxy_client_connections", ())] == 1
+    assert (
+        samples[
+            ("isoproxy_link_state", (("link", "alpha/0"), ("state", "up"), ("switch", "alpha")))
+        ]
+        == 1
+    )
+
+    # Every switch down: not ready (503), and back when one returns.
+    alpha_scope.cancel()
+    beta_links = app.pool.links["beta"]
+    beta_sim_scope = None
+    del beta_sim_scope
+    await app.pool.wait_until(lambda: not any(link.is_up for link in app.pool.links["alpha"]))
+    assert (await http(admin, "/readyz"))[0] == 200  # beta is still up
+    assert (
+        _samples((await http(admin, "/metrics"))[1])[("isoproxy_switch_up", (("switch", "alpha"),))]
+        == 0
+    )
+    assert all(link.is_up for link in beta_links)
+
+
+async def test_not_ready_without_links_or_store_and_ready_when_they_return(
+    nursery: trio.Nursery, database: Database
+) -> None:
+    switch_scope = trio.CancelScope()
+    sim = SimSwitch(SimSwitchOptions())
+
+    async def run_switch(task_status: trio.TaskStatus[int]) -> None:
+        with switch_scope:
+            await sim.run(task_status=task_status)
+
+    switch_port: int = await nursery.start(run_switch)
+    postgres, dsn = await database.behind_chaos(nursery, Mode.REFUSE)
+    app, _ = await start_proxy(
+        nursery,
+        proxy_config(
+            {"alpha": switch_port}, store={"dsn": dsn, "schema": database.schema, "timeout": 1}
+        ),
+    )
+    status, body = await http(app.admin_port, "/readyz")
+    assert (status, json.loads(body)["problems"]) == (503, ["store unreachable"])
+    postgres.mode = Mode.RELAY
+    assert app.store is not None
+    with trio.fail_after(15):
+        await app.store.wait_ready()
+    assert (await http(app.admin_port, "/readyz"))[0] == 200
+
+    switch_scope.cancel()
+    await app.pool.wait_until(lambda: not any(link.is_up for link in app.pool.links["alpha"]))
+    status, body = await http(app.admin_port, "/readyz")
+    assert (status, json.loads(body)["problems"]) == (503, ["no switch link up"])
+
+    revived = SimSwitch(SimSwitchOptions(port=switch_port))
+    await nursery.start(revived.run)
+    with trio.fail_after(10):
+        await app.pool.wait_until(lambda: any(link.is_up for link in app.pool.links["alpha"]))
+    assert (await http(app.admin_port, "/readyz"))[0] == 200
+
+
+async def test_unknown_paths_methods_and_garbage(nursery: trio.Nursery) -> None:
+    switch = await start_switch(nursery)
+    app, _ = await start_proxy(nursery, proxy_config({"alpha": switch.port}))
+    assert (await http(app.admin_port, "/nothing"))[0] == 404
+    assert (await http(app.admin_port, "/metrics", method="POST"))[0] == 405
+    async with await trio.open_tcp_stream("127.0.0.1", app.admin_port) as stream:
+        await stream.send_all(b"\x16\x03\x01 not http at all\r\n\r\n")
+        assert (await stream.receive_some(1024)).startswith(b"HTTP/1.1 400")
+    assert (await http(app.admin_port, "/healthz"))[0] == 200  # still serving
