@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -13,8 +13,9 @@ import trio
 from codec import Message, Mti
 from proxy import decisions
 from proxy.config import ReversalConfig
-from proxy.errors import ProxyError, UpstreamError
+from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
 from proxy.keys import match_key
+from proxy.latency import Histogram
 from proxy.pool import LateAnswer, Pool
 from proxy.responses import answer
 from proxy.reversals import LATE_TAG, ReversalWorker
@@ -114,8 +115,20 @@ class Forwarder:
         self._carrying: dict[str, _Pending] = {}
         self._delivered: dict[str, None] = {}  # keys recently answered to a terminal
         self.duplicates: Counter[decisions.Duplicate] = Counter()
+        # For metrics: answers by (switch, MTI, RC), timeouts by switch, latencies.
+        self.transactions: Counter[tuple[str, str, str]] = Counter()
+        self.timeouts: Counter[str] = Counter()
+        self.upstream_latency: defaultdict[tuple[str, str], Histogram] = defaultdict(Histogram)
+        self.request_duration: defaultdict[str, Histogram] = defaultdict(Histogram)
 
     async def handle(self, message: Message) -> Reply | None:
+        started = trio.current_time()
+        try:
+            return await self._handle(message)
+        finally:
+            self.request_duration[message.mti.code].observe(trio.current_time() - started)
+
+    async def _handle(self, message: Message) -> Reply | None:
         decision = decisions.from_terminal(message)
         if decision.action is decisions.Action.DROP:
             log.warning("dropped %s from a terminal: %s", message.mti, decision.reason)
@@ -315,6 +328,10 @@ class Forwarder:
         except ProxyError as error:
             rc = decisions.failure_rc(error, self._timeout_rc)
             elapsed = (trio.current_time() - started) * 1000
+            switch_name = error.switch if isinstance(error, UpstreamError) else None
+            self.transactions[(switch_name or "", message.mti.code, rc)] += 1
+            if isinstance(error, UpstreamTimeout) and switch_name:
+                self.timeouts[switch_name] += 1
             _log_outcome(message, rc, str(error), elapsed)
             response = answer(message, rc)
             if claim is None or self._journal is None:
@@ -331,7 +348,10 @@ class Forwarder:
             )
             return response, outcome
         elapsed = (trio.current_time() - started) * 1000
-        _log_outcome(message, answered.response.get("39") or "", answered.switch, elapsed)
+        rc = answered.response.get("39") or ""
+        self.transactions[(answered.switch, message.mti.code, rc)] += 1
+        self.upstream_latency[(answered.switch, message.mti.code)].observe(elapsed / 1000)
+        _log_outcome(message, rc, answered.switch, elapsed)
         if claim is None:
             return answered.response, None
         outcome = outcome_of(

@@ -8,11 +8,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from proxy.forwarder import Forwarder
 from proxy.health import LinkState
+from proxy.latency import Histogram
 from proxy.pool import Pool
 from proxy.reversals import ReversalWorker
 from proxy.server import Server
@@ -58,6 +64,50 @@ class ProxyCollector(Collector):
         yield switch_up
         yield link_state
         yield inflight
+        echo = HistogramMetricFamily(
+            "isoproxy_echo_latency_seconds", "Echo round trips, per switch", labels=["switch"]
+        )
+        for name, links in self._pool.links.items():
+            merged = Histogram()
+            for link in links:
+                merged.merge(link.echo_histogram)
+            echo.add_metric([name], merged.cumulative(), merged.total)
+        yield echo
+        upstream = HistogramMetricFamily(
+            "isoproxy_upstream_latency_seconds",
+            "Switch answer times (write to answer), per switch and MTI",
+            labels=["switch", "mti"],
+        )
+        for (switch, mti), histogram in sorted(self._forwarder.upstream_latency.items()):
+            upstream.add_metric([switch, mti], histogram.cumulative(), histogram.total)
+        yield upstream
+        duration = HistogramMetricFamily(
+            "isoproxy_request_duration_seconds",
+            "Whole path as the terminal sees it, per request MTI",
+            labels=["mti"],
+        )
+        for mti, histogram in sorted(self._forwarder.request_duration.items()):
+            duration.add_metric([mti], histogram.cumulative(), histogram.total)
+        yield duration
+        transactions = CounterMetricFamily(
+            "isoproxy_transactions",
+            "Answers to terminals' forwarded requests, by switch (empty: none took it), MTI, RC",
+            labels=["switch", "mti", "rc"],
+        )
+        for (switch, mti, rc), count in sorted(self._forwarder.transactions.items()):
+            transactions.add_metric([switch, mti, rc], float(count))
+        yield transactions
+        timeouts = CounterMetricFamily(
+            "isoproxy_timeouts", "Requests without an answer by the deadline", labels=["switch"]
+        )
+        for switch, count in sorted(self._forwarder.timeouts.items()):
+            timeouts.add_metric([switch], float(count))
+        yield timeouts
+        malformed = CounterMetricFamily(
+            "isoproxy_malformed_frames", "Undecodable frames, by side", labels=["side"]
+        )
+        malformed.add_metric(["terminal"], float(self._server.malformed))
+        yield malformed
         yield GaugeMetricFamily(
             "isoproxy_client_connections",
             "Terminal connections open",

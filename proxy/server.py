@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from functools import partial
 
 import trio
@@ -37,6 +38,7 @@ class Server:
         self._listen = listen
         self._forwarder = forwarder
         self.connections = 0
+        self.malformed = 0  # frames from terminals answered RC 30 or closing their connection
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; reports the bound port (useful with port 0)."""
@@ -48,6 +50,9 @@ class Server:
             log.info("listening on %s:%d", self._listen.host, port)
             task_status.started(port)
 
+    def _malformed(self) -> None:
+        self.malformed += 1
+
     async def _serve(self, stream: trio.SocketStream) -> None:
         if self.connections >= self._listen.max_connections:
             log.warning("connection refused: %d connections open", self.connections)
@@ -56,7 +61,7 @@ class Server:
         self.connections += 1
         try:
             async with stream:
-                await _Connection(stream, self._listen, self._forwarder).run()
+                await _Connection(stream, self._listen, self._forwarder, self._malformed).run()
         except Exception as exc:  # a handler's failure must never take the server down
             log.error("connection failed: %s", type(exc).__name__)
         finally:
@@ -66,7 +71,14 @@ class Server:
 class _Connection:
     """One terminal connection: a reader, a task per request, frames written whole."""
 
-    def __init__(self, stream: trio.SocketStream, listen: ListenConfig, forwarder: Forwarder):
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        listen: ListenConfig,
+        forwarder: Forwarder,
+        malformed: Callable[[], None],
+    ) -> None:
+        self._malformed = malformed
         self._stream = stream
         self._listen = listen
         self._endpoint = listen.endpoint
@@ -97,15 +109,18 @@ class _Connection:
                     salvage = exc.salvage
                     if salvage is None or not salvage.mti.is_request:
                         log.warning("closing connection: undecodable message (%s)", exc)
+                        self._malformed()
                         await self._stream.aclose()
                         return
                     log.warning("format error from terminal %r: %s", salvage.terminal, exc)
+                    self._malformed()
                     await self._reply(None, answer_salvaged(salvage, FORMAT_ERROR), frame.tpdu)
                     continue
                 await self._in_flight.acquire()  # backpressure: stop reading at the cap
                 nursery.start_soon(self._handle, message, frame.tpdu)
         except FramingError as exc:
             log.warning("closing connection: %s", exc)
+            self._malformed()
             await self._stream.aclose()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return

@@ -16,7 +16,7 @@ from proxy.backoff import Backoff
 from proxy.config import HealthConfig, SwitchConfig
 from proxy.errors import LinkLost, NotWritten
 from proxy.health import Echo, LinkHealth, LinkState, Verdict
-from proxy.latency import PeakEwma
+from proxy.latency import Histogram, PeakEwma
 from proxy.network import ECHO, SIGN_OFF, SIGN_ON, network_request
 from proxy.responses import answer
 
@@ -85,6 +85,7 @@ class Link:
         self.connection = ""
         self.latency = PeakEwma()
         self.echo_rtts: deque[float] = deque(maxlen=ECHO_SAMPLES)
+        self.echo_histogram = Histogram()
         self.echoes_failed = 0
         self._health_config = health
         self._health = LinkHealth(health)
@@ -265,6 +266,7 @@ class Link:
                 outcome = Echo.DECLINED
             if outcome is Echo.APPROVED and rtt is not None:
                 self.echo_rtts.append(rtt)
+                self.echo_histogram.observe(rtt)
                 self.latency.observe(rtt, trio.current_time())
             else:
                 self.echoes_failed += 1

@@ -144,3 +144,43 @@ async def test_unknown_paths_methods_and_garbage(nursery: trio.Nursery) -> None:
         await stream.send_all(b"\x16\x03\x01 not http at all\r\n\r\n")
         assert (await stream.receive_some(1024)).startswith(b"HTTP/1.1 400")
     assert (await http(app.admin_port, "/healthz"))[0] == 200  # still serving
+
+
+async def test_metrics_count_per_switch_and_rc_and_echo_latency_shows_the_slow_switch(
+    nursery: trio.Nursery, terminals: Terminals
+) -> None:
+    fast = await start_switch(nursery)
+    slow = await start_switch(nursery, delay=0.05, echo_delay=0.05)
+    app, port = await start_proxy(
+        nursery,
+        proxy_config(
+            {"fast": fast.port, "slow": slow.port},
+            switch={"connections": 1},
+            health={"echo_interval": 0.1, "echo_timeout": 0.1},
+        ),
+    )
+    terminal = await terminals.connect(port)
+    for stan in range(1, 7):
+        assert (await terminal.request(financial(stan))).get("39") == "00"
+    with trio.fail_after(5):  # several echoes each
+        await slow.wait_until(lambda: slow.received["0800"] >= 5)
+    samples = _samples((await http(app.admin_port, "/metrics"))[1])
+    assert (
+        samples[
+            ("isoproxy_transactions_total", (("mti", "0200"), ("rc", "00"), ("switch", "fast")))
+        ]
+        == 3
+    )
+    assert (
+        samples[
+            ("isoproxy_transactions_total", (("mti", "0200"), ("rc", "00"), ("switch", "slow")))
+        ]
+        == 3
+    )
+    slow_sum = samples[("isoproxy_echo_latency_seconds_sum", (("switch", "slow"),))]
+    slow_count = samples[("isoproxy_echo_latency_seconds_count", (("switch", "slow"),))]
+    fast_sum = samples[("isoproxy_echo_latency_seconds_sum", (("switch", "fast"),))]
+    fast_count = samples[("isoproxy_echo_latency_seconds_count", (("switch", "fast"),))]
+    assert slow_count >= 3 and fast_count >= 3
+    assert slow_sum / slow_count >= 0.05 > fast_sum / fast_count
+    assert samples[("isoproxy_request_duration_seconds_count", (("mti", "0200"),))] == 6

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from proxy.balancer import LeastCost, SmoothWeighted
 from proxy.config import HealthConfig
 from proxy.health import Echo, LinkHealth, LinkState, Verdict
-from proxy.latency import PeakEwma
+from proxy.latency import Histogram, PeakEwma
 from proxy.network import ECHO, StanSequence, network_request
 
 HEALTH = HealthConfig(
@@ -129,3 +129,15 @@ def test_network_request() -> None:
     message = network_request(ECHO, "000123", datetime(2026, 12, 31, 23, 59, 58, tzinfo=UTC))
     assert message.mti.code == "0800"
     assert dict(message.fields) == {"7": "1231235958", "11": "000123", "70": "301"}
+
+
+def test_latency_histogram_buckets_are_cumulative_and_merge() -> None:
+    first, second = Histogram(), Histogram()
+    for seconds in (0.0005, 0.001, 0.003, 0.2):
+        first.observe(seconds)
+    second.observe(45.0)  # above every bound
+    first.merge(second)
+    buckets = dict(first.cumulative())
+    assert (buckets["0.001"], buckets["0.005"], buckets["0.25"], buckets["30.0"]) == (2, 3, 4, 4)
+    assert buckets["+Inf"] == 5
+    assert first.total == pytest.approx(45.2045)
