@@ -1,11 +1,12 @@
-"""The admin HTTP server (h11): /healthz, /readyz and /metrics for operators and Prometheus."""
+"""The admin HTTP server (h11): /healthz, /readyz, /status and /metrics."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
 import h11
 import trio
@@ -18,18 +19,26 @@ REQUEST_DEADLINE = 10.0  # seconds a client may take to send its request and rea
 
 # What keeps the proxy from being ready; empty when it is.
 Readiness = Callable[[], list[str]]
+# Each switch and link as operators see them (JSON-ready).
+Status = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class AdminServer:
     """Answers one request per connection, then closes it."""
 
     def __init__(
-        self, host: str, port: int, registry: CollectorRegistry, readiness: Readiness
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        readiness: Readiness,
+        status: Status,
     ) -> None:
         self._host = host
         self._port = port
         self._registry = registry
         self._readiness = readiness
+        self._status = status
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -65,6 +74,9 @@ class AdminServer:
             problems = self._readiness()
             body = json.dumps({"ready": not problems, "problems": problems}).encode() + b"\n"
             await _send(stream, connection, 503 if problems else 200, body, "application/json")
+        elif path == "/status":
+            body = json.dumps(await self._status(), indent=2).encode() + b"\n"
+            await _send(stream, connection, 200, body, "application/json")
         elif path == "/metrics":
             await _send(
                 stream, connection, 200, generate_latest(self._registry), CONTENT_TYPE_LATEST

@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import trio
 
 from proxy.admin import AdminServer
 from proxy.config import Config
 from proxy.forwarder import Forwarder, Journal, utc_now
+from proxy.latency import percentile
 from proxy.metrics import ProxyCollector, registry_for
 from proxy.pool import Pool
 from proxy.reversals import ReversalWorker
 from proxy.server import Server
-from proxy.store import Store, StoreSettings
+from proxy.store import Store, StoreSettings, StoreUnavailable
 from proxy.transactions import TransactionIdentity
-from proxy.upstream import WRITE_GRACE
+from proxy.upstream import WRITE_GRACE, Link
 
 # How often claims left open (by a crash, or a lost outcome write) are looked for.
 RECOVERY_EVERY = 10.0
@@ -98,7 +101,7 @@ class App:
         self.admin: AdminServer | None = None
         if config.admin.enabled:
             self.admin = AdminServer(
-                config.admin.host, config.admin.port, self.registry, self.readiness
+                config.admin.host, config.admin.port, self.registry, self.readiness, self.status
             )
         self.admin_port = 0
 
@@ -110,6 +113,21 @@ class App:
         if not any(link.is_up for links in self.pool.links.values() for link in links):
             problems.append("no switch link up")
         return problems
+
+    async def status(self) -> dict[str, Any]:
+        """Each switch and link: state, echo round trips, requests in flight; the queue."""
+        switches = {}
+        for name, links in self.pool.links.items():
+            switches[name] = {
+                "up": any(link.is_up for link in links),
+                "in_flight": sum(self.pool.in_flight(link) for link in links),
+                "links": {link.name: _link_status(self.pool, link) for link in links},
+            }
+        queued = None
+        if self.store is not None:
+            with contextlib.suppress(StoreUnavailable):
+                queued = await self.store.reversals_queued()
+        return {"ready": not self.readiness(), "switches": switches, "reversals_queued": queued}
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -127,3 +145,17 @@ class App:
                 nursery.start_soon(self.reversals.recover, self.orphan_age, every)
             port: int = await nursery.start(self.server.run)
             task_status.started(port)
+
+
+def _link_status(pool: Pool, link: Link) -> dict[str, Any]:
+    rtts = list(link.echo_rtts)
+    milliseconds = [round(rtt * 1000, 3) for rtt in rtts]
+    return {
+        "state": link.state.value,
+        "connects": link.connects,
+        "in_flight": pool.in_flight(link),
+        "last_echo_ms": milliseconds[-1] if milliseconds else None,
+        "echo_p50_ms": round(percentile(rtts, 0.5) * 1000, 3) if rtts else None,
+        "echo_p99_ms": round(percentile(rtts, 0.99) * 1000, 3) if rtts else None,
+        "echoes_failed": link.echoes_failed,
+    }

@@ -1,4 +1,4 @@
-"""Command line: `iso-proxy run | check-config | echo | sim-switch`."""
+"""Command line: `iso-proxy run | check-config | echo | status | sim-switch`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from proxy.config import Config, load_config
 from proxy.echo_tool import EchoPlan, run_echo
 from proxy.embedded import EmbeddedUnavailable, start_embedded
 from proxy.errors import ConfigError
+from proxy.status_tool import fetch_status, status_lines
 
 EXIT_BAD_CONFIG = 2
 EXIT_INTERRUPTED = 130
@@ -53,6 +54,17 @@ def _parser() -> argparse.ArgumentParser:
     echo.add_argument("--spec", default="default", help="default, default_ascii or a YAML file")
     echo.set_defaults(command=_echo)
 
+    status = commands.add_parser("status", help="print a running proxy's switches and links")
+    status.add_argument(
+        "target",
+        metavar="HOST:PORT",
+        type=_target,
+        nargs="?",
+        default=("127.0.0.1", 9100),
+        help="its admin server (127.0.0.1:9100)",
+    )
+    status.set_defaults(command=_status)
+
     sim = commands.add_parser("sim-switch", help="run a simulated switch")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, required=True)
@@ -84,6 +96,18 @@ def _echo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     return 0 if approved else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    host, port = args.target
+    try:
+        report = trio.run(fetch_status, host, port)
+    except (OSError, ValueError) as error:
+        print(f"iso-proxy: cannot read {host}:{port}/status: {error}", file=sys.stderr)
+        return 1
+    for line in status_lines(report):
+        print(line)
+    return 0 if report.get("ready") else 1
 
 
 def _target(text: str) -> tuple[str, int]:

@@ -478,6 +478,11 @@ class Store:
         except _DATABASE_ERRORS as error:
             raise StoreUnavailable(f"store error: {type(error).__name__}") from None
 
+    async def reversals_queued(self) -> int:
+        """Reversals waiting to be sent or acknowledged."""
+        rows = await self._guarded(partial(self._query_by, _COUNT_QUEUED, []))
+        return int(rows[0]["queued"])
+
     async def lease_reversals(self, limit: int, lease: float) -> list[DueReversal]:
         """Due reversals for this instance to send, oldest first, leased for `lease` seconds
         (other instances skip them meanwhile: each is sent by one instance at a time)."""
@@ -705,3 +710,5 @@ WHERE tx_key IN (
 )
 RETURNING tx_key, mti, switch, request
 """
+
+_COUNT_QUEUED = "SELECT count(*) AS queued FROM reversals WHERE state = 'queued'"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import h11
 import trio
@@ -184,3 +185,41 @@ async def test_metrics_count_per_switch_and_rc_and_echo_latency_shows_the_slow_s
     assert slow_count >= 3 and fast_count >= 3
     assert slow_sum / slow_count >= 0.05 > fast_sum / fast_count
     assert samples[("isoproxy_request_duration_seconds_count", (("mti", "0200"),))] == 6
+
+
+async def test_status_json_and_the_status_command(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    switch = await start_switch(nursery)
+    app, port = await start_proxy(
+        nursery,
+        proxy_config({"alpha": switch.port}, store=database.store()),
+    )
+    assert app.store is not None
+    await app.store.wait_ready()
+    terminal = await terminals.connect(port)
+    assert (await terminal.request(financial(1))).get("39") == "00"
+    status, body = await http(app.admin_port, "/status")
+    report = json.loads(body)
+    assert status == 200
+    assert report["ready"] is True
+    assert report["reversals_queued"] == 0
+    alpha = report["switches"]["alpha"]
+    assert (alpha["up"], alpha["in_flight"]) == (True, 0)
+    assert set(alpha["links"]) == {"alpha/0", "alpha/1"}
+    assert all(
+        link["state"] == "up" and link["last_echo_ms"] is not None
+        for link in alpha["links"].values()
+    )
+
+    result = await trio.run_process(
+        [sys.executable, "-m", "proxy", "status", f"127.0.0.1:{app.admin_port}"],
+        capture_stdout=True,
+        check=False,
+    )
+    lines = result.stdout.decode().splitlines()
+    assert result.returncode == 0
+    assert lines[0].split() == ["switch/link", "state", "in", "flight", "echo", "ms", "p50", "p99"]
+    assert lines[1].split()[:3] == ["alpha", "up", "0"]
+    assert {line.split()[0] for line in lines[2:4]} == {"alpha/0", "alpha/1"}
+    assert lines[-1] == "ready: yes; reversals queued: 0"
