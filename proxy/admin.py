@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,8 @@ REQUEST_DEADLINE = 10.0  # seconds a client may take to send its request and rea
 Readiness = Callable[[], list[str]]
 # Each switch and link as operators see them (JSON-ready).
 Status = Callable[[], Awaitable[dict[str, Any]]]
+# An admin action on a switch ("drain" or "enable"); False when there is no such switch.
+SwitchAction = Callable[[str, str], bool]
 
 
 class AdminServer:
@@ -33,12 +36,16 @@ class AdminServer:
         registry: CollectorRegistry,
         readiness: Readiness,
         status: Status,
+        act: SwitchAction,
+        token: str | None,
     ) -> None:
         self._host = host
         self._port = port
         self._registry = registry
         self._readiness = readiness
         self._status = status
+        self._act = act
+        self._token = token
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -66,8 +73,11 @@ class AdminServer:
         self, stream: trio.SocketStream, connection: h11.Connection, request: h11.Request
     ) -> None:
         path = request.target.decode("ascii", "replace").split("?", 1)[0]
-        if request.method != b"GET":
-            await _send(stream, connection, 405, b"GET only\n", "text/plain")
+        if request.method == b"POST" and path.startswith("/switches/"):
+            status, body = self._action(request, path)
+            await _send(stream, connection, status, body, "text/plain")
+        elif request.method != b"GET":
+            await _send(stream, connection, 405, b"GET, or POST for actions\n", "text/plain")
         elif path == "/healthz":
             await _send(stream, connection, 200, b"ok\n", "text/plain")
         elif path == "/readyz":
@@ -83,6 +93,24 @@ class AdminServer:
             )
         else:
             await _send(stream, connection, 404, b"not found\n", "text/plain")
+
+    def _action(self, request: h11.Request, path: str) -> tuple[int, bytes]:
+        """POST /switches/NAME/drain or /enable, with `Authorization: Bearer <token>`."""
+        if self._token is None:
+            return 403, b"admin actions are off: set ISO_PROXY_ADMIN_TOKEN\n"
+        presented = dict(request.headers).get(b"authorization", b"")
+        expected = b"Bearer " + self._token.encode()
+        if not hmac.compare_digest(presented, expected):
+            return 401, b"missing or wrong bearer token\n"
+        parts = path.strip("/").split("/")
+        if len(parts) != 3 or parts[2] not in ("drain", "enable"):
+            return 404, b"POST /switches/NAME/drain or /switches/NAME/enable\n"
+        if not self._act(parts[1], parts[2]):
+            return 404, b"no such switch\n"
+        log.warning(
+            "admin: switch %r %s", parts[1], "drained" if parts[2] == "drain" else "enabled"
+        )
+        return 200, f"{parts[1]}: {'drained' if parts[2] == 'drain' else 'enabled'}\n".encode()
 
 
 async def _next_request(

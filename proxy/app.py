@@ -34,6 +34,7 @@ class Secrets:
 
     dsn: str | None = field(default=None, repr=False)
     pan_key: bytes | None = field(default=None, repr=False)
+    admin_token: str | None = field(default=None, repr=False)
 
 
 class App:
@@ -101,7 +102,13 @@ class App:
         self.admin: AdminServer | None = None
         if config.admin.enabled:
             self.admin = AdminServer(
-                config.admin.host, config.admin.port, self.registry, self.readiness, self.status
+                config.admin.host,
+                config.admin.port,
+                self.registry,
+                self.readiness,
+                self.status,
+                self.act_on_switch,
+                secrets.admin_token,
             )
         self.admin_port = 0
 
@@ -114,12 +121,23 @@ class App:
             problems.append("no switch link up")
         return problems
 
+    def act_on_switch(self, name: str, action: str) -> bool:
+        """Drain a switch (no new requests; in flight ones finish; echoes go on) or enable it."""
+        if name not in self.pool.links:
+            return False
+        if action == "drain":
+            self.pool.drained.add(name)
+        else:
+            self.pool.drained.discard(name)
+        return True
+
     async def status(self) -> dict[str, Any]:
         """Each switch and link: state, echo round trips, requests in flight; the queue."""
         switches = {}
         for name, links in self.pool.links.items():
             switches[name] = {
                 "up": any(link.is_up for link in links),
+                "drained": name in self.pool.drained,
                 "in_flight": sum(self.pool.in_flight(link) for link in links),
                 "links": {link.name: _link_status(self.pool, link) for link in links},
             }

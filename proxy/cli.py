@@ -165,6 +165,7 @@ def _run(args: argparse.Namespace) -> int:
     secrets = Secrets(
         dsn=os.environ.get("ISO_PROXY_DSN") or None,
         pan_key=os.environ.get("ISO_PROXY_PAN_KEY", "").encode() or None,
+        admin_token=os.environ.get("ISO_PROXY_ADMIN_TOKEN") or None,
     )
     if config.store.enabled and config.idempotency.pan_hash and secrets.pan_key is None:
         print(

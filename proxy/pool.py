@@ -105,6 +105,7 @@ class Pool:
         self._least_cost: LeastCost[Link] = LeastCost()
         self._link_turns: dict[str, RoundRobin[Link]] = {name: RoundRobin() for name in self.links}
         self._changed = trio.Event()
+        self.drained: set[str] = set()  # switches taking no new requests (echoes go on)
         self._late_send, self.late_answers = trio.open_memory_channel[LateAnswer](MAX_LATE_ANSWERS)
         self.late_count = 0
         self.unmatched_count = 0
@@ -214,6 +215,7 @@ class Pool:
             name: up
             for name, links in self.links.items()
             if (only is None or name == only)
+            and (name not in self.drained or only is not None)
             and (up := [link for link in links if link.is_up and not self._full(link)])
         }
         if self._strategy == "least_latency":

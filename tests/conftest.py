@@ -85,6 +85,7 @@ async def start_switch(nursery: trio.Nursery, **options: Any) -> SimSwitch:
 
 
 TEST_PAN_KEY = b"test-pan-key-not-a-secret-0123456789"
+TEST_ADMIN_TOKEN = "test-admin-token-not-a-secret"
 
 
 async def unused_port() -> int:
@@ -103,7 +104,7 @@ async def start_proxy(
     clock: Callable[[], datetime] = utc_now,
 ) -> tuple[App, int]:
     """The proxy; with `links_up`, once every link has passed its first echoes."""
-    app = App(config, Secrets(pan_key=TEST_PAN_KEY), clock=clock)
+    app = App(config, Secrets(pan_key=TEST_PAN_KEY, admin_token=TEST_ADMIN_TOKEN), clock=clock)
     port: int = await nursery.start(app.run)
     if links_up:
         with trio.fail_after(10):

@@ -12,14 +12,26 @@ from prometheus_client.parser import text_string_to_metric_families
 from fixtures.chaos import Mode
 from fixtures.messages import financial
 from fixtures.sim_switch import SimSwitch, SimSwitchOptions
-from tests.conftest import Database, Terminals, proxy_config, start_proxy, start_switch
+from tests.conftest import (
+    TEST_ADMIN_TOKEN,
+    Database,
+    Terminals,
+    proxy_config,
+    start_proxy,
+    start_switch,
+)
 
 
-async def http(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:
+async def http(
+    port: int, path: str, method: str = "GET", token: str | None = None
+) -> tuple[int, bytes]:
     """One request to 127.0.0.1:`port` (h11 on the client side too); status and body."""
     client = h11.Connection(h11.CLIENT)
+    headers = [("host", "localhost"), ("content-length", "0")]
+    if token is not None:
+        headers.append(("authorization", f"Bearer {token}"))
     async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-        request = h11.Request(method=method, target=path, headers=[("host", "localhost")])
+        request = h11.Request(method=method, target=path, headers=headers)
         await stream.send_all(client.send(request) + client.send(h11.EndOfMessage()))
         status, body = 0, b""
         while True:
@@ -223,3 +235,38 @@ async def test_status_json_and_the_status_command(
     assert lines[1].split()[:3] == ["alpha", "up", "0"]
     assert {line.split()[0] for line in lines[2:4]} == {"alpha/0", "alpha/1"}
     assert lines[-1] == "ready: yes; reversals queued: 0"
+
+
+async def test_a_drained_switch_takes_nothing_new_lets_in_flight_finish_and_comes_back(
+    nursery: trio.Nursery, terminals: Terminals
+) -> None:
+    alpha = await start_switch(nursery, delay=0.3)
+    beta = await start_switch(nursery)
+    app, port = await start_proxy(
+        nursery, proxy_config({"alpha": alpha.port, "beta": beta.port}, switch={"connections": 1})
+    )
+    admin = app.admin_port
+    assert (await http(admin, "/switches/alpha/drain", "POST"))[0] == 401
+    assert (await http(admin, "/switches/alpha/drain", "POST", token="wrong"))[0] == 401
+    terminal = await terminals.connect(port)
+    await terminal.send(financial(1))  # goes to alpha (its turn), answered in 0.3 s
+    with trio.fail_after(5):
+        await alpha.wait_until(lambda: alpha.financial_total() == 1)
+    assert await http(admin, "/switches/alpha/drain", "POST", token=TEST_ADMIN_TOKEN) == (
+        200,
+        b"alpha: drained\n",
+    )
+    assert (await terminal.receive()).get("39") == "00"  # the one in flight finished
+    others = await terminals.connect(port)
+    for stan in range(2, 8):
+        assert (await others.request(financial(stan))).get("39") == "00"
+    assert (alpha.financial_total(), beta.financial_total()) == (1, 6)
+    report = json.loads((await http(admin, "/status"))[1])
+    assert report["switches"]["alpha"]["drained"] is True
+    assert report["switches"]["alpha"]["up"] is True  # echoes go on
+
+    assert (await http(admin, "/switches/alpha/enable", "POST", token=TEST_ADMIN_TOKEN))[0] == 200
+    for stan in range(8, 12):
+        assert (await others.request(financial(stan))).get("39") == "00"
+    assert alpha.financial_total() == 3
+    assert (await http(admin, "/switches/nowhere/drain", "POST", token=TEST_ADMIN_TOKEN))[0] == 404
