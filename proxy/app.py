@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import uuid
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from proxy.server import Server
 from proxy.store import Store, StoreSettings, StoreUnavailable
 from proxy.transactions import TransactionIdentity
 from proxy.upstream import WRITE_GRACE, Link
+
+log = logging.getLogger("iso_proxy")
 
 # How often claims left open (by a crash, or a lost outcome write) are looked for.
 RECOVERY_EVERY = 10.0
@@ -146,6 +149,16 @@ class App:
             with contextlib.suppress(StoreUnavailable):
                 queued = await self.store.reversals_queued()
         return {"ready": not self.readiness(), "switches": switches, "reversals_queued": queued}
+
+    async def stop(self, grace: float) -> None:
+        """A graceful stop: no new terminal connections; requests taken get their answers
+        (at most `grace` seconds), then the caller cancels `run` (links sign off)."""
+        if await self.server.drain(grace):
+            log.info("drained: every request taken was answered")
+        else:
+            log.warning(
+                "grace of %gs over with %d request(s) unanswered", grace, self.server.in_flight
+            )
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

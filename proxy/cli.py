@@ -183,7 +183,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"iso-proxy: {error}", file=sys.stderr)
             return EXIT_BAD_CONFIG
         logging.getLogger("iso_proxy").info("store: embedded PostgreSQL in %s", data_dir)
-    return _serve(App(config, secrets).run)
+    app = App(config, secrets)
+    return _serve(app.run, partial(app.stop, config.listen.shutdown_grace))
 
 
 def _sim_switch(args: argparse.Namespace) -> int:
@@ -207,11 +208,14 @@ def _sim_switch(args: argparse.Namespace) -> int:
     return _serve(SimSwitch(options).run)
 
 
-def _serve(service: Callable[[], Awaitable[object]]) -> int:
+def _serve(
+    service: Callable[[], Awaitable[object]],
+    stopping: Callable[[], Awaitable[None]] | None = None,
+) -> int:
     """Run a service until a signal; a socket that cannot be opened is a clear error."""
     failures: list[str] = []
     try:
-        trio.run(_until_signal, service)
+        trio.run(_until_signal, service, stopping)
     except* OSError as group:
         failures = [str(exc) for exc in _leaves(group)]
     for failure in failures:
@@ -225,15 +229,29 @@ def _leaves(error: BaseException) -> list[BaseException]:
     return [error]
 
 
-async def _until_signal(service: Callable[[], Awaitable[object]]) -> None:
-    """Run a service until SIGINT or SIGTERM, then cancel it cleanly."""
+async def _until_signal(
+    service: Callable[[], Awaitable[object]], stopping: Callable[[], Awaitable[None]] | None
+) -> None:
+    """Run a service until SIGINT or SIGTERM; then let `stopping` finish what it can (a
+    second signal cuts it short) and cancel the service."""
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             nursery.start_soon(service)
             async for signum in signals:
                 logging.getLogger("iso_proxy").info("%s: stopping", signal.Signals(signum).name)
+                if stopping is not None:
+                    async with trio.open_nursery() as graceful:
+                        graceful.start_soon(_then_cancel, stopping, graceful.cancel_scope)
+                        async for _ in signals:  # a second signal: stop now
+                            graceful.cancel_scope.cancel()
+                            break
                 nursery.cancel_scope.cancel()
                 break
+
+
+async def _then_cancel(work: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
+    await work()
+    scope.cancel()
 
 
 def _setup_logging(level: str) -> None:

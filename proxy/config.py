@@ -52,6 +52,7 @@ class ListenConfig:
     max_connections: int
     max_inflight_per_connection: int
     write_timeout: float
+    shutdown_grace: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,7 +280,7 @@ def _listen(reader: _Reader, raw_value: object) -> ListenConfig:
         path,
         (
             "host", "port", "framing", "tpdu", "spec", "max_frame", "max_connections",
-            "max_inflight_per_connection", "write_timeout",
+            "max_inflight_per_connection", "write_timeout", "shutdown_grace",
         ),
     )  # fmt: skip
     return ListenConfig(
@@ -291,6 +292,7 @@ def _listen(reader: _Reader, raw_value: object) -> ListenConfig:
             raw, path, "max_inflight_per_connection", 64, _between(1, 10_000)
         ),
         write_timeout=reader.value(raw, path, "write_timeout", 10.0, _positive(300)),
+        shutdown_grace=reader.value(raw, path, "shutdown_grace", 10.0, _positive(600)),
     )
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
-from functools import partial
 
 import trio
 
@@ -39,18 +37,45 @@ class Server:
         self._forwarder = forwarder
         self.connections = 0
         self.malformed = 0  # frames from terminals answered RC 30 or closing their connection
+        self.in_flight = 0  # requests taken from terminals and not answered yet
+        self._idle = trio.Event()
+        self._accepting = trio.CancelScope()
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; reports the bound port (useful with port 0)."""
         async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(
-                partial(trio.serve_tcp, self._serve, self._listen.port, host=self._listen.host)
-            )
+            listeners = await trio.open_tcp_listeners(self._listen.port, host=self._listen.host)
             port: int = listeners[0].socket.getsockname()[1]
             log.info("listening on %s:%d", self._listen.host, port)
+            nursery.start_soon(self._accept, listeners, nursery)
             task_status.started(port)
 
-    def _malformed(self) -> None:
+    async def _accept(self, listeners: list[trio.SocketListener], nursery: trio.Nursery) -> None:
+        with self._accepting:
+            await trio.serve_listeners(self._serve, listeners, handler_nursery=nursery)
+        for listener in listeners:
+            await listener.aclose()
+
+    async def drain(self, grace: float) -> bool:
+        """Stop accepting connections and wait (at most `grace` seconds) until every request
+        taken is answered. Whether it got there."""
+        self._accepting.cancel()
+        log.info("draining: %d request(s) in flight", self.in_flight)
+        with trio.move_on_after(grace):
+            while self.in_flight:
+                await self._idle.wait()
+            return True
+        return False
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+
+    def request_done(self) -> None:
+        self.in_flight -= 1
+        self._idle.set()
+        self._idle = trio.Event()
+
+    def count_malformed(self) -> None:
         self.malformed += 1
 
     async def _serve(self, stream: trio.SocketStream) -> None:
@@ -61,7 +86,7 @@ class Server:
         self.connections += 1
         try:
             async with stream:
-                await _Connection(stream, self._listen, self._forwarder, self._malformed).run()
+                await _Connection(stream, self._listen, self._forwarder, self).run()
         except Exception as exc:  # a handler's failure must never take the server down
             log.error("connection failed: %s", type(exc).__name__)
         finally:
@@ -76,9 +101,9 @@ class _Connection:
         stream: trio.SocketStream,
         listen: ListenConfig,
         forwarder: Forwarder,
-        malformed: Callable[[], None],
+        server: Server,
     ) -> None:
-        self._malformed = malformed
+        self._server = server
         self._stream = stream
         self._listen = listen
         self._endpoint = listen.endpoint
@@ -109,23 +134,24 @@ class _Connection:
                     salvage = exc.salvage
                     if salvage is None or not salvage.mti.is_request:
                         log.warning("closing connection: undecodable message (%s)", exc)
-                        self._malformed()
+                        self._server.count_malformed()
                         await self._stream.aclose()
                         return
                     log.warning("format error from terminal %r: %s", salvage.terminal, exc)
-                    self._malformed()
+                    self._server.count_malformed()
                     await self._reply(None, answer_salvaged(salvage, FORMAT_ERROR), frame.tpdu)
                     continue
                 await self._in_flight.acquire()  # backpressure: stop reading at the cap
                 nursery.start_soon(self._handle, message, frame.tpdu)
         except FramingError as exc:
             log.warning("closing connection: %s", exc)
-            self._malformed()
+            self._server.count_malformed()
             await self._stream.aclose()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
 
     async def _handle(self, request: Message, tpdu: bytes | None) -> None:
+        self._server.request_started()
         try:
             try:
                 reply = await self._forwarder.handle(request)
@@ -142,6 +168,7 @@ class _Connection:
                     await self._forwarder.undelivered(reply.receipt)
         finally:
             self._in_flight.release()
+            self._server.request_done()
 
     async def _reply(self, request: Message | None, response: Message, tpdu: bytes | None) -> bool:
         """Send `response` (one the terminal's format cannot carry becomes RC 96); whether

@@ -184,3 +184,30 @@ async def test_a_killed_proxy_has_what_it_left_in_flight_reversed_once(
     rows = await database.fetch("SELECT state FROM transactions")
     assert [r["state"] for r in rows] == ["timed_out"] * 3
     await _stop(second)
+
+
+async def test_sigterm_under_load_answers_every_request_taken_then_exits_0(
+    tmp_path: Path, nursery: trio.Nursery, children: _Children, terminals: Terminals
+) -> None:
+    switch = await start_switch(nursery, delay=0.5)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "listen: {host: 127.0.0.1, port: 0, shutdown_grace: 10}\n"
+        "store: {enabled: false}\nadmin: {port: 0}\n"
+        f"switches: [{{name: alpha, host: 127.0.0.1, port: {switch.port}, connections: 2}}]\n"
+    )
+    proxy = await children.spawn("run", "-c", str(config))
+    with trio.fail_after(20):
+        port = await proxy.port()
+        await proxy.wait_for(LINK_UP, count=2)
+        terminal = await terminals.connect(port)
+        await terminal.stream.send_all(
+            b"".join(terminal.frame(financial(stan)) for stan in range(1, 21))
+        )
+        await switch.wait_until(lambda: switch.financial_total() == 20)
+        proxy.process.send_signal(signal.SIGTERM)  # all 20 in flight at the switch
+        answers = [await terminal.receive() for _ in range(20)]
+        assert sorted(a.get("11") or "" for a in answers) == [f"{s:06d}" for s in range(1, 21)]
+        assert {a.get("39") for a in answers} == {"00"}
+        assert await proxy.process.wait() == 0, proxy.output.decode(errors="replace")
+    assert b"drained: every request taken was answered" in proxy.output
