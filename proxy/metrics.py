@@ -129,14 +129,14 @@ class ProxyCollector(Collector):
         for action, count in sorted(self._forwarder.duplicates.items()):
             duplicates.add_metric([action.value], float(count))
         yield duplicates
-        if self._reversals is not None:
-            reversals = CounterMetricFamily(
-                "isoproxy_reversals", "Reversal attempts recorded, by result", labels=["result"]
-            )
+        reversals = CounterMetricFamily(
+            "isoproxy_reversals", "Reversal attempts recorded, by result", labels=["result"]
+        )
+        if self._reversals is not None:  # none without the journal
             reversals.add_metric(["acknowledged"], float(self._reversals.acknowledged))
             reversals.add_metric(["failed"], float(self._reversals.failed))
             reversals.add_metric(["tried"], float(self._reversals.tried))
-            yield reversals
+        yield reversals
 
 
 def registry_for(collector: Collector) -> CollectorRegistry:

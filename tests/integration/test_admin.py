@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
+from pathlib import Path
 
 import h11
 import trio
@@ -270,3 +272,36 @@ async def test_a_drained_switch_takes_nothing_new_lets_in_flight_finish_and_come
         assert (await others.request(financial(stan))).get("39") == "00"
     assert alpha.financial_total() == 3
     assert (await http(admin, "/switches/nowhere/drain", "POST", token=TEST_ADMIN_TOKEN))[0] == 404
+
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "ops" / "grafana" / "iso-proxy.json"
+
+
+async def test_the_dashboard_is_grafana_json_and_queries_only_exported_metrics(
+    nursery: trio.Nursery, terminals: Terminals
+) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] and dashboard["title"] and isinstance(dashboard["schemaVersion"], int)
+    exprs = []
+    for panel in dashboard["panels"]:
+        assert {"id", "type", "title", "gridPos", "targets"} <= set(panel), panel
+        assert {"x", "y", "w", "h"} <= set(panel["gridPos"])
+        exprs += [target["expr"] for target in panel["targets"]]
+    queried = {
+        re.sub(r"_(total|bucket|sum|count)$", "", name)
+        for expr in exprs
+        for name in re.findall(r"isoproxy_[a-z_]+", expr)
+    }
+
+    switch = await start_switch(nursery)
+    app, port = await start_proxy(nursery, proxy_config({"alpha": switch.port}))
+    terminal = await terminals.connect(port)
+    assert (await terminal.request(financial(1))).get("39") == "00"
+    exported = {
+        family.name
+        for family in text_string_to_metric_families(
+            (await http(app.admin_port, "/metrics"))[1].decode()
+        )
+    }
+    assert queried <= exported, queried - exported
+    assert len(queried) >= 10
