@@ -20,6 +20,7 @@ from proxy.config import Config, load_config
 from proxy.echo_tool import EchoPlan, run_echo
 from proxy.embedded import EmbeddedUnavailable, start_embedded
 from proxy.errors import ConfigError
+from proxy.logs import setup_logging
 from proxy.status_tool import fetch_status, status_lines
 
 EXIT_BAD_CONFIG = 2
@@ -174,7 +175,7 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_BAD_CONFIG
-    _setup_logging(config.log.level)
+    setup_logging(config.log.level, config.log.format)
     if config.store.enabled and config.store.dsn is None and secrets.dsn is None:
         data_dir = args.config.parent / config.store.data_dir
         try:
@@ -188,7 +189,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _sim_switch(args: argparse.Namespace) -> int:
-    _setup_logging("INFO")
+    setup_logging("INFO")
     try:
         spec = load_spec(args.spec, base_dir=Path.cwd())
     except SpecError as error:
@@ -252,9 +253,3 @@ async def _until_signal(
 async def _then_cancel(work: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
     await work()
     scope.cancel()
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )

@@ -134,6 +134,7 @@ class AdminConfig:
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str
+    format: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,8 +451,11 @@ def _admin(reader: _Reader, raw_value: object) -> AdminConfig:
 
 
 def _log(reader: _Reader, raw_value: object) -> LogConfig:
-    raw = reader.mapping(raw_value, "log", ("level",))
-    return LogConfig(reader.value(raw, "log", "level", "INFO", _one_of(LOG_LEVELS)))
+    raw = reader.mapping(raw_value, "log", ("level", "format"))
+    return LogConfig(
+        level=reader.value(raw, "log", "level", "INFO", _one_of(LOG_LEVELS)),
+        format=reader.value(raw, "log", "format", "text", _one_of(("text", "json"))),
+    )
 
 
 def _join(path: str, key: str) -> str:

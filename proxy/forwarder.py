@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import trio
 
-from codec import Message, Mti
+from codec import Message, Mti, mask_pan
 from proxy import decisions
 from proxy.config import ReversalConfig
 from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
@@ -377,11 +377,14 @@ def _as_recorded(claim: Claim, outcome: Outcome) -> Recorded:
 
 
 def _log_outcome(message: Message, rc: str, note: str, elapsed_ms: float) -> None:
+    """One line per transaction: MTI, key fields, masked PAN, RC, switch or reason, latency."""
+    pan = message.get("2")
     log.info(
-        "%s stan=%r tid=%r rc=%r (%s) %.1fms",
+        "%s stan=%r tid=%r pan=%s rc=%r (%s) %.1fms",
         message.mti,
         message.get("11"),
         message.get("41"),
+        mask_pan(pan) if pan else "-",
         rc,
         note,
         elapsed_ms,
