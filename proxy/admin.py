@@ -24,6 +24,8 @@ Readiness = Callable[[], list[str]]
 Status = Callable[[], Awaitable[dict[str, Any]]]
 # An admin action on a switch ("drain" or "enable"); False when there is no such switch.
 SwitchAction = Callable[[str, str], bool]
+# Re-read the switch list; the problems found, [] when done.
+Reload = Callable[[], Awaitable[list[str]]]
 
 
 class AdminServer:
@@ -37,6 +39,7 @@ class AdminServer:
         readiness: Readiness,
         status: Status,
         act: SwitchAction,
+        reload: Reload,
         token: str | None,
     ) -> None:
         self._host = host
@@ -45,6 +48,7 @@ class AdminServer:
         self._readiness = readiness
         self._status = status
         self._act = act
+        self._reload = reload
         self._token = token
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -73,7 +77,15 @@ class AdminServer:
         self, stream: trio.SocketStream, connection: h11.Connection, request: h11.Request
     ) -> None:
         path = request.target.decode("ascii", "replace").split("?", 1)[0]
-        if request.method == b"POST" and path.startswith("/switches/"):
+        if request.method == b"POST" and path == "/reload":
+            refusal = self._refusal(request)
+            if refusal is not None:
+                await _send(stream, connection, *refusal, "text/plain")
+                return
+            problems = await self._reload()
+            body = ("\n".join(problems) if problems else "reloaded").encode() + b"\n"
+            await _send(stream, connection, 400 if problems else 200, body, "text/plain")
+        elif request.method == b"POST" and path.startswith("/switches/"):
             status, body = self._action(request, path)
             await _send(stream, connection, status, body, "text/plain")
         elif request.method != b"GET":
@@ -94,14 +106,20 @@ class AdminServer:
         else:
             await _send(stream, connection, 404, b"not found\n", "text/plain")
 
-    def _action(self, request: h11.Request, path: str) -> tuple[int, bytes]:
-        """POST /switches/NAME/drain or /enable, with `Authorization: Bearer <token>`."""
+    def _refusal(self, request: h11.Request) -> tuple[int, bytes] | None:
+        """Why an action is refused (no token configured, or not presented), if it is."""
         if self._token is None:
             return 403, b"admin actions are off: set ISO_PROXY_ADMIN_TOKEN\n"
         presented = dict(request.headers).get(b"authorization", b"")
         expected = b"Bearer " + self._token.encode()
         if not hmac.compare_digest(presented, expected):
             return 401, b"missing or wrong bearer token\n"
+        return None
+
+    def _action(self, request: h11.Request, path: str) -> tuple[int, bytes]:
+        """POST /switches/NAME/drain or /enable, with `Authorization: Bearer <token>`."""
+        if (refusal := self._refusal(request)) is not None:
+            return refusal
         parts = path.strip("/").split("/")
         if len(parts) != 3 or parts[2] not in ("drain", "enable"):
             return 404, b"POST /switches/NAME/drain or /switches/NAME/enable\n"

@@ -9,12 +9,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from proxy.admin import AdminServer
-from proxy.config import Config
+from proxy.config import Config, SwitchConfig, load_config
+from proxy.errors import ConfigError
 from proxy.forwarder import Forwarder, Journal, utc_now
 from proxy.latency import percentile
 from proxy.metrics import ProxyCollector, registry_for
@@ -50,9 +52,12 @@ class App:
         *,
         rng: random.Random | None = None,
         clock: Callable[[], datetime] = utc_now,
+        config_path: Path | None = None,
     ) -> None:
         secrets = secrets or Secrets()
         self.config = config
+        self.config_path = config_path
+        self._nursery: trio.Nursery | None = None
         self.instance = uuid.uuid4().hex[:12]
         self.pool = Pool(config.switches, config.health, config.routing, rng or random.Random())
         self.store: Store | None = None
@@ -111,6 +116,7 @@ class App:
                 self.readiness,
                 self.status,
                 self.act_on_switch,
+                self.reload,
                 secrets.admin_token,
             )
         self.admin_port = 0
@@ -123,6 +129,34 @@ class App:
         if not any(link.is_up for links in self.pool.links.values() for link in links):
             problems.append("no switch link up")
         return problems
+
+    async def reload(self) -> list[str]:
+        """Re-read the switch list from the config file: add, remove and re-weight switches
+        without touching terminal connections. Problems with the file, or [] when done.
+        (Other sections take effect at the next start.)"""
+        if self.config_path is None or self._nursery is None:
+            return ["no config file to reload"]
+        try:
+            fresh = load_config(self.config_path)
+        except ConfigError as error:
+            return error.problems
+        current = dict(self.pool.switches)
+        wanted = {switch.name: switch for switch in fresh.switches if switch.enabled}
+        for name in current.keys() - wanted.keys():
+            self._nursery.start_soon(self.pool.remove_switch, name)
+        for name, switch in wanted.items():
+            if name not in current:
+                self.pool.add_switch(switch)
+            elif _same_endpoint(current[name], switch):
+                self.pool.update_switch(switch)
+            else:
+                self._nursery.start_soon(self._replace_switch, switch)
+        log.warning("reloaded %s: switches %s", self.config_path, ", ".join(sorted(wanted)))
+        return []
+
+    async def _replace_switch(self, switch: SwitchConfig) -> None:
+        await self.pool.remove_switch(switch.name)
+        self.pool.add_switch(switch)
 
     def act_on_switch(self, name: str, action: str) -> bool:
         """Drain a switch (no new requests; in flight ones finish; echoes go on) or enable it."""
@@ -162,6 +196,7 @@ class App:
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             if self.admin is not None:
                 self.admin_port = await nursery.start(self.admin.run)
             if self.store is not None:
@@ -190,3 +225,10 @@ def _link_status(pool: Pool, link: Link) -> dict[str, Any]:
         "echo_p99_ms": round(percentile(rtts, 0.99) * 1000, 3) if rtts else None,
         "echoes_failed": link.echoes_failed,
     }
+
+
+def _same_endpoint(old: SwitchConfig, new: SwitchConfig) -> bool:
+    """Whether `new` can take over `old`'s links as they are (same place, same wire)."""
+    return (old.host, old.port, old.connections, old.endpoint, old.tpdu, old.sign_on) == (
+        new.host, new.port, new.connections, new.endpoint, new.tpdu, new.sign_on,
+    )  # fmt: skip

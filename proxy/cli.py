@@ -184,8 +184,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"iso-proxy: {error}", file=sys.stderr)
             return EXIT_BAD_CONFIG
         logging.getLogger("iso_proxy").info("store: embedded PostgreSQL in %s", data_dir)
-    app = App(config, secrets)
-    return _serve(app.run, partial(app.stop, config.listen.shutdown_grace))
+    app = App(config, secrets, config_path=args.config)
+    return _serve(app.run, partial(app.stop, config.listen.shutdown_grace), app.reload)
 
 
 def _sim_switch(args: argparse.Namespace) -> int:
@@ -212,11 +212,12 @@ def _sim_switch(args: argparse.Namespace) -> int:
 def _serve(
     service: Callable[[], Awaitable[object]],
     stopping: Callable[[], Awaitable[None]] | None = None,
+    hangup: Callable[[], Awaitable[list[str]]] | None = None,
 ) -> int:
     """Run a service until a signal; a socket that cannot be opened is a clear error."""
     failures: list[str] = []
     try:
-        trio.run(_until_signal, service, stopping)
+        trio.run(_until_signal, service, stopping, hangup)
     except* OSError as group:
         failures = [str(exc) for exc in _leaves(group)]
     for failure in failures:
@@ -231,14 +232,20 @@ def _leaves(error: BaseException) -> list[BaseException]:
 
 
 async def _until_signal(
-    service: Callable[[], Awaitable[object]], stopping: Callable[[], Awaitable[None]] | None
+    service: Callable[[], Awaitable[object]],
+    stopping: Callable[[], Awaitable[None]] | None,
+    hangup: Callable[[], Awaitable[list[str]]] | None,
 ) -> None:
     """Run a service until SIGINT or SIGTERM; then let `stopping` finish what it can (a
-    second signal cuts it short) and cancel the service."""
+    second signal cuts it short) and cancel the service. SIGHUP calls `hangup` (reload)."""
     async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             nursery.start_soon(service)
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    if hangup is not None:
+                        nursery.start_soon(_reload, hangup)
+                    continue
                 logging.getLogger("iso_proxy").info("%s: stopping", signal.Signals(signum).name)
                 if stopping is not None:
                     async with trio.open_nursery() as graceful:
@@ -248,6 +255,11 @@ async def _until_signal(
                             break
                 nursery.cancel_scope.cancel()
                 break
+
+
+async def _reload(hangup: Callable[[], Awaitable[list[str]]]) -> None:
+    for problem in await hangup():
+        logging.getLogger("iso_proxy").error("reload refused: %s", problem)
 
 
 async def _then_cancel(work: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:

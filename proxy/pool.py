@@ -28,7 +28,7 @@ from proxy.errors import (
 from proxy.health import LinkState
 from proxy.keys import MatchKey, match_key
 from proxy.network import StanSequence
-from proxy.upstream import Dialer, Link, dial_tcp
+from proxy.upstream import WRITE_GRACE, Dialer, Link, dial_tcp
 
 log = logging.getLogger("iso_proxy.upstream")
 
@@ -91,20 +91,23 @@ class Pool:
         self._match_fields = routing.match_key
         self._strategy = routing.strategy
         self._correlator: Correlator[_Waiter] = Correlator()
-        stans = StanSequence(rng.randrange(1, 1_000_000))
-        self.switches = {switch.name: switch for switch in switches if switch.enabled}
-        self.links: dict[str, list[Link]] = {
-            switch.name: [
-                Link(switch, index, health, stans, self._on_response, self._on_state, rng, dial)
-                for index in range(switch.connections)
-            ]
-            for switch in self.switches.values()
-        }
+        self._health = health
+        self._rng = rng
+        self._dial = dial
+        self._stans = StanSequence(rng.randrange(1, 1_000_000))
+        self.switches: dict[str, SwitchConfig] = {}
+        self.links: dict[str, list[Link]] = {}
+        self._link_turns: dict[str, RoundRobin[Link]] = {}
+        self._running: dict[str, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+        for switch in switches:
+            if switch.enabled:
+                self._register(switch)
         self._switch_turns: RoundRobin[str] = RoundRobin()
         self._weighted: SmoothWeighted[str] = SmoothWeighted()
         self._least_cost: LeastCost[Link] = LeastCost()
-        self._link_turns: dict[str, RoundRobin[Link]] = {name: RoundRobin() for name in self.links}
         self._changed = trio.Event()
+        self._settled = trio.Event()  # set (and replaced) whenever a request ends
         self.drained: set[str] = set()  # switches taking no new requests (echoes go on)
         self._late_send, self.late_answers = trio.open_memory_channel[LateAnswer](MAX_LATE_ANSWERS)
         self.late_count = 0
@@ -113,11 +116,62 @@ class Pool:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run every link; ready once each has made its first connection attempt."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             async with trio.open_nursery() as starting:
-                for links in self.links.values():
-                    for link in links:
-                        starting.start_soon(nursery.start, link.run)
+                for name in list(self.links):
+                    starting.start_soon(nursery.start, self._run_switch, name)
             task_status.started()
+
+    def add_switch(self, switch: SwitchConfig) -> None:
+        """Start using a switch (links connect and come up on their echoes)."""
+        assert self._nursery is not None, "the pool is not running"
+        self._register(switch)
+        self._nursery.start_soon(self._run_switch, switch.name)
+
+    def update_switch(self, switch: SwitchConfig) -> None:
+        """New settings that need no reconnect (weight, timeouts, limits) for a switch."""
+        self.switches[switch.name] = switch
+        for link in self.links[switch.name]:
+            link.switch = switch
+
+    async def remove_switch(self, name: str) -> None:
+        """Stop using a switch: no new requests; once those in flight are done (or their
+        deadline passed), its links sign off and close."""
+        self.drained.add(name)
+        switch = self.switches[name]
+        with trio.move_on_after(switch.timeout + WRITE_GRACE):
+            await self.wait_until_idle(name)
+        self._running.pop(name).cancel()
+        del self.switches[name], self.links[name], self._link_turns[name]
+        self.drained.discard(name)
+
+    async def wait_until_idle(self, name: str) -> None:
+        """Wait until no request written to `name`'s links is waiting for its answer."""
+        links = self.links[name]
+        while any(self.in_flight(link) for link in links):
+            await self._settled.wait()
+
+    def _register(self, switch: SwitchConfig) -> None:
+        self.switches[switch.name] = switch
+        self.links[switch.name] = [
+            Link(
+                switch, index, self._health, self._stans, self._on_response, self._on_state,
+                self._rng, self._dial,
+            )
+            for index in range(switch.connections)
+        ]  # fmt: skip
+        self._link_turns[switch.name] = RoundRobin()
+
+    async def _run_switch(
+        self, name: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        with trio.CancelScope() as scope:
+            self._running[name] = scope
+            async with trio.open_nursery() as links:
+                async with trio.open_nursery() as starting:
+                    for link in self.links[name]:
+                        starting.start_soon(links.start, link.run)
+                task_status.started()
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
         """Wait until `condition()` holds; it is checked after every link state change."""
@@ -165,6 +219,8 @@ class Pool:
             # Written but unanswered (timed out, or this task was cancelled): the key stays
             # taken until the late answer or the connection's end.
             self._correlator.finish(key, waiter, answered=waiter.event.is_set())
+            self._settled.set()
+            self._settled = trio.Event()
             if timed_out is not None:
                 if judge_link:
                     timed_out.transaction_done(waiter.connection, answered=False, rtt=0.0)

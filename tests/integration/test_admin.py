@@ -14,10 +14,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from fixtures.chaos import Mode
 from fixtures.messages import financial
 from fixtures.sim_switch import SimSwitch, SimSwitchOptions
+from proxy.app import App, Secrets
+from proxy.config import load_config
 from tests.conftest import (
     TEST_ADMIN_TOKEN,
     Database,
     Terminals,
+    all_links,
     proxy_config,
     start_proxy,
     start_switch,
@@ -305,3 +308,59 @@ async def test_the_dashboard_is_grafana_json_and_queries_only_exported_metrics(
     }
     assert queried <= exported, queried - exported
     assert len(queried) >= 10
+
+
+async def test_reload_adds_and_removes_switches_without_touching_terminals(
+    nursery: trio.Nursery, terminals: Terminals, tmp_path: Path
+) -> None:
+    alpha = await start_switch(nursery)
+    beta = await start_switch(nursery, delay=0.5)
+    gamma = await start_switch(nursery)
+    path = tmp_path / "config.yaml"
+
+    def write(*names: str) -> None:
+        ports = {"alpha": alpha.port, "beta": beta.port, "gamma": gamma.port}
+        switches = "".join(
+            f"  - {{name: {n}, host: 127.0.0.1, port: {ports[n]}, connections: 1}}\n" for n in names
+        )
+        path.write_text(
+            "listen: {host: 127.0.0.1, port: 0}\nadmin: {port: 0}\nstore: {enabled: false}\n"
+            "health: {echo_interval: 5, echo_timeout: 1, rise_interval: 0.05, rise: 1}\n"
+            f"switches:\n{switches}"
+        )
+
+    write("alpha", "beta")
+    app = App(load_config(path), Secrets(admin_token=TEST_ADMIN_TOKEN), config_path=path)
+    port: int = await nursery.start(app.run)
+    await app.pool.wait_until(lambda: all(link.is_up for link in all_links(app)))
+    terminal = await terminals.connect(port)
+    await terminal.stream.send_all(terminal.frame(financial(1)) + terminal.frame(financial(2)))
+    with trio.fail_after(5):
+        await beta.wait_until(lambda: beta.financial_total() == 1)
+
+    write("alpha", "gamma")
+    assert await http(app.admin_port, "/reload", "POST") == (
+        401,
+        b"missing or wrong bearer token\n",
+    )
+    assert await http(app.admin_port, "/reload", "POST", token=TEST_ADMIN_TOKEN) == (
+        200,
+        b"reloaded\n",
+    )
+    answers = [await terminal.receive() for _ in range(2)]
+    assert sorted((a.get("11"), a.get("39")) for a in answers) == [
+        ("000001", "00"),
+        ("000002", "00"),
+    ]
+    with trio.fail_after(10):
+        await app.pool.wait_until(
+            lambda: "beta" not in app.pool.links and all(link.is_up for link in all_links(app))
+        )
+    for stan in range(3, 9):  # the same terminal connection, never closed
+        assert (await terminal.request(financial(stan))).get("39") == "00"
+    assert (alpha.financial_total(), beta.financial_total(), gamma.financial_total()) == (4, 1, 3)
+
+    path.write_text("switches: []\n")  # a broken file changes nothing
+    status, body = await http(app.admin_port, "/reload", "POST", token=TEST_ADMIN_TOKEN)
+    assert (status, body) == (400, b"switches: must be a non-empty list of switches\n")
+    assert set(app.pool.links) == {"alpha", "gamma"}

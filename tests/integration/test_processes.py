@@ -211,3 +211,27 @@ async def test_sigterm_under_load_answers_every_request_taken_then_exits_0(
         assert {a.get("39") for a in answers} == {"00"}
         assert await proxy.process.wait() == 0, proxy.output.decode(errors="replace")
     assert b"drained: every request taken was answered" in proxy.output
+
+
+async def test_sighup_reloads_the_switch_list(
+    tmp_path: Path, nursery: trio.Nursery, children: _Children, terminals: Terminals
+) -> None:
+    alpha = await start_switch(nursery)
+    beta = await start_switch(nursery)
+    config = tmp_path / "config.yaml"
+    head = "listen: {host: 127.0.0.1, port: 0}\nstore: {enabled: false}\nadmin: {port: 0}\n"
+    config.write_text(head + f"switches: [{{name: alpha, host: 127.0.0.1, port: {alpha.port}}}]\n")
+    proxy = await children.spawn("run", "-c", str(config))
+    with trio.fail_after(20):
+        port = await proxy.port()
+        await proxy.wait_for(LINK_UP)
+        config.write_text(
+            head + f"switches: [{{name: beta, host: 127.0.0.1, port: {beta.port}}}]\n"
+        )
+        proxy.process.send_signal(signal.SIGHUP)
+        await proxy.wait_for(re.compile(rb"reloaded .*: switches beta"))
+        await proxy.wait_for(LINK_UP, count=2)  # beta's link, after alpha's
+        terminal = await terminals.connect(port)
+        assert (await terminal.request(financial(1))).get("39") == "00"
+        await _stop(proxy)
+    assert (alpha.financial_total(), beta.financial_total()) == (0, 1)
