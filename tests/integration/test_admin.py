@@ -364,3 +364,13 @@ async def test_reload_adds_and_removes_switches_without_touching_terminals(
     status, body = await http(app.admin_port, "/reload", "POST", token=TEST_ADMIN_TOKEN)
     assert (status, body) == (400, b"switches: must be a non-empty list of switches\n")
     assert set(app.pool.links) == {"alpha", "gamma"}
+
+
+async def test_admin_actions_are_off_without_a_configured_token(nursery: trio.Nursery) -> None:
+    switch = await start_switch(nursery)
+    app = App(proxy_config({"alpha": switch.port}), Secrets())
+    await nursery.start(app.run)
+    status, body = await http(app.admin_port, "/switches/alpha/drain", "POST", token="anything")
+    assert (status, body) == (403, b"admin actions are off: set ISO_PROXY_ADMIN_TOKEN\n")
+    assert (await http(app.admin_port, "/reload", "POST", token="anything"))[0] == 403
+    assert app.pool.drained == set()
