@@ -29,6 +29,7 @@ from proxy.transactions import (
     replay,
     reversal_for,
 )
+from proxy.watch import Watch
 
 log = logging.getLogger("iso_proxy.transactions")
 
@@ -111,7 +112,7 @@ class Forwarder:
         self._journal = journal
         self._timeout_rc = timeout_rc
         self.late_recorded = 0
-        self._late_changed = trio.Event()
+        self._late_changed = Watch()
         self._carrying: dict[str, _Pending] = {}
         self._delivered: dict[str, None] = {}  # keys recently answered to a terminal
         self.duplicates: Counter[decisions.Duplicate] = Counter()
@@ -197,13 +198,11 @@ class Forwarder:
                 log.warning("late answer not recorded (%s)", error)
                 continue
             self.late_recorded += 1
-            self._late_changed.set()
-            self._late_changed = trio.Event()
+            self._late_changed.changed()
 
     async def wait_late_recorded(self, count: int) -> None:
         """Wait until `count` late answers have been recorded (for tests and operators)."""
-        while self.late_recorded < count:
-            await self._late_changed.wait()
+        await self._late_changed.wait_until(lambda: self.late_recorded >= count)
 
     async def _journaled(self, message: Message, journal: Journal) -> Reply:
         claim = journal.identity.claim(message, journal.clock())

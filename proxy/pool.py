@@ -29,6 +29,7 @@ from proxy.health import LinkState
 from proxy.keys import MatchKey, match_key
 from proxy.network import StanSequence
 from proxy.upstream import WRITE_GRACE, Dialer, Link, dial_tcp
+from proxy.watch import Watch
 
 log = logging.getLogger("iso_proxy.upstream")
 
@@ -106,8 +107,8 @@ class Pool:
         self._switch_turns: RoundRobin[str] = RoundRobin()
         self._weighted: SmoothWeighted[str] = SmoothWeighted()
         self._least_cost: LeastCost[Link] = LeastCost()
-        self._changed = trio.Event()
-        self._settled = trio.Event()  # set (and replaced) whenever a request ends
+        self._changed = Watch()  # a link's state changed
+        self._settled = Watch()  # a request ended
         self.drained: set[str] = set()  # switches taking no new requests (echoes go on)
         self._late_send, self.late_answers = trio.open_memory_channel[LateAnswer](MAX_LATE_ANSWERS)
         self.late_count = 0
@@ -148,8 +149,7 @@ class Pool:
     async def wait_until_idle(self, name: str) -> None:
         """Wait until no request written to `name`'s links is waiting for its answer."""
         links = self.links[name]
-        while any(self.in_flight(link) for link in links):
-            await self._settled.wait()
+        await self._settled.wait_until(lambda: not any(self.in_flight(link) for link in links))
 
     def _register(self, switch: SwitchConfig) -> None:
         self.switches[switch.name] = switch
@@ -175,8 +175,7 @@ class Pool:
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
         """Wait until `condition()` holds; it is checked after every link state change."""
-        while not condition():
-            await self._changed.wait()
+        await self._changed.wait_until(condition)
 
     async def forward(
         self,
@@ -219,8 +218,7 @@ class Pool:
             # Written but unanswered (timed out, or this task was cancelled): the key stays
             # taken until the late answer or the connection's end.
             self._correlator.finish(key, waiter, answered=waiter.event.is_set())
-            self._settled.set()
-            self._settled = trio.Event()
+            self._settled.changed()
             if timed_out is not None:
                 if judge_link:
                     timed_out.transaction_done(waiter.connection, answered=False, rtt=0.0)
@@ -331,5 +329,4 @@ class Pool:
                         switch=link.switch.name,
                     )
                 )
-        self._changed.set()
-        self._changed = trio.Event()
+        self._changed.changed()

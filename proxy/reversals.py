@@ -27,6 +27,7 @@ from proxy.errors import LinkLost, ProxyError, UpstreamTimeout
 from proxy.keys import match_key
 from proxy.pool import Pool
 from proxy.store import DueReversal, Store, StoreUnavailable
+from proxy.watch import Watch
 
 log = logging.getLogger("iso_proxy.reversals")
 
@@ -60,7 +61,7 @@ class ReversalWorker:
         self.tried = 0
         self.acknowledged = 0
         self.failed = 0
-        self._recorded = trio.Event()
+        self._recorded = Watch()
 
     async def recover(self, older_than: float, every: float) -> None:
         """Every `every` seconds (the first time at startup), queue reversals for claims a
@@ -145,8 +146,7 @@ class ReversalWorker:
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
         """Wait until `condition()` holds; it is checked after each recorded attempt."""
-        while not condition():
-            await self._recorded.wait()
+        await self._recorded.wait_until(condition)
 
     async def _record(
         self, due: DueReversal, state: str, rc: str | None, retry_in: float, *, written: bool
@@ -168,5 +168,4 @@ class ReversalWorker:
             self.acknowledged += 1
         elif state == "failed":
             self.failed += 1
-        self._recorded.set()
-        self._recorded = trio.Event()
+        self._recorded.changed()

@@ -23,6 +23,7 @@ from proxy.config import ListenConfig
 from proxy.decisions import FORMAT_ERROR, SYSTEM_MALFUNCTION
 from proxy.forwarder import Forwarder, Reply
 from proxy.responses import answer, answer_salvaged
+from proxy.watch import Watch
 
 log = logging.getLogger("iso_proxy.server")
 
@@ -38,7 +39,7 @@ class Server:
         self.connections = 0
         self.malformed = 0  # frames from terminals answered RC 30 or closing their connection
         self.in_flight = 0  # requests taken from terminals and not answered yet
-        self._idle = trio.Event()
+        self._settled = Watch()  # a request was answered
         self._accepting = trio.CancelScope()
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -62,8 +63,7 @@ class Server:
         self._accepting.cancel()
         log.info("draining: %d request(s) in flight", self.in_flight)
         with trio.move_on_after(grace):
-            while self.in_flight:
-                await self._idle.wait()
+            await self._settled.wait_until(lambda: not self.in_flight)
             return True
         return False
 
@@ -72,8 +72,7 @@ class Server:
 
     def request_done(self) -> None:
         self.in_flight -= 1
-        self._idle.set()
-        self._idle = trio.Event()
+        self._settled.changed()
 
     def count_malformed(self) -> None:
         self.malformed += 1
