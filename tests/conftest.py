@@ -96,6 +96,21 @@ async def unused_port() -> int:
     return port
 
 
+async def start_killable_switch(
+    nursery: trio.Nursery, **options: Any
+) -> tuple[SimSwitch, trio.CancelScope]:
+    """A simulated switch, and the scope that kills it (listener and connections)."""
+    switch = SimSwitch(SimSwitchOptions(**options))
+    scope = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[int]) -> None:
+        with scope:
+            await switch.run(task_status=task_status)
+
+    await nursery.start(run)
+    return switch, scope
+
+
 async def start_proxy(
     nursery: trio.Nursery,
     config: Config,

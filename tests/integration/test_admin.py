@@ -22,6 +22,7 @@ from tests.conftest import (
     Terminals,
     all_links,
     proxy_config,
+    start_killable_switch,
     start_proxy,
     start_switch,
 )
@@ -62,14 +63,8 @@ def _samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float
 async def test_health_readiness_and_metrics(
     nursery: trio.Nursery, terminals: Terminals, database: Database
 ) -> None:
-    alpha = SimSwitch()
-    alpha_scope = trio.CancelScope()
-
-    async def run_alpha(task_status: trio.TaskStatus[int]) -> None:
-        with alpha_scope:
-            await alpha.run(task_status=task_status)
-
-    alpha_port: int = await nursery.start(run_alpha)
+    alpha, alpha_scope = await start_killable_switch(nursery)
+    alpha_port = alpha.port
     beta = await start_switch(nursery)
     app, port = await start_proxy(
         nursery,
@@ -118,14 +113,8 @@ async def test_health_readiness_and_metrics(
 async def test_not_ready_without_links_or_store_and_ready_when_they_return(
     nursery: trio.Nursery, database: Database
 ) -> None:
-    switch_scope = trio.CancelScope()
-    sim = SimSwitch(SimSwitchOptions())
-
-    async def run_switch(task_status: trio.TaskStatus[int]) -> None:
-        with switch_scope:
-            await sim.run(task_status=task_status)
-
-    switch_port: int = await nursery.start(run_switch)
+    sim, switch_scope = await start_killable_switch(nursery)
+    switch_port = sim.port
     postgres, dsn = await database.behind_chaos(nursery, Mode.REFUSE)
     app, _ = await start_proxy(
         nursery,

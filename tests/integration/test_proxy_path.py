@@ -17,6 +17,7 @@ from tests.conftest import (
     pipelined_sessions,
     proxy_config,
     proxy_with_one_switch,
+    start_killable_switch,
     start_proxy,
     start_switch,
     unused_port,
@@ -64,14 +65,8 @@ async def test_a_killed_switch_reconnects_while_traffic_flows_elsewhere(
     terminals: Terminals,
 ) -> None:
     beta = await start_switch(nursery)
-    alpha = SimSwitch()
-    alpha_scope = trio.CancelScope()
-
-    async def run_alpha(task_status: trio.TaskStatus[int]) -> None:
-        with alpha_scope:
-            await alpha.run(task_status=task_status)
-
-    alpha_port: int = await nursery.start(run_alpha)
+    alpha, alpha_scope = await start_killable_switch(nursery)
+    alpha_port = alpha.port
     app, port = await start_proxy(nursery, proxy_config({"alpha": alpha_port, "beta": beta.port}))
     alpha_links = app.pool.links["alpha"]
     terminal = await terminals.connect(port)
