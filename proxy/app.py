@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 
+from proxy import tls
 from proxy.admin import AdminServer
 from proxy.config import Config, SwitchConfig, load_config
 from proxy.errors import ConfigError
@@ -25,7 +26,7 @@ from proxy.reversals import ReversalWorker
 from proxy.server import Server
 from proxy.store import Store, StoreSettings, StoreUnavailable
 from proxy.transactions import TransactionIdentity
-from proxy.upstream import WRITE_GRACE, Link
+from proxy.upstream import WRITE_GRACE, Link, tcp_dialer
 
 log = logging.getLogger("iso_proxy")
 
@@ -40,6 +41,7 @@ class Secrets:
     dsn: str | None = field(default=None, repr=False)
     pan_key: bytes | None = field(default=None, repr=False)
     admin_token: str | None = field(default=None, repr=False)
+    tls_key_password: str | None = field(default=None, repr=False)
 
 
 class App:
@@ -59,7 +61,15 @@ class App:
         self.config_path = config_path
         self._nursery: trio.Nursery | None = None
         self.instance = uuid.uuid4().hex[:12]
-        self.pool = Pool(config.switches, config.health, config.routing, rng or random.Random())
+        tls.check(config, secrets.tls_key_password)
+        self._tls_key_password = secrets.tls_key_password
+        self.pool = Pool(
+            config.switches,
+            config.health,
+            config.routing,
+            rng or random.Random(),
+            dial=tcp_dialer(secrets.tls_key_password),
+        )
         self.store: Store | None = None
         self.reversals: ReversalWorker | None = None
         journal = None
@@ -102,7 +112,14 @@ class App:
             )
             # No live claim stays open longer than this: claim, wait, write, outcome.
             self.orphan_age = longest + WRITE_GRACE + 2 * config.store.timeout + 1
-        self.server = Server(config.listen, self.forwarder)
+        self.server = Server(
+            config.listen,
+            config.clients,
+            self.forwarder,
+            tls.server_context(config.listen.tls, secrets.tls_key_password)
+            if config.listen.tls is not None
+            else None,
+        )
 
         self.registry = registry_for(
             ProxyCollector(self.pool, self.server, self.forwarder, self.reversals)
@@ -138,6 +155,7 @@ class App:
             return ["no config file to reload"]
         try:
             fresh = load_config(self.config_path)
+            tls.check(fresh, self._tls_key_password)
         except ConfigError as error:
             return error.problems
         current = dict(self.pool.switches)

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import trio
 
 from codec import FrameFormat, LengthPrefix, SpecError, load_spec
 from fixtures.sim_switch import SimSwitch, SimSwitchOptions
+from proxy import tls
 from proxy.app import App, Secrets
 from proxy.config import Config, load_config
 from proxy.echo_tool import EchoPlan, run_echo
@@ -145,15 +147,24 @@ def _load(path: Path) -> Config | None:
     try:
         return load_config(path)
     except ConfigError as error:
-        print(f"{path}: invalid configuration:", file=sys.stderr)
-        for problem in error.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _print_problems(path, error)
         return None
+
+
+def _print_problems(path: Path, error: ConfigError) -> None:
+    print(f"{path}: invalid configuration:", file=sys.stderr)
+    for problem in error.problems:
+        print(f"  {problem}", file=sys.stderr)
 
 
 def _check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
+        return EXIT_BAD_CONFIG
+    try:
+        tls.check(config, os.environ.get("ISO_PROXY_TLS_KEY_PASSWORD") or None)
+    except ConfigError as error:
+        _print_problems(args.config, error)
         return EXIT_BAD_CONFIG
     print(f"{args.config}: ok ({len(config.switches)} switch(es))")
     return 0
@@ -167,6 +178,7 @@ def _run(args: argparse.Namespace) -> int:
         dsn=os.environ.get("ISO_PROXY_DSN") or None,
         pan_key=os.environ.get("ISO_PROXY_PAN_KEY", "").encode() or None,
         admin_token=os.environ.get("ISO_PROXY_ADMIN_TOKEN") or None,
+        tls_key_password=os.environ.get("ISO_PROXY_TLS_KEY_PASSWORD") or None,
     )
     if config.store.enabled and config.idempotency.pan_hash and secrets.pan_key is None:
         print(
@@ -179,12 +191,16 @@ def _run(args: argparse.Namespace) -> int:
     if config.store.enabled and config.store.dsn is None and secrets.dsn is None:
         data_dir = args.config.parent / config.store.data_dir
         try:
-            secrets = Secrets(dsn=start_embedded(data_dir), pan_key=secrets.pan_key)
+            secrets = replace(secrets, dsn=start_embedded(data_dir))
         except EmbeddedUnavailable as error:
             print(f"iso-proxy: {error}", file=sys.stderr)
             return EXIT_BAD_CONFIG
         logging.getLogger("iso_proxy").info("store: embedded PostgreSQL in %s", data_dir)
-    app = App(config, secrets, config_path=args.config)
+    try:
+        app = App(config, secrets, config_path=args.config)
+    except ConfigError as error:
+        _print_problems(args.config, error)
+        return EXIT_BAD_CONFIG
     return _serve(app.run, partial(app.stop, config.listen.shutdown_grace), app.reload)
 
 

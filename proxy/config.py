@@ -44,15 +44,71 @@ class Endpoint:
     spec: Spec = field(repr=False, compare=False)
 
 
+TLS_VERSIONS = ("1.2", "1.3")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """TLS on the terminal listener; with `client_ca`, mutual TLS (a client certificate
+    signed by that CA is required)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None
+    min_version: str
+    handshake_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTls:
+    """TLS on the links to a switch: its chain verified against `ca` (None: the system's
+    trust store) and its host name against `server_name`; `cert`/`key` when it asks for a
+    client certificate."""
+
+    ca: Path | None
+    cert: Path | None
+    key: Path | None
+    server_name: str
+    min_version: str
+
+
 @dataclass(frozen=True, slots=True)
 class ListenConfig:
     host: str
     port: int
     endpoint: Endpoint
+    tls: ServerTls | None
     max_connections: int
+    max_connections_per_ip: int
     max_inflight_per_connection: int
+    idle_timeout: float
+    frame_timeout: float
     write_timeout: float
     shutdown_grace: float
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A token bucket: `tps` tokens a second, at most `burst` saved up."""
+
+    tps: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClientProfile:
+    """Who a client is (source networks and/or certificate name) and what it may send.
+
+    `allow` lists request MTIs (a repeat is allowed with its original); None allows any.
+    """
+
+    name: str
+    networks: tuple[Network, ...]
+    cert_cn: str | None
+    allow: frozenset[str] | None
+    rate: RateLimit | None
+    rate_rc: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +132,7 @@ class SwitchConfig:
     weight: int
     sign_on: bool
     enabled: bool
+    tls: ClientTls | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +197,7 @@ class LogConfig:
 @dataclass(frozen=True, slots=True)
 class Config:
     listen: ListenConfig
+    clients: tuple[ClientProfile, ...]
     switches: tuple[SwitchConfig, ...]
     health: HealthConfig
     routing: RoutingConfig
@@ -199,6 +257,14 @@ class _Reader:
             return default
         return value
 
+    def file(self, raw: Mapping[str, Any], path: str, key: str, *, required: bool = False) -> Path:
+        """A readable file named by `raw[key]`, relative to the config file's folder."""
+        name = self.value(raw, path, key, "", required=required)
+        where = self.base_dir / name
+        if name and not where.is_file():
+            self.fail(_join(path, key), f"no such file: {where}")
+        return where
+
     def endpoint(self, raw: Mapping[str, Any], path: str, tpdu: bool) -> Endpoint:
         framing = LengthPrefix(self.value(raw, path, "framing", "binary2", _one_of(LengthPrefix)))
         max_frame = self.value(raw, path, "max_frame", 8192, _between(16, framing.max_length))
@@ -239,6 +305,7 @@ def parse_config(raw: object, *, base_dir: Path) -> Config:
         "config",
         (
             "listen",
+            "clients",
             "switches",
             "health",
             "routing",
@@ -251,6 +318,7 @@ def parse_config(raw: object, *, base_dir: Path) -> Config:
     )
     config = Config(
         listen=_listen(reader, top.get("listen")),
+        clients=_clients(reader, top.get("clients")),
         switches=_switches(reader, top.get("switches")),
         health=_health(reader, top.get("health")),
         routing=_routing(reader, top.get("routing")),
@@ -269,6 +337,10 @@ def parse_config(raw: object, *, base_dir: Path) -> Config:
             reader.fail(f"{path}.spec", f"lacks match_key field(s) {', '.join(missing)}")
     if config.switches and not any(s.enabled for s in config.switches):
         reader.fail("switches", "at least one switch must be enabled")
+    mutual = config.listen.tls is not None and config.listen.tls.client_ca is not None
+    for index, profile in enumerate(config.clients):
+        if profile.cert_cn is not None and not mutual:
+            reader.fail(f"clients[{index}].cert_cn", "needs mutual TLS (listen.tls.client_ca)")
     if reader.problems:
         raise ConfigError(reader.problems)
     return config
@@ -280,20 +352,116 @@ def _listen(reader: _Reader, raw_value: object) -> ListenConfig:
         raw_value,
         path,
         (
-            "host", "port", "framing", "tpdu", "spec", "max_frame", "max_connections",
-            "max_inflight_per_connection", "write_timeout", "shutdown_grace",
+            "host", "port", "framing", "tpdu", "spec", "max_frame", "tls", "max_connections",
+            "max_connections_per_ip", "max_inflight_per_connection", "idle_timeout",
+            "frame_timeout", "write_timeout", "shutdown_grace",
         ),
     )  # fmt: skip
     return ListenConfig(
         host=reader.value(raw, path, "host", "0.0.0.0", _host),  # noqa: S104 - a proxy listens
         port=reader.value(raw, path, "port", 6000, _between(0, 65535)),
         endpoint=reader.endpoint(raw, path, reader.value(raw, path, "tpdu", False)),
+        tls=_server_tls(reader, raw.get("tls"), _join(path, "tls")),
         max_connections=reader.value(raw, path, "max_connections", 1000, _between(1, 100_000)),
+        max_connections_per_ip=reader.value(
+            raw, path, "max_connections_per_ip", 200, _between(1, 100_000)
+        ),
         max_inflight_per_connection=reader.value(
             raw, path, "max_inflight_per_connection", 64, _between(1, 10_000)
         ),
+        idle_timeout=reader.value(raw, path, "idle_timeout", 300.0, _positive(86_400)),
+        frame_timeout=reader.value(raw, path, "frame_timeout", 10.0, _positive(600)),
         write_timeout=reader.value(raw, path, "write_timeout", 10.0, _positive(300)),
         shutdown_grace=reader.value(raw, path, "shutdown_grace", 10.0, _positive(600)),
+    )
+
+
+def _server_tls(reader: _Reader, raw_value: object, path: str) -> ServerTls | None:
+    if raw_value is None:
+        return None
+    raw = reader.mapping(
+        raw_value, path, ("cert", "key", "client_ca", "min_version", "handshake_timeout")
+    )
+    client_ca = reader.value(raw, path, "client_ca", "")
+    return ServerTls(
+        cert=reader.file(raw, path, "cert", required=True),
+        key=reader.file(raw, path, "key", required=True),
+        client_ca=reader.file(raw, path, "client_ca") if client_ca else None,
+        min_version=reader.value(raw, path, "min_version", "1.2", _one_of(TLS_VERSIONS)),
+        handshake_timeout=reader.value(raw, path, "handshake_timeout", 5.0, _positive(120)),
+    )
+
+
+def _client_tls(reader: _Reader, raw_value: object, path: str, host: str) -> ClientTls | None:
+    if raw_value is None:
+        return None
+    raw = reader.mapping(raw_value, path, ("ca", "cert", "key", "server_name", "min_version"))
+    present = {key: bool(reader.value(raw, path, key, "")) for key in ("ca", "cert", "key")}
+    if present["cert"] != present["key"]:
+        reader.fail(path, "cert and key go together")
+    return ClientTls(
+        ca=reader.file(raw, path, "ca") if present["ca"] else None,
+        cert=reader.file(raw, path, "cert") if present["cert"] else None,
+        key=reader.file(raw, path, "key") if present["key"] else None,
+        server_name=reader.value(raw, path, "server_name", host, _host),
+        min_version=reader.value(raw, path, "min_version", "1.2", _one_of(TLS_VERSIONS)),
+    )
+
+
+def _clients(reader: _Reader, raw: object) -> tuple[ClientProfile, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        reader.fail("clients", "must be a list of client profiles")
+        return ()
+    profiles = tuple(_client(reader, item, f"clients[{i}]") for i, item in enumerate(raw))
+    seen: set[str] = set()
+    for index, profile in enumerate(profiles):
+        if profile.name in seen:
+            reader.fail(f"clients[{index}].name", f"duplicate profile name {profile.name!r}")
+        seen.add(profile.name)
+    return profiles
+
+
+def _client(reader: _Reader, raw_value: object, path: str) -> ClientProfile:
+    raw = reader.mapping(
+        raw_value, path, ("name", "networks", "cert_cn", "allow", "rate", "rate_rc")
+    )
+    networks = tuple(_networks(reader, reader.value(raw, path, "networks", []), path))
+    cert_cn = reader.value(raw, path, "cert_cn", "") or None
+    if not networks and cert_cn is None:
+        reader.fail(path, "needs networks, cert_cn or both (a profile must not match anyone)")
+    allow: list[Any] = reader.value(raw, path, "allow", [], _request_mtis)
+    return ClientProfile(
+        name=reader.value(raw, path, "name", "", _name, required=True),
+        networks=networks,
+        cert_cn=cert_cn,
+        allow=frozenset(str(mti) for mti in allow) if allow else None,
+        rate=_rate(reader, raw.get("rate"), _join(path, "rate")),
+        rate_rc=reader.value(raw, path, "rate_rc", "91", _rc),
+    )
+
+
+def _networks(reader: _Reader, values: list[Any], path: str) -> list[Network]:
+    networks = []
+    for index, value in enumerate(values):
+        try:
+            networks.append(ipaddress.ip_network(str(value)))
+        except ValueError:
+            reader.fail(
+                f"{path}.networks[{index}]",
+                "must be an address or network with its host bits zero, e.g. 10.0.0.0/8",
+            )
+    return networks
+
+
+def _rate(reader: _Reader, raw_value: object, path: str) -> RateLimit | None:
+    if raw_value is None:
+        return None
+    raw = reader.mapping(raw_value, path, ("tps", "burst"))
+    tps = reader.value(raw, path, "tps", 1.0, _positive(1_000_000), required=True)
+    return RateLimit(
+        tps=tps, burst=reader.value(raw, path, "burst", max(1, round(tps)), _between(1, 10**6))
     )
 
 
@@ -317,13 +485,14 @@ def _switch(reader: _Reader, raw_value: object, path: str) -> SwitchConfig:
         (
             "name", "host", "port", "connections", "timeout", "framing", "tpdu", "spec",
             "max_frame", "max_inflight", "connect_timeout", "reconnect", "weight", "sign_on",
-            "enabled",
+            "enabled", "tls",
         ),
     )  # fmt: skip
     tpdu = reader.value(raw, path, "tpdu", "", _tpdu)
+    host = reader.value(raw, path, "host", "", _host, required=True)
     return SwitchConfig(
         name=reader.value(raw, path, "name", "", _name, required=True),
-        host=reader.value(raw, path, "host", "", _host, required=True),
+        host=host,
         port=reader.value(raw, path, "port", 0, _between(1, 65535), required=True),
         connections=reader.value(raw, path, "connections", 1, _between(1, 64)),
         timeout=reader.value(raw, path, "timeout", 20.0, _positive(120)),
@@ -335,6 +504,7 @@ def _switch(reader: _Reader, raw_value: object, path: str) -> SwitchConfig:
         weight=reader.value(raw, path, "weight", 1, _between(1, 1000)),
         sign_on=reader.value(raw, path, "sign_on", False),
         enabled=reader.value(raw, path, "enabled", True),
+        tls=_client_tls(reader, raw.get("tls"), _join(path, "tls"), host),
     )
 
 
@@ -527,6 +697,21 @@ def _key_field_list(value: list[Any]) -> str | None:
         return "must include 41 (terminal) and 11 (STAN): a STAN is unique per terminal only"
     if card_data := sorted(set(fields) & SENSITIVE_FIELDS, key=int):
         return f"must not use card data fields ({', '.join(card_data)})"
+    return None
+
+
+def _rc(value: str) -> str | None:
+    return None if len(value) == 2 and value.isalnum() else "must be a 2-character response code"
+
+
+def _request_mtis(value: list[Any]) -> str | None:
+    """Request MTIs (function 0 or 2, not a repeat: repeats follow their original)."""
+    for mti in value:
+        text = str(mti)
+        if not (isinstance(mti, str) and len(text) == 4 and text.isdigit()):
+            return 'must list MTIs as quoted 4-digit strings, e.g. ["0200", "0420"]'
+        if text[2] not in "02" or int(text[3]) % 2:
+            return f"{text} is not an original request MTI (repeats follow their original)"
     return None
 
 

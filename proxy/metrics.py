@@ -1,6 +1,6 @@
 """Prometheus metrics, read from the live services when scraped (nothing on the hot path).
 
-Labels are bounded: switch, link, state, action. Never a STAN, RRN or PAN.
+Labels are bounded: switch, link, state, action, reason. Never a STAN, RRN or PAN.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from proxy.access import Rejection
 from proxy.forwarder import Forwarder
 from proxy.health import LinkState
 from proxy.latency import Histogram
@@ -103,11 +104,14 @@ class ProxyCollector(Collector):
         for switch, count in sorted(self._forwarder.timeouts.items()):
             timeouts.add_metric([switch], float(count))
         yield timeouts
-        malformed = CounterMetricFamily(
-            "isoproxy_malformed_frames", "Undecodable frames, by side", labels=["side"]
+        rejections = CounterMetricFamily(
+            "isoproxy_rejections",
+            "Connections and messages from terminals refused, by reason",
+            labels=["reason"],
         )
-        malformed.add_metric(["terminal"], float(self._server.malformed))
-        yield malformed
+        for reason in Rejection:
+            rejections.add_metric([reason.value], float(self._server.rejections[reason]))
+        yield rejections
         yield GaugeMetricFamily(
             "isoproxy_client_connections",
             "Terminal connections open",

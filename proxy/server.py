@@ -1,9 +1,17 @@
-"""The terminal-facing listener: one task per connection, many requests in flight on each."""
+"""The terminal-facing listener: one task per connection, many requests in flight on each.
+
+Every connection passes, in order: the connection caps, a profile that may take its
+address, the TLS handshake (with its deadline), the profile that takes its certificate.
+Every message then passes the frame deadline and size, decoding, the profile's allowed
+MTIs and its rate. Each refusal is counted by reason (`Rejection`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
+from collections import Counter
 
 import trio
 
@@ -19,35 +27,71 @@ from codec import (
     encode_frame,
     swap_tpdu,
 )
-from proxy.config import ListenConfig
+from proxy.access import (
+    NOT_PERMITTED,
+    Address,
+    Admission,
+    Rejection,
+    address_of,
+    effective,
+    match,
+    may_match,
+    permits,
+)
+from proxy.config import ClientProfile, ListenConfig
 from proxy.decisions import FORMAT_ERROR, SYSTEM_MALFUNCTION
 from proxy.forwarder import Forwarder, Reply
 from proxy.responses import answer, answer_salvaged
+from proxy.tls import cert_names
 from proxy.watch import Watch
 
 log = logging.getLogger("iso_proxy.server")
 
 READ_SIZE = 16384
+# How long closing a connection may take (a TLS close_notify to a client that never reads).
+CLOSE_TIMEOUT = 1.0
 
 
 class Server:
     """Accepts terminal connections and serves each until it closes."""
 
-    def __init__(self, listen: ListenConfig, forwarder: Forwarder) -> None:
+    def __init__(
+        self,
+        listen: ListenConfig,
+        clients: tuple[ClientProfile, ...],
+        forwarder: Forwarder,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self._listen = listen
+        self._profiles = effective(clients)
         self._forwarder = forwarder
-        self.connections = 0
-        self.malformed = 0  # frames from terminals answered RC 30 or closing their connection
+        if (tls is None) != (listen.tls is None):
+            raise ValueError("a TLS context goes with listen.tls")
+        self._tls = tls
+        self._handshake_timeout = listen.tls.handshake_timeout if listen.tls else 0.0
+        self.admission = Admission(listen.max_connections, listen.max_connections_per_ip)
+        self.rejections: Counter[Rejection] = Counter()
         self.in_flight = 0  # requests taken from terminals and not answered yet
         self._settled = Watch()  # a request was answered
         self._accepting = trio.CancelScope()
+        if not clients:
+            log.warning("no client profiles configured: accepting loopback clients only")
+
+    @property
+    def connections(self) -> int:
+        return self.admission.connections
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; reports the bound port (useful with port 0)."""
         async with trio.open_nursery() as nursery:
             listeners = await trio.open_tcp_listeners(self._listen.port, host=self._listen.host)
             port: int = listeners[0].socket.getsockname()[1]
-            log.info("listening on %s:%d", self._listen.host, port)
+            log.info(
+                "listening on %s:%d%s",
+                self._listen.host,
+                port,
+                " (TLS)" if self._tls is not None else "",
+            )
             nursery.start_soon(self._accept, listeners, nursery)
             task_status.started(port)
 
@@ -74,22 +118,65 @@ class Server:
         self.in_flight -= 1
         self._settled.changed()
 
-    def count_malformed(self) -> None:
-        self.malformed += 1
+    def reject(self, reason: Rejection) -> None:
+        self.rejections[reason] += 1
+        log.debug("rejected: %s", reason)
 
     async def _serve(self, stream: trio.SocketStream) -> None:
-        if self.connections >= self._listen.max_connections:
-            log.warning("connection refused: %d connections open", self.connections)
-            await stream.aclose()
-            return
-        self.connections += 1
         try:
-            async with stream:
-                await _Connection(stream, self._listen, self._forwarder, self).run()
+            address = address_of(stream.socket.getpeername()[0])
+        except (OSError, ValueError):  # gone already, or not an IP peer
+            await close(stream)
+            return
+        refusal = None if may_match(self._profiles, address) else Rejection.NO_PROFILE
+        refusal = refusal or self.admission.admit(address)
+        if refusal is not None:
+            self.reject(refusal)
+            await close(stream)
+            return
+        try:
+            await self._serve_admitted(stream, address)
         except Exception as exc:  # a handler's failure must never take the server down
             log.error("connection failed: %s", type(exc).__name__)
         finally:
-            self.connections -= 1
+            self.admission.release(address)
+
+    async def _serve_admitted(self, tcp: trio.SocketStream, address: Address) -> None:
+        stream: trio.abc.Stream = tcp
+        names: frozenset[str] = frozenset()
+        if self._tls is not None:
+            secure = trio.SSLStream(tcp, self._tls, server_side=True)
+            refusal = await self._handshake(secure)
+            if refusal is not None:
+                self.reject(refusal)
+                await close(secure)
+                return
+            stream = secure
+            names = cert_names(secure.getpeercert())
+        profile = match(self._profiles, address, names)
+        if profile is None:
+            self.reject(Rejection.NO_PROFILE)
+            await close(stream)
+            return
+        try:
+            await _Connection(stream, self._listen, profile, address, self._forwarder, self).run()
+        finally:
+            await close(stream)
+
+    async def _handshake(self, stream: trio.SSLStream[trio.SocketStream]) -> Rejection | None:
+        with trio.move_on_after(self._handshake_timeout):
+            try:
+                await stream.do_handshake()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return Rejection.TLS_HANDSHAKE
+            return None
+        return Rejection.HANDSHAKE_TIMEOUT
+
+
+async def close(stream: trio.abc.AsyncResource) -> None:
+    """Close without waiting long on the peer (trio closes the socket even if cancelled)."""
+    with trio.move_on_after(CLOSE_TIMEOUT):
+        await stream.aclose()
 
 
 class _Connection:
@@ -97,14 +184,18 @@ class _Connection:
 
     def __init__(
         self,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,
         listen: ListenConfig,
+        profile: ClientProfile,
+        address: Address,
         forwarder: Forwarder,
         server: Server,
     ) -> None:
         self._server = server
         self._stream = stream
         self._listen = listen
+        self._profile = profile
+        self._address = address
         self._endpoint = listen.endpoint
         self._forwarder = forwarder
         self._write_lock = trio.Lock()
@@ -118,36 +209,82 @@ class _Connection:
 
     async def _read(self, nursery: trio.Nursery) -> None:
         framer = Framer(self._endpoint.framing)
+        partial_since: float | None = None  # when the first byte of an unfinished frame came
+        last_read = trio.current_time()
         try:
             while True:
                 frame = framer.next_frame()
                 if frame is None:
-                    data = await self._stream.receive_some(READ_SIZE)
+                    if framer.buffered and partial_since is None:
+                        partial_since = last_read
+                    data = await self._receive(partial_since)
                     if not data:
                         return
+                    last_read = trio.current_time()
                     framer.feed(data)
                     continue
-                try:
-                    message = decode(frame.message, self._endpoint.spec)
-                except DecodeError as exc:
-                    salvage = exc.salvage
-                    if salvage is None or not salvage.mti.is_request:
-                        log.warning("closing connection: undecodable message (%s)", exc)
-                        self._server.count_malformed()
-                        await self._stream.aclose()
-                        return
-                    log.warning("format error from terminal %r: %s", salvage.terminal, exc)
-                    self._server.count_malformed()
-                    await self._reply(None, answer_salvaged(salvage, FORMAT_ERROR), frame.tpdu)
-                    continue
-                await self._in_flight.acquire()  # backpressure: stop reading at the cap
-                nursery.start_soon(self._handle, message, frame.tpdu)
+                partial_since = None
+                if not await self._take(frame, nursery):
+                    return
         except FramingError as exc:
             log.warning("closing connection: %s", exc)
-            self._server.count_malformed()
-            await self._stream.aclose()
+            await self._close(Rejection.BAD_FRAME)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
+
+    async def _receive(self, partial_since: float | None) -> bytes | bytearray | None:
+        """The next bytes; b"" when the terminal closed, None when its time ran out: a frame
+        begun and not finished by the frame deadline, or nothing at all (and no answer
+        owed) for the idle timeout."""
+        while True:
+            if partial_since is not None:
+                deadline = partial_since + self._listen.frame_timeout
+            else:
+                deadline = trio.current_time() + self._listen.idle_timeout
+            with trio.move_on_at(deadline):
+                return await self._stream.receive_some(READ_SIZE)
+            if partial_since is not None:
+                await self._close(Rejection.FRAME_TIMEOUT)
+                return None
+            if self._in_flight.value == self._listen.max_inflight_per_connection:
+                await self._close(Rejection.IDLE_TIMEOUT)
+                return None
+
+    async def _take(self, frame: Frame, nursery: trio.Nursery) -> bool:
+        """Decode a frame and answer or dispatch it; False when the connection is closed."""
+        try:
+            message = decode(frame.message, self._endpoint.spec)
+        except DecodeError as exc:
+            salvage = exc.salvage
+            if salvage is None or not salvage.mti.is_request:
+                log.warning("closing connection: undecodable message (%s)", exc)
+                await self._close(Rejection.UNDECODABLE)
+                return False
+            log.warning("format error from terminal %r: %s", salvage.terminal, exc)
+            self._server.reject(Rejection.FORMAT_ERROR)
+            await self._reply(None, answer_salvaged(salvage, FORMAT_ERROR), frame.tpdu)
+            return True
+        if message.mti.is_request:
+            refusal = self._refusal(message)
+            if refusal is not None:
+                self._server.reject(refusal)
+                rc = NOT_PERMITTED if refusal is Rejection.NOT_PERMITTED else self._profile.rate_rc
+                await self._reply(message, answer(message, rc), frame.tpdu)
+                return True
+        await self._in_flight.acquire()  # backpressure: stop reading at the cap
+        nursery.start_soon(self._handle, message, frame.tpdu)
+        return True
+
+    def _refusal(self, request: Message) -> Rejection | None:
+        if not permits(self._profile, request.mti):
+            return Rejection.NOT_PERMITTED
+        if not self._server.admission.allow(self._address, self._profile, trio.current_time()):
+            return Rejection.RATE_LIMITED
+        return None
+
+    async def _close(self, reason: Rejection) -> None:
+        self._server.reject(reason)
+        await close(self._stream)
 
     async def _handle(self, request: Message, tpdu: bytes | None) -> None:
         self._server.request_started()
@@ -203,6 +340,6 @@ class _Connection:
                     return False
             if scope.cancelled_caught:
                 log.warning("terminal not reading; closing connection")
-                await self._stream.aclose()
+                await close(self._stream)
                 return False
         return True

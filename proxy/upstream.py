@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
@@ -13,12 +14,13 @@ import trio
 from codec import CodecError, Frame, Framer, Message, decode, encode, encode_frame
 from proxy import decisions
 from proxy.backoff import Backoff
-from proxy.config import HealthConfig, SwitchConfig
-from proxy.errors import LinkLost, NotWritten
+from proxy.config import ClientTls, HealthConfig, SwitchConfig
+from proxy.errors import ConfigError, LinkLost, NotWritten
 from proxy.health import Echo, LinkHealth, LinkState, Verdict
 from proxy.latency import Histogram, PeakEwma
 from proxy.network import ECHO, SIGN_OFF, SIGN_ON, network_request
 from proxy.responses import answer
+from proxy.tls import client_context
 
 log = logging.getLogger("iso_proxy.upstream")
 
@@ -43,8 +45,39 @@ StateSink = Callable[["Link"], None]
 Dialer = Callable[[SwitchConfig], Awaitable[trio.abc.Stream]]
 
 
-async def dial_tcp(switch: SwitchConfig) -> trio.abc.Stream:
-    return await trio.open_tcp_stream(switch.host, switch.port)
+def tcp_dialer(key_password: str | None = None) -> Dialer:
+    """Opens TCP to a switch, and TLS over it when the switch's config asks for it (the
+    chain and host name verified; a failed handshake is a failed connect)."""
+    contexts: dict[ClientTls, ssl.SSLContext] = {}
+
+    async def dial(switch: SwitchConfig) -> trio.abc.Stream:
+        stream = await trio.open_tcp_stream(switch.host, switch.port)
+        if switch.tls is None:
+            return stream
+        context = contexts.get(switch.tls)
+        if context is None:
+            try:
+                context = client_context(switch.tls, key_password, f"switch {switch.name}")
+            except ConfigError as error:
+                await stream.aclose()
+                raise ConnectionError(str(error)) from None
+            contexts[switch.tls] = context
+        secure = trio.SSLStream(stream, context, server_hostname=switch.tls.server_name)
+        try:
+            await secure.do_handshake()
+        except trio.BrokenResourceError as exc:
+            await stream.aclose()
+            cause = exc.__cause__
+            reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
+            reason = str(reason or "connection lost").lower().replace("_", " ")
+            log.warning("switch %s: TLS handshake failed: %s", switch.name, reason)
+            raise ConnectionError(f"TLS handshake failed: {reason}") from None
+        return secure
+
+    return dial
+
+
+dial_tcp = tcp_dialer()
 
 
 class _Exchange:
@@ -207,7 +240,7 @@ class Link:
             try:
                 stream = await self._dial(self.switch)
             except OSError as exc:
-                log.debug("link %s: connect failed: %s", self.name, exc.strerror)
+                log.debug("link %s: connect failed: %s", self.name, exc.strerror or exc)
                 self._set_state(LinkState.DOWN)
                 return None
             self._stream = stream
