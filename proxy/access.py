@@ -104,8 +104,8 @@ class TokenBucket:
         elapsed = max(0.0, now - self._at)
         self._tokens = min(float(self._rate.burst), self._tokens + elapsed * self._rate.tps)
         self._at = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
+        if self._tokens >= 1.0 - 1e-9:  # requests exactly at the rate: float rounding
+            self._tokens = max(0.0, self._tokens - 1.0)
             return True
         return False
 

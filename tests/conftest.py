@@ -6,7 +6,7 @@ import asyncio
 import os
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -44,6 +44,7 @@ def proxy_config(
     store: Mapping[str, Any] | None = None,
     idempotency: Mapping[str, Any] | None = None,
     reversal: Mapping[str, Any] | None = None,
+    clients: Sequence[Mapping[str, Any]] | None = None,
     base_dir: Path | None = None,
 ) -> Config:
     """A config for a proxy on 127.0.0.1:0 in front of the given switches.
@@ -75,6 +76,8 @@ def proxy_config(
         raw["reversal"] = dict(reversal)
     if routing is not None:
         raw["routing"] = dict(routing)
+    if clients is not None:
+        raw["clients"] = list(clients)
     return parse_config(raw, base_dir=base_dir or Path.cwd())
 
 
@@ -177,10 +180,14 @@ class Terminals:
         self.opened: list[Terminal] = []
 
     async def connect(
-        self, port: int, framing: FrameFormat | None = None, spec: str = "default"
+        self,
+        port: int,
+        framing: FrameFormat | None = None,
+        spec: str = "default",
+        source: str | None = None,
     ) -> Terminal:
         terminal = await Terminal.connect(
-            "127.0.0.1", port, framing or FrameFormat(), load_spec(spec)
+            "127.0.0.1", port, framing or FrameFormat(), load_spec(spec), source
         )
         self.opened.append(terminal)
         return terminal

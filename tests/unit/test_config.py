@@ -191,3 +191,59 @@ def test_the_dsn_never_shows_in_a_repr_and_schemas_are_plain_lowercase() -> None
         with pytest.raises(ConfigError) as caught:
             parse_config({**raw, "store": {"schema": schema}}, base_dir=REPO)
         assert caught.value.problems[0].startswith("store.schema: must be a plain SQL")
+
+
+def test_tls_profiles_and_limits_are_validated_with_their_key_paths(tmp_path: Path) -> None:
+    raw = {
+        "listen": {
+            "tls": {"cert": "missing.pem", "min_version": "1.1", "handshake_timeout": 0},
+            "max_connections_per_ip": 0,
+            "idle_timeout": -1,
+            "frame_timeout": "x",
+        },
+        "clients": [
+            {"name": "a", "networks": ["10.0.0.1/8"], "allow": ["0210"]},
+            {"name": "a", "allow": [200], "rate": {"burst": 5}, "rate_rc": "991"},
+            {"name": "c", "cert_cn": "x.example", "allow": ["0201"]},
+        ],
+        "switches": [
+            {"name": "s", "host": "127.0.0.1", "port": 7001, "tls": {"cert": "c.pem"}},
+        ],
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, base_dir=tmp_path)
+    problems = "\n".join(caught.value.problems)
+    for expected in (
+        "listen.tls.cert: no such file",
+        "listen.tls.key: is required",
+        "listen.tls.min_version: must be one of 1.2, 1.3",
+        "listen.tls.handshake_timeout:",
+        "listen.max_connections_per_ip:",
+        "listen.idle_timeout:",
+        "listen.frame_timeout: must be float",
+        "clients[0].networks[0]: must be an address or network with its host bits zero",
+        "clients[0].allow: 0210 is not an original request MTI",
+        "clients[1].name: duplicate profile name 'a'",
+        "clients[1]: needs networks, cert_cn or both",
+        "clients[1].allow: must list MTIs as quoted 4-digit strings",
+        "clients[1].rate.tps: is required",
+        "clients[1].rate_rc:",
+        "clients[2].allow: 0201 is not an original request MTI",
+        "clients[2].cert_cn: needs mutual TLS (listen.tls.client_ca)",
+        "switches[0].tls: cert and key go together",
+        "switches[0].tls.cert: no such file",
+    ):
+        assert expected in problems, expected
+
+
+def test_an_unusable_certificate_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
+    (tmp_path / "bad.pem").write_text("not a certificate\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "listen: {tls: {cert: bad.pem, key: bad.pem}}\n"
+        "switches: [{name: s, host: 127.0.0.1, port: 7001, tls: {ca: bad.pem}}]\n"
+    )
+    result = _cli("check-config", "-c", str(config))
+    assert result.returncode == 2
+    assert "listen.tls: cannot use certificate" in result.stderr
+    assert "switches[0].tls.ca: cannot use CA file" in result.stderr
