@@ -24,7 +24,7 @@ from proxy.metrics import ProxyCollector, registry_for
 from proxy.pool import Pool
 from proxy.reversals import ReversalWorker
 from proxy.server import Server
-from proxy.store import Store, StoreSettings, StoreUnavailable
+from proxy.store import Store, StoreSettings, StoreUnavailable, dsn_problem
 from proxy.transactions import TransactionIdentity
 from proxy.upstream import WRITE_GRACE, Link, tcp_dialer
 
@@ -77,6 +77,9 @@ class App:
             dsn = config.store.dsn or secrets.dsn
             if dsn is None:
                 raise ValueError("the journal needs a DSN (store.dsn or ISO_PROXY_DSN)")
+            if (problem := dsn_problem(dsn)) is not None:
+                where = "store.dsn" if config.store.dsn else "ISO_PROXY_DSN"
+                raise ConfigError([f"{where}: {problem}"])
             self.store = Store(
                 StoreSettings(
                     dsn=dsn,

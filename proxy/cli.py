@@ -24,6 +24,7 @@ from proxy.embedded import EmbeddedUnavailable, start_embedded
 from proxy.errors import ConfigError
 from proxy.logs import setup_logging
 from proxy.status_tool import fetch_status, status_lines
+from proxy.store import dsn_problem
 
 EXIT_BAD_CONFIG = 2
 EXIT_INTERRUPTED = 130
@@ -163,6 +164,10 @@ def _check_config(args: argparse.Namespace) -> int:
         return EXIT_BAD_CONFIG
     try:
         tls.check(config, os.environ.get("ISO_PROXY_TLS_KEY_PASSWORD") or None)
+        dsn = config.store.dsn or os.environ.get("ISO_PROXY_DSN")
+        if config.store.enabled and dsn and (problem := dsn_problem(dsn)) is not None:
+            where = "store.dsn" if config.store.dsn else "ISO_PROXY_DSN"
+            raise ConfigError([f"{where}: {problem}"])
     except ConfigError as error:
         _print_problems(args.config, error)
         return EXIT_BAD_CONFIG

@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from functools import partial
 from importlib import resources
 from typing import Any, Generic, TypeVar
+from urllib.parse import parse_qsl, urlsplit
 
 import asyncpg
 import trio
@@ -65,6 +66,23 @@ _DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 
 class StoreUnavailable(ProxyError):
     """The journal could not be reached or answered too slowly; nothing was forwarded."""
+
+
+def dsn_problem(dsn: str) -> str | None:
+    """What makes `dsn` unusable as a PostgreSQL URL, said without repeating any of it
+    (a password with a stray '#' or '/' would otherwise end up in an error message)."""
+    try:
+        url = urlsplit(dsn)
+        url.port  # noqa: B018 - raises ValueError when what follows ':' is not a port
+        parse_qsl(url.query, strict_parsing=bool(url.query))
+    except ValueError:
+        url = None
+    if url is None or url.scheme not in ("postgresql", "postgres") or url.fragment:
+        return (
+            "not a valid postgresql:// URL (in the password, percent-encode "
+            "'#', '/', '?', '@' and ':', e.g. '#' as %23)"
+        )
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,7 +358,7 @@ class Store:
                 self._pool = await self._bridge.call(self._open_pool())
                 log.info("store: connected")
                 return
-            except _DATABASE_ERRORS as error:
+            except Exception as error:
                 log.warning("store: cannot connect (%s); retrying", type(error).__name__)
             await trio.sleep(backoff.delay(attempt, self._rng))
             attempt += 1
