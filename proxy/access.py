@@ -5,15 +5,16 @@ A client is matched to the first profile whose networks hold its source address 
 both. A connection that matches no profile is closed before it can send anything. With no
 profiles configured only loopback clients are let in, allowed any message type.
 
-Limits are per source address: a connection cap, and a token bucket per profile that every
-connection of that address shares (so opening more connections buys no more rate). An
-address's state lives as long as it has a connection open, so it is bounded by the
-connection cap.
+Limits are per source (an IPv4 address, an IPv6 /64): a connection cap, and a token bucket
+per profile that every connection of that source shares, so opening more connections, or
+reconnecting, buys no more rate. New requests spend tokens; repeats, reversals and advices
+do not (see `spends_token`).
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -22,6 +23,8 @@ from codec import Mti
 from proxy.config import ClientProfile, RateLimit
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Source = ipaddress.IPv4Address | ipaddress.IPv6Network
+REVERSAL_CLASS = 4
 
 LOOPBACK_ONLY = ClientProfile(
     name="loopback",
@@ -50,6 +53,8 @@ class Rejection(StrEnum):
     FORMAT_ERROR = "format_error"  # answered RC 30
     NOT_PERMITTED = "not_permitted"  # answered RC 58
     RATE_LIMITED = "rate_limited"  # answered with the profile's rate_rc
+    RESPONSE_FROM_TERMINAL = "response_from_terminal"  # dropped
+    WRITE_TIMEOUT = "write_timeout"  # the terminal stopped reading its answers
 
 
 def address_of(host: str) -> Address:
@@ -87,6 +92,20 @@ def permits(profile: ClientProfile, mti: Mti) -> bool:
     return profile.allow is None or mti.original().code in profile.allow
 
 
+def spends_token(mti: Mti) -> bool:
+    """Whether a request counts against its client's rate: new requests do; repeats,
+    reversals and advices never wait on a rate (refusing one could leave a cardholder
+    charged for a transaction the terminal took as failed)."""
+    return not (mti.is_repeat or mti.is_advice or mti.message_class == REVERSAL_CLASS)
+
+
+def source_of(address: Address) -> Source:
+    """What limits count by: an IPv4 address, or the /64 an IPv6 address is in."""
+    if isinstance(address, ipaddress.IPv6Address):
+        return ipaddress.IPv6Network((address, 64), strict=False)
+    return address
+
+
 def _in_networks(profile: ClientProfile, address: Address) -> bool:
     return not profile.networks or any(address in network for network in profile.networks)
 
@@ -98,6 +117,10 @@ class TokenBucket:
         self._rate = rate
         self._tokens = float(rate.burst)
         self._at = now
+
+    def full_at(self) -> float:
+        """When the bucket will be full, if nothing more is taken."""
+        return self._at + (self._rate.burst - self._tokens) / self._rate.tps
 
     def take(self, now: float) -> bool:
         """Spend one token if there is one."""
@@ -115,41 +138,64 @@ class _Source:
     connections: int = 0
     buckets: dict[str, TokenBucket] = field(default_factory=dict)
 
+    def settled_at(self) -> float:
+        """When every bucket is full again (the source is as good as new)."""
+        return max((bucket.full_at() for bucket in self.buckets.values()), default=0.0)
+
 
 class Admission:
-    """Connection counts (total and per source address) and the rate buckets."""
+    """Connection counts (total and per source) and the rate buckets.
 
-    def __init__(self, max_connections: int, max_per_address: int) -> None:
+    A source is an IPv4 address or an IPv6 /64 (one host's usual share). Its buckets
+    outlive its connections until they are full again, so reconnecting buys no tokens;
+    at most `max_connections` such resting sources are kept (the oldest go first).
+    """
+
+    def __init__(self, max_connections: int, max_per_source: int) -> None:
         self._max = max_connections
-        self._max_per_address = max_per_address
-        self._sources: dict[Address, _Source] = {}
+        self._max_per_source = max_per_source
+        self._sources: dict[Source, _Source] = {}  # with connections open
+        self._resting: OrderedDict[Source, _Source] = OrderedDict()
         self.connections = 0
 
-    def admit(self, address: Address) -> Rejection | None:
+    def admit(self, address: Address, now: float) -> Rejection | None:
         """Count a new connection in, or say why not."""
         if self.connections >= self._max:
             return Rejection.MAX_CONNECTIONS
-        source = self._sources.setdefault(address, _Source())
-        if source.connections >= self._max_per_address:
+        key = source_of(address)
+        source = self._sources.get(key) or self._resting.pop(key, None) or _Source()
+        if source.connections >= self._max_per_source:
             return Rejection.MAX_CONNECTIONS_PER_IP
         source.connections += 1
+        self._sources[key] = source
         self.connections += 1
+        self._forget(now)
         return None
 
-    def release(self, address: Address) -> None:
+    def release(self, address: Address, now: float) -> None:
         """A connection admitted from `address` closed."""
-        source = self._sources[address]
+        key = source_of(address)
+        source = self._sources[key]
         source.connections -= 1
         self.connections -= 1
         if not source.connections:
-            del self._sources[address]
+            del self._sources[key]
+            if source.settled_at() > now:
+                self._resting[key] = source
+                self._forget(now)
 
     def allow(self, address: Address, profile: ClientProfile, now: float) -> bool:
         """Whether a request from an admitted `address` under `profile` is within its rate."""
         if profile.rate is None:
             return True
-        buckets = self._sources[address].buckets
+        buckets = self._sources[source_of(address)].buckets
         bucket = buckets.get(profile.name)
         if bucket is None:
             bucket = buckets[profile.name] = TokenBucket(profile.rate, now)
         return bucket.take(now)
+
+    def _forget(self, now: float) -> None:
+        while self._resting and (
+            len(self._resting) > self._max or next(iter(self._resting.values())).settled_at() <= now
+        ):
+            self._resting.popitem(last=False)

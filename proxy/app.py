@@ -250,6 +250,9 @@ def _link_status(pool: Pool, link: Link) -> dict[str, Any]:
 
 def _same_endpoint(old: SwitchConfig, new: SwitchConfig) -> bool:
     """Whether `new` can take over `old`'s links as they are (same place, same wire)."""
-    return (old.host, old.port, old.connections, old.endpoint, old.tpdu, old.sign_on) == (
-        new.host, new.port, new.connections, new.endpoint, new.tpdu, new.sign_on,
-    )  # fmt: skip
+
+    def wire(switch: SwitchConfig) -> tuple[object, ...]:
+        return (switch.host, switch.port, switch.connections, switch.endpoint, switch.tpdu,
+                switch.sign_on, switch.tls)  # fmt: skip
+
+    return wire(old) == wire(new)

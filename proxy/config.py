@@ -29,6 +29,8 @@ ON_CONFLICT = ("rc94", "replay")
 # Answers to a reversal that mean the switch has dealt with it: done, nothing to reverse,
 # not a transaction it can reverse, already had it.
 ACK_RCS = ("00", "25", "12", "94")
+# Response codes that mean approved (in full, in part, or with identification).
+APPROVAL_RCS = frozenset({"00", "08", "10", "11", "16", "85"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Fields the proxy reads or writes itself: MTI, bitmap, STAN, RC, terminal, NMI code.
 REQUIRED_FIELDS = ("t", "p", "11", "39", "41", "70")
@@ -45,6 +47,7 @@ class Endpoint:
 
 
 TLS_VERSIONS = ("1.2", "1.3")
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -428,30 +431,37 @@ def _client(reader: _Reader, raw_value: object, path: str) -> ClientProfile:
         raw_value, path, ("name", "networks", "cert_cn", "allow", "rate", "rate_rc")
     )
     networks = tuple(_networks(reader, reader.value(raw, path, "networks", []), path))
-    cert_cn = reader.value(raw, path, "cert_cn", "") or None
+    cert_cn = reader.value(raw, path, "cert_cn", "").casefold() or None
     if not networks and cert_cn is None:
-        reader.fail(path, "needs networks, cert_cn or both (a profile must not match anyone)")
+        reader.fail(path, "needs networks, cert_cn or both (with neither it takes everyone)")
     allow: list[Any] = reader.value(raw, path, "allow", [], _request_mtis)
+    if "allow" in raw and raw["allow"] is not None and not allow:
+        reader.fail(_join(path, "allow"), "must list at least one MTI (leave it out: any)")
     return ClientProfile(
         name=reader.value(raw, path, "name", "", _name, required=True),
         networks=networks,
         cert_cn=cert_cn,
         allow=frozenset(str(mti) for mti in allow) if allow else None,
         rate=_rate(reader, raw.get("rate"), _join(path, "rate")),
-        rate_rc=reader.value(raw, path, "rate_rc", "91", _rc),
+        rate_rc=reader.value(raw, path, "rate_rc", "91", _refusal_rc),
     )
 
 
 def _networks(reader: _Reader, values: list[Any], path: str) -> list[Network]:
     networks = []
     for index, value in enumerate(values):
+        where = f"{path}.networks[{index}]"
         try:
-            networks.append(ipaddress.ip_network(str(value)))
+            network = ipaddress.ip_network(str(value))
         except ValueError:
             reader.fail(
-                f"{path}.networks[{index}]",
-                "must be an address or network with its host bits zero, e.g. 10.0.0.0/8",
+                where, "must be an address or network with its host bits zero, e.g. 10.0.0.0/8"
             )
+            continue
+        if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_IPV4_MAPPED):
+            reader.fail(where, "write IPv4-mapped networks as IPv4 (clients are matched so)")
+            continue
+        networks.append(network)
     return networks
 
 
@@ -700,8 +710,12 @@ def _key_field_list(value: list[Any]) -> str | None:
     return None
 
 
-def _rc(value: str) -> str | None:
-    return None if len(value) == 2 and value.isalnum() else "must be a 2-character response code"
+def _refusal_rc(value: str) -> str | None:
+    if not (len(value) == 2 and value.isalnum()):
+        return "must be a 2-character response code"
+    if value in APPROVAL_RCS:
+        return f"must not be an approval ({value}): the request is never forwarded"
+    return None
 
 
 def _request_mtis(value: list[Any]) -> str | None:

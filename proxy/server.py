@@ -1,9 +1,10 @@
 """The terminal-facing listener: one task per connection, many requests in flight on each.
 
-Every connection passes, in order: the connection caps, a profile that may take its
-address, the TLS handshake (with its deadline), the profile that takes its certificate.
+Every connection passes, in order: a profile that may take its address, the connection
+caps, the TLS handshake (with its deadline), the profile that takes its certificate.
 Every message then passes the frame deadline and size, decoding, the profile's allowed
-MTIs and its rate. Each refusal is counted by reason (`Rejection`).
+MTIs and its rate. Each refusal is counted by reason (`Rejection`) and logged at DEBUG
+only, so a flood of bad input cannot flood the logs as well.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import logging
 import ssl
 from collections import Counter
+from collections.abc import Callable
 
 import trio
 
@@ -37,6 +39,7 @@ from proxy.access import (
     match,
     may_match,
     permits,
+    spends_token,
 )
 from proxy.config import ClientProfile, ListenConfig
 from proxy.decisions import FORMAT_ERROR, SYSTEM_MALFUNCTION
@@ -124,28 +127,35 @@ class Server:
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         try:
+            await self._admit(stream)
+        except Exception as exc:  # a handler's failure must never take the server down
+            log.error("connection failed: %s", type(exc).__name__)
+            await close(stream)
+
+    async def _admit(self, stream: trio.SocketStream) -> None:
+        try:
             address = address_of(stream.socket.getpeername()[0])
         except (OSError, ValueError):  # gone already, or not an IP peer
             await close(stream)
             return
         refusal = None if may_match(self._profiles, address) else Rejection.NO_PROFILE
-        refusal = refusal or self.admission.admit(address)
+        refusal = refusal or self.admission.admit(address, trio.current_time())
         if refusal is not None:
             self.reject(refusal)
             await close(stream)
             return
         try:
             await self._serve_admitted(stream, address)
-        except Exception as exc:  # a handler's failure must never take the server down
-            log.error("connection failed: %s", type(exc).__name__)
         finally:
-            self.admission.release(address)
+            self.admission.release(address, trio.current_time())
 
     async def _serve_admitted(self, tcp: trio.SocketStream, address: Address) -> None:
         stream: trio.abc.Stream = tcp
         names: frozenset[str] = frozenset()
+        tap = None
         if self._tls is not None:
-            secure = trio.SSLStream(tcp, self._tls, server_side=True)
+            tap = _CiphertextTap(tcp)
+            secure = trio.SSLStream(tap, self._tls, server_side=True)
             refusal = await self._handshake(secure)
             if refusal is not None:
                 self.reject(refusal)
@@ -159,11 +169,14 @@ class Server:
             await close(stream)
             return
         try:
-            await _Connection(stream, self._listen, profile, address, self._forwarder, self).run()
+            connection = _Connection(stream, self._listen, profile, address, self._forwarder, self)
+            if tap is not None:
+                tap.on_arrival = connection.ciphertext_arrived
+            await connection.run()
         finally:
             await close(stream)
 
-    async def _handshake(self, stream: trio.SSLStream[trio.SocketStream]) -> Rejection | None:
+    async def _handshake(self, stream: trio.SSLStream[_CiphertextTap]) -> Rejection | None:
         with trio.move_on_after(self._handshake_timeout):
             try:
                 await stream.do_handshake()
@@ -177,6 +190,35 @@ async def close(stream: trio.abc.AsyncResource) -> None:
     """Close without waiting long on the peer (trio closes the socket even if cancelled)."""
     with trio.move_on_after(CLOSE_TIMEOUT):
         await stream.aclose()
+
+
+class _CiphertextTap(trio.abc.Stream):
+    """The TCP stream under TLS, telling the connection when bytes arrive: a frame
+    trickled inside one TLS record shows no plaintext until the record is whole, and its
+    frame deadline must run from its first byte all the same."""
+
+    def __init__(self, transport: trio.SocketStream) -> None:
+        self.transport = transport
+        self.on_arrival: Callable[[], None] = _nothing
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.transport.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.transport.receive_some(max_bytes)
+        if data:
+            self.on_arrival()
+        return data
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+
+def _nothing() -> None:
+    return None
 
 
 class _Connection:
@@ -200,6 +242,16 @@ class _Connection:
         self._forwarder = forwarder
         self._write_lock = trio.Lock()
         self._in_flight = trio.Semaphore(listen.max_inflight_per_connection)
+        self._waiting: trio.CancelScope | None = None  # the reader, waiting for bytes
+        self._ciphertext_since: float | None = None  # TLS bytes came, no plaintext yet
+
+    def ciphertext_arrived(self) -> None:
+        """Bytes came under TLS: if the reader waits, the frame deadline starts now."""
+        if self._waiting is not None and self._ciphertext_since is None:
+            now = trio.current_time()
+            self._ciphertext_since = now
+            deadline = now + self._listen.frame_timeout
+            self._waiting.deadline = min(self._waiting.deadline, deadline)
 
     async def run(self) -> None:
         # When reading stops, requests in flight still run to completion: a terminal that
@@ -209,25 +261,27 @@ class _Connection:
 
     async def _read(self, nursery: trio.Nursery) -> None:
         framer = Framer(self._endpoint.framing)
-        partial_since: float | None = None  # when the first byte of an unfinished frame came
-        last_read = trio.current_time()
+        partial_since: float | None = None  # when the reader met an unfinished frame
         try:
             while True:
                 frame = framer.next_frame()
                 if frame is None:
-                    if framer.buffered and partial_since is None:
-                        partial_since = last_read
+                    # The clock starts when the reader is ready for the rest: not while
+                    # it was held back by the in-flight cap with those bytes unread.
+                    if not framer.buffered:
+                        partial_since = None
+                    elif partial_since is None:
+                        partial_since = trio.current_time()
                     data = await self._receive(partial_since)
                     if not data:
                         return
-                    last_read = trio.current_time()
                     framer.feed(data)
                     continue
                 partial_since = None
                 if not await self._take(frame, nursery):
                     return
         except FramingError as exc:
-            log.warning("closing connection: %s", exc)
+            log.debug("closing connection: %s", exc)
             await self._close(Rejection.BAD_FRAME)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
@@ -241,9 +295,14 @@ class _Connection:
                 deadline = partial_since + self._listen.frame_timeout
             else:
                 deadline = trio.current_time() + self._listen.idle_timeout
-            with trio.move_on_at(deadline):
-                return await self._stream.receive_some(READ_SIZE)
-            if partial_since is not None:
+            self._ciphertext_since = None
+            waiting = self._waiting = trio.CancelScope(deadline=deadline)
+            with waiting:
+                try:
+                    return await self._stream.receive_some(READ_SIZE)
+                finally:
+                    self._waiting = None
+            if partial_since is not None or self._ciphertext_since is not None:
                 await self._close(Rejection.FRAME_TIMEOUT)
                 return None
             if self._in_flight.value == self._listen.max_inflight_per_connection:
@@ -257,12 +316,15 @@ class _Connection:
         except DecodeError as exc:
             salvage = exc.salvage
             if salvage is None or not salvage.mti.is_request:
-                log.warning("closing connection: undecodable message (%s)", exc)
+                log.debug("closing connection: undecodable message (%s)", exc)
                 await self._close(Rejection.UNDECODABLE)
                 return False
-            log.warning("format error from terminal %r: %s", salvage.terminal, exc)
+            log.debug("format error from terminal %r: %s", salvage.terminal, exc)
             self._server.reject(Rejection.FORMAT_ERROR)
             await self._reply(None, answer_salvaged(salvage, FORMAT_ERROR), frame.tpdu)
+            return True
+        if message.mti.is_response:
+            self._server.reject(Rejection.RESPONSE_FROM_TERMINAL)
             return True
         if message.mti.is_request:
             refusal = self._refusal(message)
@@ -278,7 +340,9 @@ class _Connection:
     def _refusal(self, request: Message) -> Rejection | None:
         if not permits(self._profile, request.mti):
             return Rejection.NOT_PERMITTED
-        if not self._server.admission.allow(self._address, self._profile, trio.current_time()):
+        if spends_token(request.mti) and not self._server.admission.allow(
+            self._address, self._profile, trio.current_time()
+        ):
             return Rejection.RATE_LIMITED
         return None
 
@@ -339,7 +403,8 @@ class _Connection:
                     log.warning("answer %s undelivered: terminal gone", message.mti)
                     return False
             if scope.cancelled_caught:
-                log.warning("terminal not reading; closing connection")
+                log.debug("terminal not reading; closing connection")
+                self._server.reject(Rejection.WRITE_TIMEOUT)
                 await close(self._stream)
                 return False
         return True

@@ -60,7 +60,8 @@ def check(config: Config, key_password: str | None) -> None:
 
 
 def cert_names(peer: dict[str, Any] | None) -> frozenset[str]:
-    """A verified peer certificate's subject CNs and DNS subject alternative names."""
+    """A verified peer certificate's subject CNs and DNS subject alternative names,
+    case-folded (DNS names are case-insensitive; so are profiles' `cert_cn`)."""
     if not peer:
         return frozenset()
     names = {value for rdn in peer.get("subject", ()) for key, value in rdn if key == "commonName"}
@@ -87,7 +88,10 @@ def _load_ca(context: ssl.SSLContext, ca: Path, where: str) -> None:
         raise ConfigError([f"{where}: cannot use CA file {ca}: {_why(exc)}"]) from None
 
 
-def _why(exc: OSError) -> str:
+def _why(exc: Exception) -> str:
     if isinstance(exc, ssl.SSLError):
-        return str(exc.reason or "not a usable PEM file").lower().replace("_", " ")
-    return exc.strerror or "unreadable"
+        reason = exc.reason or "not PEM, or the key's passphrase is wrong or missing"
+        return str(reason).lower().replace("_", " ")
+    if isinstance(exc, OSError):
+        return exc.strerror or "unreadable"
+    return "the passphrase is too long"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
@@ -14,7 +13,7 @@ import trio
 from codec import CodecError, Frame, Framer, Message, decode, encode, encode_frame
 from proxy import decisions
 from proxy.backoff import Backoff
-from proxy.config import ClientTls, HealthConfig, SwitchConfig
+from proxy.config import HealthConfig, SwitchConfig
 from proxy.errors import ConfigError, LinkLost, NotWritten
 from proxy.health import Echo, LinkHealth, LinkState, Verdict
 from proxy.latency import Histogram, PeakEwma
@@ -34,6 +33,8 @@ MAX_PENDING_REPLIES = 8
 # A write that starts just before its request's deadline may still take this long: cutting
 # it short would leave half a frame on the wire and cost the whole connection.
 WRITE_GRACE = 1.0
+# How long closing a connection may take (trio closes the socket even when cut short).
+CLOSE_TIMEOUT = 1.0
 # Echo round-trip times kept per link for status and percentiles.
 ECHO_SAMPLES = 256
 
@@ -47,31 +48,30 @@ Dialer = Callable[[SwitchConfig], Awaitable[trio.abc.Stream]]
 
 def tcp_dialer(key_password: str | None = None) -> Dialer:
     """Opens TCP to a switch, and TLS over it when the switch's config asks for it (the
-    chain and host name verified; a failed handshake is a failed connect)."""
-    contexts: dict[ClientTls, ssl.SSLContext] = {}
+    chain and host name verified; a failed handshake is a failed connect). The TLS files
+    are read at each connect, so rotated certificates take effect at the next one."""
 
     async def dial(switch: SwitchConfig) -> trio.abc.Stream:
         stream = await trio.open_tcp_stream(switch.host, switch.port)
         if switch.tls is None:
             return stream
-        context = contexts.get(switch.tls)
-        if context is None:
-            try:
-                context = client_context(switch.tls, key_password, f"switch {switch.name}")
-            except ConfigError as error:
-                await stream.aclose()
-                raise ConnectionError(str(error)) from None
-            contexts[switch.tls] = context
-        secure = trio.SSLStream(stream, context, server_hostname=switch.tls.server_name)
         try:
+            context = client_context(switch.tls, key_password, f"switch {switch.name}")
+            secure = trio.SSLStream(stream, context, server_hostname=switch.tls.server_name)
             await secure.do_handshake()
+        except ConfigError as error:
+            await trio.aclose_forcefully(stream)
+            raise ConnectionError(str(error)) from None
         except trio.BrokenResourceError as exc:
-            await stream.aclose()
+            await trio.aclose_forcefully(stream)
             cause = exc.__cause__
             reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
             reason = str(reason or "connection lost").lower().replace("_", " ")
             log.warning("switch %s: TLS handshake failed: %s", switch.name, reason)
             raise ConnectionError(f"TLS handshake failed: {reason}") from None
+        except BaseException:  # cancelled (the connect timeout): never leave the socket
+            await trio.aclose_forcefully(stream)
+            raise
         return secure
 
     return dial
@@ -404,8 +404,8 @@ class Link:
         if self._stream is None and self.state is not LinkState.DOWN:
             log.warning("link %s: down", self.name)
             self._set_state(LinkState.DOWN)
-        with trio.CancelScope(shield=True):
-            await stream.aclose()
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+            await stream.aclose()  # under TLS, a close_notify to a switch that may not read
 
     def _set_state(self, state: LinkState) -> None:
         self.state = state

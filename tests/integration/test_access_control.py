@@ -77,3 +77,20 @@ async def test_a_client_over_its_rate_gets_the_rate_rc_and_other_clients_do_not(
     ] * 5
     assert switch.financial_total() == 10
     assert app.server.rejections[Rejection.RATE_LIMITED] == 3
+
+
+async def test_repeats_and_reversals_never_wait_on_the_rate(
+    nursery: trio.Nursery, terminals: Terminals
+) -> None:
+    """A terminal that repeats because its timer ran out must not be told 91 while its
+    original is approved; a reversal must always get through."""
+    switch = await start_switch(nursery)
+    strict = [{"name": "p", "networks": ["127.0.0.1/32"], "rate": {"tps": 0.01, "burst": 1}}]
+    app, port = await start_proxy(nursery, proxy_config({"alpha": switch.port}, clients=strict))
+    terminal = await terminals.connect(port)
+    assert (await terminal.request(financial(1))).get("39") == "00"
+    for mti in ("0201", "0400", "0401", "0420"):
+        reply = await terminal.request(financial(1).with_fields({}, mti=Mti.parse(mti)))
+        assert reply.get("39") == "00", mti
+    assert (await terminal.request(financial(2))).get("39") == "91"  # a new one waits
+    assert app.server.rejections[Rejection.RATE_LIMITED] == 1

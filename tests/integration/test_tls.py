@@ -5,6 +5,7 @@ Certificates are minted for each test by trustme; nothing secret is on disk in t
 
 from __future__ import annotations
 
+import os
 import ssl
 import warnings
 from dataclasses import dataclass
@@ -14,9 +15,11 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 import trustme
 
-from codec import FrameFormat, load_spec
+from codec import Frame, FrameFormat, encode, encode_frame, load_spec
+from fixtures.chaos import ChaosProxy, Mode
 from fixtures.messages import echo, financial
 from fixtures.terminal import Terminal
 from proxy.access import Rejection
@@ -112,13 +115,17 @@ async def served(port: int, context: ssl.SSLContext, stan: int) -> str | None:
 
 
 async def tls_proxy(
-    nursery: trio.Nursery, pki: Pki, clients: list[dict[str, Any]] | None = None, **tls: Any
+    nursery: trio.Nursery,
+    pki: Pki,
+    clients: list[dict[str, Any]] | None = None,
+    listen: dict[str, Any] | None = None,
+    **tls: Any,
 ) -> tuple[App, int]:
     """A switch, and the proxy in front of it with mutual TLS and certificate profiles."""
     switch = await start_switch(nursery)
     config = proxy_config(
         {"alpha": switch.port},
-        listen={"tls": pki.listen_tls(**tls)},
+        listen={"tls": pki.listen_tls(**tls), **(listen or {})},
         clients=clients or [{"name": "stores", "networks": ["127.0.0.0/8"], "cert_cn": TERMINAL}],
     )
     return await start_proxy(nursery, config)
@@ -236,3 +243,64 @@ async def test_links_verify_the_switch_certificate_and_its_host_name(
     messages = "\n".join(record.getMessage() for record in caplog.records)
     assert "switch beta: tls handshake failed: hostname mismatch" in messages.lower()
     assert "switch gamma: TLS handshake failed" in messages
+
+
+async def test_a_frame_trickled_inside_one_tls_record_meets_the_frame_deadline(
+    nursery: trio.Nursery, pki: Pki
+) -> None:
+    """Slowloris under TLS: no plaintext shows until the record is whole, yet the frame
+    deadline runs from the record's first byte (not the much longer idle timeout)."""
+    app, port = await tls_proxy(nursery, pki, listen={"frame_timeout": 0.5, "idle_timeout": 30})
+    context = pki.client()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    sock = trio.socket.socket()
+    await sock.connect(("127.0.0.1", port))
+    while True:  # the handshake, by hand, so the record can be cut into single bytes
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            await sock.send(outgoing.read())
+            incoming.write(await sock.recv(65536))
+    await sock.send(outgoing.read())
+    tls.write(encode_frame(FrameFormat(), Frame(encode(financial(1), load_spec("default")))))
+    record = outgoing.read()
+    started = trio.current_time()
+    with trio.fail_after(5):
+        for byte in record[:-1]:
+            try:
+                await sock.send(bytes([byte]))
+            except OSError:
+                break
+            await trio.sleep(0.05)  # the attack: a byte every 50 ms
+    waited = trio.current_time() - started
+    sock.close()
+    assert 0.5 <= waited < 5
+    assert app.server.rejections[Rejection.FRAME_TIMEOUT] == 1
+    assert await served(port, context, 2) == "00"
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_switch_that_never_answers_the_handshake_leaves_no_socket_behind(
+    nursery: trio.Nursery, pki: Pki
+) -> None:
+    """Each connect attempt is cut short by connect_timeout mid-handshake; every one of
+    its sockets is closed (not left to the garbage collector)."""
+    hung = ChaosProxy(("127.0.0.1", 9), Mode.BLACKHOLE)  # accepts, never says a word
+    await nursery.start(hung.run)
+    config = proxy_config(
+        {"alpha": hung.port},
+        switch={"connect_timeout": 0.1, "tls": {"server_name": "localhost"}},
+    )
+    app, _ = await start_proxy(nursery, config, links_up=False)
+    baseline = _open_fds()
+    with trio.fail_after(10):
+        await hung.wait_until(lambda: hung.accepted >= 12)  # rounds of attempts by both links
+    assert not any(link.is_up for link in all_links(app))
+    hung.sever()  # the black hole's own ends of those connections
+    await trio.testing.wait_all_tasks_blocked()
+    assert _open_fds() <= baseline + 2 * 2  # at most each link's attempt in progress, twice

@@ -21,6 +21,7 @@ from proxy.access import (
     match,
     may_match,
     permits,
+    spends_token,
 )
 from proxy.config import ClientProfile, RateLimit, parse_config
 
@@ -95,20 +96,31 @@ def test_a_repeat_is_allowed_with_its_original_and_nothing_else_is(mti: str, all
 
 
 def test_connection_caps_count_total_and_per_address_and_forget_closed_sources() -> None:
-    admission = Admission(max_connections=3, max_per_address=2)
+    admission = Admission(max_connections=3, max_per_source=2)
     a, b, c = (address_of(f"10.0.0.{n}") for n in (1, 2, 3))
-    assert admission.admit(a) is None
-    assert admission.admit(a) is None
-    assert admission.admit(a) is Rejection.MAX_CONNECTIONS_PER_IP
-    assert admission.admit(b) is None
-    assert admission.admit(c) is Rejection.MAX_CONNECTIONS
+    assert admission.admit(a, 0.0) is None
+    assert admission.admit(a, 0.0) is None
+    assert admission.admit(a, 0.0) is Rejection.MAX_CONNECTIONS_PER_IP
+    assert admission.admit(b, 0.0) is None
+    assert admission.admit(c, 0.0) is Rejection.MAX_CONNECTIONS
     assert admission.connections == 3
-    admission.release(a)
-    assert admission.admit(c) is None
+    admission.release(a, 0.0)
+    assert admission.admit(c, 0.0) is None
     for address in (a, b, c):
-        admission.release(address)
+        admission.release(address, 0.0)
     assert admission.connections == 0
-    assert not admission._sources  # nothing kept for addresses without a connection
+    assert not admission._sources and not admission._resting  # no buckets were spent
+
+
+def test_ipv6_limits_count_by_the_64() -> None:
+    admission = Admission(max_connections=10, max_per_source=2)
+    same_64 = [address_of(f"2001:db8:0:1::{n}") for n in (1, 2, 3)]
+    assert [admission.admit(a, 0.0) for a in same_64] == [
+        None,
+        None,
+        Rejection.MAX_CONNECTIONS_PER_IP,
+    ]
+    assert admission.admit(address_of("2001:db8:0:2::1"), 0.0) is None
 
 
 def test_the_rate_bucket_is_per_address_and_shared_by_its_connections() -> None:
@@ -117,7 +129,7 @@ def test_the_rate_bucket_is_per_address_and_shared_by_its_connections() -> None:
     admission = Admission(10, 10)
     a, b = address_of("10.0.0.1"), address_of("10.0.0.2")
     for address in (a, a, b):
-        admission.admit(address)
+        admission.admit(address, 0.0)
     assert [admission.allow(a, profile, 0.0) for _ in range(4)] == [True, True, True, False]
     assert [admission.allow(b, profile, 0.0) for _ in range(3)] == [True, True, True]
     assert admission.allow(a, profile, 0.5)  # 0.5 s at 2 tps: one token back
@@ -149,3 +161,40 @@ def test_the_bucket_never_grants_more_than_burst_plus_rate_times_time(
 def test_address_of_strips_a_scope_and_keeps_ipv6() -> None:
     assert address_of("fe80::1%eth0") == ipaddress.ip_address("fe80::1")
     assert address_of("2001:db8::1") == ipaddress.ip_address("2001:db8::1")
+
+
+def test_reconnecting_buys_no_tokens_until_the_bucket_has_refilled() -> None:
+    profile = profiles({"name": "p", "networks": ["10.0.0.0/8"], "rate": {"tps": 1, "burst": 2}})[0]
+    admission = Admission(10, 10)
+    a = address_of("10.0.0.1")
+    admission.admit(a, 0.0)
+    assert [admission.allow(a, profile, 0.0) for _ in range(3)] == [True, True, False]
+    admission.release(a, 0.0)
+    admission.admit(a, 0.5)  # back at once: the same, empty, bucket
+    assert not admission.allow(a, profile, 0.5)
+    admission.release(a, 0.5)
+    admission.admit(a, 5.0)  # back after it refilled: forgotten, and full either way
+    assert [admission.allow(a, profile, 5.0) for _ in range(3)] == [True, True, False]
+    admission.release(a, 5.0)
+    admission.admit(address_of("10.0.0.2"), 10.0)  # resting sources are let go when full
+    assert not admission._resting
+
+
+def test_resting_sources_are_bounded_by_the_connection_cap() -> None:
+    profile = profiles({"name": "p", "networks": ["10.0.0.0/8"], "rate": {"tps": 1, "burst": 1}})[0]
+    admission = Admission(max_connections=3, max_per_source=1)
+    for n in range(10):
+        address = address_of(f"10.0.1.{n}")
+        admission.admit(address, 0.0)
+        admission.allow(address, profile, 0.0)
+        admission.release(address, 0.0)
+    assert len(admission._resting) == 3
+
+
+@pytest.mark.parametrize(
+    ("mti", "spends"),
+    [("0100", True), ("0200", True), ("0800", True), ("0201", False), ("0400", False),
+     ("0401", False), ("0420", False), ("0220", False)],
+)  # fmt: skip
+def test_only_new_requests_spend_tokens(mti: str, spends: bool) -> None:
+    assert spends_token(Mti.parse(mti)) is spends

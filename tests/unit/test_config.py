@@ -205,6 +205,7 @@ def test_tls_profiles_and_limits_are_validated_with_their_key_paths(tmp_path: Pa
             {"name": "a", "networks": ["10.0.0.1/8"], "allow": ["0210"]},
             {"name": "a", "allow": [200], "rate": {"burst": 5}, "rate_rc": "991"},
             {"name": "c", "cert_cn": "x.example", "allow": ["0201"]},
+            {"name": "d", "networks": ["::ffff:10.0.0.0/104"], "allow": [], "rate_rc": "00"},
         ],
         "switches": [
             {"name": "s", "host": "127.0.0.1", "port": 7001, "tls": {"cert": "c.pem"}},
@@ -230,6 +231,9 @@ def test_tls_profiles_and_limits_are_validated_with_their_key_paths(tmp_path: Pa
         "clients[1].rate_rc:",
         "clients[2].allow: 0201 is not an original request MTI",
         "clients[2].cert_cn: needs mutual TLS (listen.tls.client_ca)",
+        "clients[3].networks[0]: write IPv4-mapped networks as IPv4",
+        "clients[3].allow: must list at least one MTI",
+        "clients[3].rate_rc: must not be an approval (00)",
         "switches[0].tls: cert and key go together",
         "switches[0].tls.cert: no such file",
     ):
