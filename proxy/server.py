@@ -76,6 +76,7 @@ class Server:
         self.rejections: Counter[Rejection] = Counter()
         self.in_flight = 0  # requests taken from terminals and not answered yet
         self._settled = Watch()  # a request was answered
+        self._admissions = Watch()  # a connection came or went, or was refused
         self._accepting = trio.CancelScope()
         if not clients:
             log.warning("no client profiles configured: accepting loopback clients only")
@@ -123,13 +124,19 @@ class Server:
 
     def reject(self, reason: Rejection) -> None:
         self.rejections[reason] += 1
+        self._admissions.changed()
         log.debug("rejected: %s", reason)
+
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        """Wait until `condition()` holds; checked when connections come, go or are refused
+        and when a refusal is counted."""
+        await self._admissions.wait_until(condition)
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         try:
             await self._admit(stream)
         except Exception as exc:  # a handler's failure must never take the server down
-            log.error("connection failed: %s", type(exc).__name__)
+            log.error("connection failed: %s", _innermost(exc))
             await close(stream)
 
     async def _admit(self, stream: trio.SocketStream) -> None:
@@ -144,10 +151,12 @@ class Server:
             self.reject(refusal)
             await close(stream)
             return
+        self._admissions.changed()
         try:
             await self._serve_admitted(stream, address)
         finally:
             self.admission.release(address, trio.current_time())
+            self._admissions.changed()
 
     async def _serve_admitted(self, tcp: trio.SocketStream, address: Address) -> None:
         stream: trio.abc.Stream = tcp
@@ -184,6 +193,13 @@ class Server:
                 return Rejection.TLS_HANDSHAKE
             return None
         return Rejection.HANDSHAKE_TIMEOUT
+
+
+def _innermost(error: BaseException) -> str:
+    """The name of the error inside the nursery groups it may come wrapped in."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return type(error).__name__
 
 
 async def close(stream: trio.abc.AsyncResource) -> None:
