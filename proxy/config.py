@@ -260,6 +260,13 @@ class _Reader:
             return default
         return value
 
+    def unique_names(self, names: list[str], path: str, what: str) -> None:
+        seen: set[str] = set()
+        for index, name in enumerate(names):
+            if name in seen:
+                self.fail(f"{path}[{index}].name", f"duplicate {what} name {name!r}")
+            seen.add(name)
+
     def file(self, raw: Mapping[str, Any], path: str, key: str, *, required: bool = False) -> Path:
         """A readable file named by `raw[key]`, relative to the config file's folder."""
         name = self.value(raw, path, key, "", required=required)
@@ -418,11 +425,7 @@ def _clients(reader: _Reader, raw: object) -> tuple[ClientProfile, ...]:
         reader.fail("clients", "must be a list of client profiles")
         return ()
     profiles = tuple(_client(reader, item, f"clients[{i}]") for i, item in enumerate(raw))
-    seen: set[str] = set()
-    for index, profile in enumerate(profiles):
-        if profile.name in seen:
-            reader.fail(f"clients[{index}].name", f"duplicate profile name {profile.name!r}")
-        seen.add(profile.name)
+    reader.unique_names([p.name for p in profiles], "clients", "profile")
     return profiles
 
 
@@ -480,11 +483,7 @@ def _switches(reader: _Reader, raw: object) -> tuple[SwitchConfig, ...]:
         reader.fail("switches", "must be a non-empty list of switches")
         return ()
     switches = tuple(_switch(reader, item, f"switches[{i}]") for i, item in enumerate(raw))
-    seen: set[str] = set()
-    for index, switch in enumerate(switches):
-        if switch.name in seen:
-            reader.fail(f"switches[{index}].name", f"duplicate switch name {switch.name!r}")
-        seen.add(switch.name)
+    reader.unique_names([s.name for s in switches], "switches", "switch")
     return switches
 
 
