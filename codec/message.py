@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import iso8583
@@ -35,10 +35,17 @@ _SAFE_FIELD = re.compile(r"[htp]|[1-9][0-9]{0,2}")
 
 @dataclass(frozen=True, slots=True, repr=False)
 class Message:
-    """A decoded message: its MTI and data fields (``"2"``..``"128"``, ``"h"`` for a header)."""
+    """A decoded message: its MTI and data fields (``"2"``..``"128"``, ``"h"`` for a header).
+
+    A message `decode` made remembers its bytes and spec (`wire`, never compared or shown):
+    encoding it unchanged with that same spec object gives those bytes back without
+    re-encoding, so a message passed through as it came costs one decode, not a decode and
+    an encode. Any change (`with_fields`) makes a message without them.
+    """
 
     mti: Mti
     fields: Mapping[str, str]
+    wire: tuple[bytes, Spec] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fields", MappingProxyType(dict(self.fields)))
@@ -86,6 +93,8 @@ def decode(data: bytes, spec: Spec) -> Message:
 
 def encode(message: Message, spec: Spec) -> bytes:
     """Encode a message; pyiso8583 computes the bitmaps. Raises only EncodeError."""
+    if message.wire is not None and message.wire[1] is spec:
+        return message.wire[0]
     raw, error = _run_encoder(message, spec)
     if error is not None:
         raise error from None
@@ -110,7 +119,7 @@ def _run_decoder(data: bytes, spec: Spec) -> tuple[Message | None, DecodeError |
         return None, DecodeError(e.reason)
     for name in _BITMAPS:
         doc.pop(name, None)
-    return Message(mti, doc), None
+    return Message(mti, doc, (bytes(data), spec)), None
 
 
 def _run_encoder(message: Message, spec: Spec) -> tuple[bytes | None, EncodeError | None]:

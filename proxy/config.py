@@ -217,6 +217,9 @@ class _Reader:
     def __init__(self, base_dir: Path) -> None:
         self.base_dir = base_dir
         self.problems: list[str] = []
+        # One object per spec named: endpoints that share a spec share it, so a message
+        # decoded on one side passes to the other as its bytes (see codec.Message.wire).
+        self._specs: dict[str, Spec] = {}
 
     def fail(self, path: str, problem: str) -> None:
         self.problems.append(f"{path}: {problem}")
@@ -279,14 +282,14 @@ class _Reader:
         framing = LengthPrefix(self.value(raw, path, "framing", "binary2", _one_of(LengthPrefix)))
         max_frame = self.value(raw, path, "max_frame", 8192, _between(16, framing.max_length))
         spec_ref = self.value(raw, path, "spec", "default")
-        spec = _NO_SPEC
-        try:
-            spec = load_spec(spec_ref, base_dir=self.base_dir)
-        except SpecError as exc:
-            self.fail(_join(path, "spec"), str(exc))
-        else:
-            if missing := [f for f in REQUIRED_FIELDS if f not in spec]:
-                self.fail(_join(path, "spec"), f"must define fields {', '.join(missing)}")
+        spec = self._specs.get(spec_ref, _NO_SPEC)
+        if spec is _NO_SPEC:
+            try:
+                spec = self._specs[spec_ref] = load_spec(spec_ref, base_dir=self.base_dir)
+            except SpecError as exc:
+                self.fail(_join(path, "spec"), str(exc))
+        if spec and (missing := [f for f in REQUIRED_FIELDS if f not in spec]):
+            self.fail(_join(path, "spec"), f"must define fields {', '.join(missing)}")
         return Endpoint(FrameFormat(framing, tpdu, max_frame), spec_ref, spec)
 
 

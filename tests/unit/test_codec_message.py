@@ -431,3 +431,21 @@ def test_library_encode_error_text_with_data_is_replaced(monkeypatch: pytest.Mon
         encode(sample(), SPECS["default"])
     assert str(info.value) == "malformed field (field 2)"
     assert PAN.encode() not in pickle.dumps(info.value)
+
+
+def test_a_decoded_message_passes_through_as_its_bytes_with_the_same_spec() -> None:
+    spec = SPECS["default"]
+    # A secondary bitmap with no field above 64 would be dropped by a re-encode: passing
+    # through keeps the bytes exactly as they came.
+    fields = {"11": "000001", "41": "TERM0001", "2": "4111111111111111", "3": "000000"}
+    plain = encode(Message(Mti.parse("0200"), fields), spec)
+    primary = bytes([plain[4] | 0x80]) + plain[5:12]  # bit 1: a secondary bitmap follows
+    as_sent = plain[:4] + primary + bytes(8) + plain[12:]
+    message = decode(as_sent, spec)
+    assert encode(message, spec) == as_sent
+    assert encode(message, load_spec("default")) == plain  # another spec object: re-encoded
+    changed = message.with_fields({"39": "00"}, mti=Mti.parse("0210"))
+    assert changed.wire is None
+    assert decode(encode(changed, spec), spec).get("39") == "00"
+    assert message == Message(message.mti, message.fields)  # the bytes are not compared
+    assert "4111" not in repr(message)
