@@ -226,6 +226,7 @@ def _sim_switch(args: argparse.Namespace) -> int:
         drop=args.drop,
         mute=args.mute,
         close_after=args.close_after,
+        record_limit=0,  # nobody reads what a standalone switch received: keep none
     )
     return _serve(SimSwitch(options).run)
 

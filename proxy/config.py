@@ -576,7 +576,7 @@ def _store(reader: _Reader, raw_value: object) -> StoreConfig:
         timeout=reader.value(raw, path, "timeout", 2.0, _positive(60)),
         pool_size=reader.value(raw, path, "pool_size", 8, _between(1, 100)),
         batch_max=reader.value(raw, path, "batch_max", 256, _between(1, 10_000)),
-        batch_wait_ms=reader.value(raw, path, "batch_wait_ms", 1.0, _positive(1000)),
+        batch_wait_ms=reader.value(raw, path, "batch_wait_ms", 0.0, _at_most(1000)),
         data_dir=reader.value(raw, path, "data_dir", ".iso-proxy/pg"),
     )
 
@@ -658,6 +658,13 @@ def _between(low: int, high: int) -> Callable[[int], str | None]:
 def _positive(high: float) -> Callable[[float], str | None]:
     def check(value: float) -> str | None:
         return None if 0 < value <= high else f"must be > 0 and <= {high:g}"
+
+    return check
+
+
+def _at_most(high: float) -> Callable[[float], str | None]:
+    def check(value: float) -> str | None:
+        return None if 0 <= value <= high else f"must be >= 0 and <= {high:g}"
 
     return check
 

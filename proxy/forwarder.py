@@ -377,6 +377,8 @@ def _as_recorded(claim: Claim, outcome: Outcome) -> Recorded:
 
 def _log_outcome(message: Message, rc: str, note: str, elapsed_ms: float) -> None:
     """One line per transaction: MTI, key fields, masked PAN, RC, switch or reason, latency."""
+    if not log.isEnabledFor(logging.INFO):  # nothing to format on the hot path
+        return
     pan = message.get("2")
     log.info(
         "%s stan=%r tid=%r pan=%s rc=%r (%s) %.1fms",

@@ -201,19 +201,24 @@ class _Batcher(Generic[I, R]):
     async def run(self) -> None:
         while True:
             batch = [await self._receive.receive()]
-            with trio.move_on_after(self._max_wait):
-                while len(batch) < self._max_size:
-                    batch.append(await self._receive.receive())
-            while len(batch) < self._max_size:  # whatever else is already queued
-                try:
-                    batch.append(self._receive.receive_nowait())
-                except trio.WouldBlock:
-                    break
+            self._gather(batch)  # whatever else is queued already, without a checkpoint each
+            if self._max_wait and len(batch) < self._max_size:
+                with trio.move_on_after(self._max_wait):
+                    while len(batch) < self._max_size:
+                        batch.append(await self._receive.receive())
+                        self._gather(batch)
             live = [(item, slot) for item, slot in batch if not slot.abandoned]
             for _, slot in live:
                 slot.taken = True
             if live:
                 await self._write(live)
+
+    def _gather(self, batch: list[tuple[I, _Slot[R]]]) -> None:
+        while len(batch) < self._max_size:
+            try:
+                batch.append(self._receive.receive_nowait())
+            except trio.WouldBlock:
+                return
 
     async def _write(self, batch: list[tuple[I, _Slot[R]]]) -> None:
         try:

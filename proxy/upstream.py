@@ -196,12 +196,17 @@ class Link:
         does not fit this switch's spec.
         """
         data = self._frame(message)
-        acquired = False
-        with trio.move_on_at(deadline):
-            await self._write_lock.acquire()
-            acquired = True
-        if not acquired:
-            raise NotWritten(f"link {self.name}: no turn to write before the deadline")
+        try:
+            self._write_lock.acquire_nowait()  # the usual case: no cancel scope needed
+        except trio.WouldBlock:
+            acquired = False
+            with trio.move_on_at(deadline):
+                await self._write_lock.acquire()
+                acquired = True
+            if not acquired:
+                raise NotWritten(
+                    f"link {self.name}: no turn to write before the deadline"
+                ) from None
         try:
             stream = self._stream
             if stream is None or (traffic and not self.is_up):

@@ -46,6 +46,28 @@ async def test_concurrent_submissions_share_one_write(
     assert [len(batch) for batch in db.batches] == [10, 10, 5]
 
 
+async def test_without_a_wait_what_queues_during_a_write_goes_in_the_next_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Group commit with `max_wait` 0: a lone claim is written at once; those that came
+    while it was being written share the next write."""
+    db = _Database()
+    db.gate = trio.Event()  # the first write holds until released
+    batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=10, max_wait=0, flush_timeout=5)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batcher.run)
+        nursery.start_soon(batcher.submit, "first", trio.current_time() + 5)
+        await trio.testing.wait_all_tasks_blocked()
+        assert db.batches == [["first"]]  # not held back waiting for company
+        for n in range(5):
+            nursery.start_soon(batcher.submit, f"later{n}", trio.current_time() + 5)
+        await trio.testing.wait_all_tasks_blocked()
+        db.gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert [sorted(batch) for batch in db.batches] == [["first"], [f"later{n}" for n in range(5)]]
+
+
 async def test_one_bad_item_does_not_fail_its_neighbours(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
