@@ -1,0 +1,126 @@
+"""The benchmark's cast: two simulated switches and the proxy in front of them, each its
+own process, with the journal in a schema of its own (dropped afterwards)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import trio
+import yaml
+
+from bench.processes import Service, free_port, start_service
+from fixtures.flood import raise_fd_limit
+from proxy.embedded import EmbeddedUnavailable, start_embedded
+
+PAN_KEY = "bench-pan-key-not-a-secret"
+SWITCHES = ("alpha", "beta")
+
+
+@dataclass
+class Cast:
+    switch: Service  # the one direct runs go to
+    proxy: Service
+    dsn: str
+    schema: str
+
+
+def database(given: str | None) -> str:
+    """The DSN to journal to: `given`, ISO_PROXY_DSN, ISO_PROXY_TEST_DSN, else the embedded
+    PostgreSQL (started if need be)."""
+    dsn = given or os.environ.get("ISO_PROXY_DSN") or os.environ.get("ISO_PROXY_TEST_DSN")
+    if dsn:
+        return dsn
+    try:
+        return start_embedded(Path(tempfile.gettempdir()) / f"iso-proxy-bench-pg-{os.getuid()}")
+    except EmbeddedUnavailable as error:
+        raise SystemExit(f"benchmark: no database: {error}") from None
+
+
+async def sql(dsn: str, schema: str, statement: str) -> Any:
+    """Run one statement in `schema` (created if missing) from a helper thread; the first
+    value it returns."""
+
+    async def query() -> Any:
+        connection = await asyncpg.connect(dsn)
+        try:
+            await connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            await connection.execute(f'SET search_path TO "{schema}"')
+            return await connection.fetchval(statement)
+        finally:
+            await connection.close()
+
+    return await trio.to_thread.run_sync(asyncio.run, query())
+
+
+async def journal_rows(cast: Cast) -> int:
+    """Transactions the journal holds as answered."""
+    rows: int = await sql(
+        cast.dsn, cast.schema, "SELECT count(*) FROM transactions WHERE state = 'answered'"
+    )
+    return rows
+
+
+def proxy_config(folder: Path, ports: dict[str, int], dsn: str, schema: str) -> Path:
+    """A production-like config: journal, health checks and admin on; logs at WARNING."""
+    config = {
+        "listen": {
+            "host": "127.0.0.1",
+            "port": ports["proxy"],
+            "max_connections": 20_000,
+            "max_connections_per_ip": 20_000,
+        },
+        "clients": [{"name": "bench", "networks": ["127.0.0.0/8"]}],
+        "switches": [
+            {"name": name, "host": "127.0.0.1", "port": ports[name], "connections": 2}
+            for name in SWITCHES
+        ],
+        "store": {"dsn": dsn, "schema": schema},
+        "admin": {"host": "127.0.0.1", "port": ports["admin"]},
+        "log": {"level": "WARNING"},
+    }
+    path = folder / "proxy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@asynccontextmanager
+async def running_cast(dsn: str) -> AsyncIterator[Cast]:
+    """Switches and proxy up (the proxy's links too); everything stopped afterwards."""
+    raise_fd_limit()  # the proxy inherits it: idle runs need many descriptors
+    schema = f"bench_{datetime.now(UTC):%Y%m%d%H%M%S}_{uuid.uuid4().hex[:6]}"
+    ports = {name: free_port() for name in (*SWITCHES, "proxy", "admin")}
+    with tempfile.TemporaryDirectory(prefix="iso-proxy-bench-") as tmp:
+        folder = Path(tmp)
+        config = proxy_config(folder, ports, dsn, schema)
+        try:
+            async with trio.open_nursery() as nursery:
+                switches = []
+                for name in SWITCHES:
+                    argv = ["proxy", "sim-switch", "--port", str(ports[name])]
+                    switches.append(
+                        await start_service(
+                            nursery, name, argv, ports[name], log=folder / f"{name}.log"
+                        )
+                    )
+                proxy = await start_service(
+                    nursery,
+                    "proxy",
+                    ["proxy", "run", "-c", str(config)],
+                    ports["proxy"],
+                    env={"ISO_PROXY_PAN_KEY": PAN_KEY},
+                    log=folder / "proxy.log",
+                )
+                yield Cast(switches[0], proxy, dsn, schema)
+                nursery.cancel_scope.cancel()
+        finally:
+            await sql(dsn, "public", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

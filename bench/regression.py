@@ -1,0 +1,85 @@
+"""The CPU regression check: proxy CPU per transaction at saturation, against the figure
+recorded in bench/baseline.json.
+
+    python -m bench.regression [--record] [--dsn DSN]
+
+Measures like the benchmark (real processes, journal on), closed loop, `RUNS` short runs,
+and keeps the lowest figure: the proxy's own CPU time per transaction does not depend on
+wall-clock speed, and interference from the rest of the machine only ever adds to it, so
+the minimum is the stable figure. Exits 1 when it is more than `TOLERANCE` above the
+recorded one; `--record` writes the new figure instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bench.cast import database, running_cast
+from bench.processes import machine, measured, run_json
+
+BASELINE = Path(__file__).with_name("baseline.json")
+TOLERANCE = 1.30
+RUNS = 3
+DURATION = 3.0
+CONNECTIONS = 50
+
+
+async def proxy_cpu_per_transaction(dsn: str) -> dict[str, Any]:
+    """The lowest proxy CPU (microseconds per transaction) over `RUNS` closed-loop runs."""
+    figures = []
+    async with running_cast(dsn) as cast:
+        load = ["bench.load", "127.0.0.1", str(cast.proxy.port), "--closed"]
+        load += ["--connections", str(CONNECTIONS)]
+        await run_json([*load, "--duration", "1"])  # warm up
+        for _ in range(RUNS):
+            with measured(cast.proxy.pid) as cost:
+                summary = await run_json([*load, "--duration", str(DURATION)])
+            if summary["approved"] != summary["sent"]:
+                raise RuntimeError(f"the load saw failures: {summary}")
+            figures.append(cost["cpu_s"] * 1e6 / summary["answered"])
+    return {"proxy_cpu_us_per_txn": round(min(figures), 1), "runs": [round(f) for f in figures]}
+
+
+def recorded() -> float:
+    figure: float = json.loads(BASELINE.read_text())["proxy_cpu_us_per_txn"]
+    return figure
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.regression", description=__doc__)
+    parser.add_argument("--dsn", help="PostgreSQL for the journal (as for python -m bench)")
+    parser.add_argument("--record", action="store_true", help="write bench/baseline.json")
+    args = parser.parse_args(argv)
+    measured_now = trio.run(proxy_cpu_per_transaction, database(args.dsn))
+    figure = measured_now["proxy_cpu_us_per_txn"]
+    if args.record:
+        BASELINE.write_text(
+            json.dumps(
+                {
+                    **measured_now,
+                    "date": datetime.now(UTC).date().isoformat(),
+                    "machine": machine(),
+                    "method": f"min of {RUNS} closed-loop runs of {DURATION:g} s, "
+                    f"{CONNECTIONS} connections, journal on",
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        print(f"recorded {figure} us/txn in {BASELINE}")
+        return 0
+    limit = recorded() * TOLERANCE
+    verdict = "ok" if figure <= limit else "REGRESSION"
+    print(f"proxy CPU {figure} us/txn (runs {measured_now['runs']}); limit {limit:.0f}: {verdict}")
+    return 0 if figure <= limit else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
