@@ -95,9 +95,9 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
         return None
     figure, axes = plt.subplots(figsize=(8, 5))
     for target, style in (("direct", "--"), ("proxy", "-")):
-        rows = sorted(
+        rows = sorted(  # by offered load: open-loop rates, then the closed loop
             (r for r in result["medians"] if r["target"] == target),
-            key=lambda r: r["throughput_tps"],
+            key=lambda r: float("inf") if r["case"] == "closed" else float(r["case"]),
         )
         for name, marker in (("p50", "o"), ("p99", "s")):
             axes.plot(
