@@ -21,13 +21,14 @@ import json
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from bench.cast import Cast, database, journal_rows, running_cast
-from bench.processes import machine, measured, rss_bytes, run_json
+from bench.processes import machine, measured, rss_bytes, run_json, until_signalled
 from bench.report import plot, summarize, table
 
 IDLE_ACTIVE_RATE = 2000.0
@@ -43,9 +44,12 @@ class Plan:
     out: Path
 
 
-async def _load(port: int, plan: Plan, rate: float | None, duration: float) -> dict[str, Any]:
+async def _load(
+    cast: Cast, port: int, plan: Plan, rate: float | None, duration: float
+) -> dict[str, Any]:
     mode = ["--rate", str(rate)] if rate is not None else ["--closed"]
     argv = ["bench.load", "127.0.0.1", str(port), "--connections", str(plan.connections)]
+    argv += ["--tag", cast.next_tag()]
     with trio.fail_after(duration + 120):
         return await run_json([*argv, *mode, "--duration", str(duration)])
 
@@ -57,7 +61,7 @@ async def run_case(
     port = cast.switch.port if target == "direct" else cast.proxy.port
     rows_before = await journal_rows(cast)
     with measured(cast.proxy.pid) as cost:
-        summary = await _load(port, plan, rate, plan.duration)
+        summary = await _load(cast, port, plan, rate, plan.duration)
     rows = await journal_rows(cast) - rows_before
     answered = max(1, summary["answered"])
     result = {
@@ -88,10 +92,13 @@ async def run_idle(cast: Cast, plan: Plan) -> dict[str, Any]:
         with trio.fail_after(300):
             line = b""
             while not line.endswith(b"\n"):
-                line += await holder.stdout.receive_some(4096)
-        held = line.decode().strip()
+                chunk = await holder.stdout.receive_some(4096)
+                if not chunk:
+                    raise RuntimeError("bench.idle ended before it reported")
+                line += chunk
+        held = json.loads(line)
         rss_idle = rss_bytes(cast.proxy.pid)
-        active = await _load(cast.proxy.port, plan, IDLE_ACTIVE_RATE, plan.duration)
+        active = await _load(cast, cast.proxy.port, plan, IDLE_ACTIVE_RATE, plan.duration)
         rss_active = rss_bytes(cast.proxy.pid)
         await holder.stdin.aclose()
         with trio.fail_after(60):
@@ -100,8 +107,8 @@ async def run_idle(cast: Cast, plan: Plan) -> dict[str, Any]:
         if holder.returncode is None:
             holder.kill()
     return {
-        "idle_connections": plan.idle,
-        "holder": held,
+        "idle_connections": held["opened"],
+        "idle_failed": held["failed"],
         "proxy_rss_mb_before": round(rss_before / 2**20, 1),
         "proxy_rss_mb_idle": round(rss_idle / 2**20, 1),
         "proxy_rss_mb_active": round(rss_active / 2**20, 1),
@@ -117,7 +124,7 @@ async def run(plan: Plan, dsn: str) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     idle = None
     async with running_cast(dsn) as cast:
-        await _load(cast.proxy.port, plan, None, 2.0)  # warm up: links, pool, caches
+        await _load(cast, cast.proxy.port, plan, None, 2.0)  # warm up: links, pool, caches
         for repeat in range(1, plan.repeats + 1):
             print(f"repeat {repeat}/{plan.repeats}", file=sys.stderr)
             for rate in (*plan.rates, None):
@@ -161,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         idle=min(args.idle, 1000) if args.quick else args.idle,
         out=args.out,
     )
-    result = trio.run(run, plan, database(args.dsn))
+    dsn = database(args.dsn)
+    result = trio.run(until_signalled, partial(run, plan, dsn))
     plan.out.mkdir(parents=True, exist_ok=True)
     (plan.out / "results.json").write_text(json_text(result))
     print(table(result))

@@ -32,12 +32,18 @@ class Cast:
     proxy: Service
     dsn: str
     schema: str
+    runs: int = 0
+
+    def next_tag(self) -> str:
+        """Terminal ids for the next load run: unique within this cast's journal schema."""
+        self.runs += 1
+        return f"{self.runs:03d}"
 
 
 def database(given: str | None) -> str:
-    """The DSN to journal to: `given`, ISO_PROXY_DSN, ISO_PROXY_TEST_DSN, else the embedded
+    """The DSN to journal to: `given`, ISO_PROXY_TEST_DSN, ISO_PROXY_DSN, else the embedded
     PostgreSQL (started if need be)."""
-    dsn = given or os.environ.get("ISO_PROXY_DSN") or os.environ.get("ISO_PROXY_TEST_DSN")
+    dsn = given or os.environ.get("ISO_PROXY_TEST_DSN") or os.environ.get("ISO_PROXY_DSN")
     if dsn:
         return dsn
     try:

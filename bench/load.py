@@ -67,6 +67,7 @@ class Tally:
     latencies: array[float]
     codes: Counter[str]
     sent: int = 0
+    unsent: int = 0  # due before the end but never sent (the server was too slow)
     timeouts: int = 0
     broken: int = 0
 
@@ -93,6 +94,8 @@ async def _terminal(
         for stan, when in enumerate(schedule, start=1):
             now = trio.current_time()
             if now >= stop_at:
+                if due is not None:
+                    tally.unsent += sum(1 for later in due[stan - 1 :] if later < stop_at)
                 return
             if due is not None and when > now:
                 await trio.sleep_until(when)
@@ -155,6 +158,7 @@ async def run_load(
         "connections": connections,
         "duration_s": round(elapsed, 3),
         "sent": tally.sent,
+        "unsent": tally.unsent,
         "answered": answered,
         "approved": tally.codes.get("00", 0),
         "codes": dict(tally.codes),

@@ -6,18 +6,39 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
+T = TypeVar("T")
 TICKS = os.sysconf("SC_CLK_TCK")
 STARTUP_TIMEOUT = 30.0
+
+
+async def until_signalled(main: Callable[[], Awaitable[T]]) -> T:
+    """Run `main`; SIGTERM or SIGINT cancels it, so that every child process is stopped
+    and the benchmark's schema dropped before the harness exits."""
+    results: list[T] = []
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop_on_signal)
+            results.append(await main())
+            nursery.cancel_scope.cancel()
+    if not results:
+        raise SystemExit("stopped by a signal; children stopped, schema dropped")
+    return results[0]
 
 
 def free_port() -> int:
@@ -76,12 +97,18 @@ class Service:
         return self.process.pid
 
 
-async def wait_listening(port: int, process: trio.Process, name: str) -> None:
-    """Wait until something accepts on `port` (or the process died)."""
+async def wait_listening(
+    port: int, process: trio.Process, name: str, log: Path | None = None
+) -> None:
+    """Wait until something accepts on `port` (or the process died: its log's end then
+    comes with the error)."""
     with trio.fail_after(STARTUP_TIMEOUT):
         while True:
             if process.returncode is not None:
-                raise RuntimeError(f"{name} exited with {process.returncode} before listening")
+                tail = _tail(log) if log else ""
+                raise RuntimeError(
+                    f"{name} exited with {process.returncode} before listening\n{tail}"
+                )
             try:
                 stream = await trio.open_tcp_stream("127.0.0.1", port)
             except OSError:
@@ -103,7 +130,7 @@ async def start_service(
     process = await nursery.start(
         supervise, [sys.executable, "-m", *argv], {**os.environ, **(env or {})}, log
     )
-    await wait_listening(port, process, name)
+    await wait_listening(port, process, name, log)
     return Service(name, process, port)
 
 
@@ -169,3 +196,8 @@ def machine() -> str:
             break
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{os.cpu_count()} CPU ({model}), {memory:.0f} GiB, Python {sys.version.split()[0]}"
+
+
+def _tail(log: Path) -> str:
+    """The end of a child's log (for the error that says it died)."""
+    return log.read_text(errors="replace")[-2000:]

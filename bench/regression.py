@@ -4,10 +4,11 @@ recorded in bench/baseline.json.
     python -m bench.regression [--record] [--dsn DSN]
 
 Measures like the benchmark (real processes, journal on), closed loop, `RUNS` short runs,
-and keeps the lowest figure: the proxy's own CPU time per transaction does not depend on
-wall-clock speed, and interference from the rest of the machine only ever adds to it, so
-the minimum is the stable figure. Exits 1 when it is more than `TOLERANCE` above the
-recorded one; `--record` writes the new figure instead.
+and keeps the lowest figure, the most repeatable one here (about ±7 % from check to
+check, where single runs move ±15 %). CPU time rather than wall time, since the machine is
+shared; the figure still depends on the machine (and, through batch sizes, on load), so
+the recorded one is for this machine kind, which CI runs on. Exits 1 when it is more than
+`TOLERANCE` above the recorded one; `--record` writes the new figure instead.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import argparse
 import json
 import sys
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from bench.cast import database, running_cast
-from bench.processes import machine, measured, run_json
+from bench.processes import machine, measured, run_json, until_signalled
 
 BASELINE = Path(__file__).with_name("baseline.json")
 TOLERANCE = 1.30
@@ -37,11 +39,13 @@ async def proxy_cpu_per_transaction(dsn: str) -> dict[str, Any]:
     async with running_cast(dsn) as cast:
         load = ["bench.load", "127.0.0.1", str(cast.proxy.port), "--closed"]
         load += ["--connections", str(CONNECTIONS)]
-        await run_json([*load, "--duration", "1"])  # warm up
+        await run_json([*load, "--duration", "1", "--tag", cast.next_tag()])  # warm up
         for _ in range(RUNS):
             with measured(cast.proxy.pid) as cost:
-                summary = await run_json([*load, "--duration", str(DURATION)])
-            if summary["approved"] != summary["sent"]:
+                summary = await run_json(
+                    [*load, "--duration", str(DURATION), "--tag", cast.next_tag()]
+                )
+            if not summary["sent"] or summary["approved"] != summary["sent"]:
                 raise RuntimeError(f"the load saw failures: {summary}")
             figures.append(cost["cpu_s"] * 1e6 / summary["answered"])
     return {"proxy_cpu_us_per_txn": round(min(figures), 1), "runs": [round(f) for f in figures]}
@@ -57,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dsn", help="PostgreSQL for the journal (as for python -m bench)")
     parser.add_argument("--record", action="store_true", help="write bench/baseline.json")
     args = parser.parse_args(argv)
-    measured_now = trio.run(proxy_cpu_per_transaction, database(args.dsn))
+    dsn = database(args.dsn)
+    measured_now = trio.run(until_signalled, partial(proxy_cpu_per_transaction, dsn))
     figure = measured_now["proxy_cpu_us_per_txn"]
     if args.record:
         BASELINE.write_text(

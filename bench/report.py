@@ -31,6 +31,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if all(name in r for r in group):
                 row[name] = statistics.median(r[name] for r in group)
         row["errors"] = sum(r["answered"] - r["approved"] + r["broken"] for r in group)
+        row["unsent"] = sum(r["unsent"] for r in group)
         row["timeouts"] = sum(r["timeouts"] for r in group)
         if target == "proxy":
             row["journal_matches"] = all(r["journal_rows"] == r["answered"] for r in group)
@@ -49,6 +50,7 @@ def table(result: dict[str, Any]) -> str:
     head = (
         f"{'case':>7} {'target':<7}{'tps':>8}{'p50 ms':>9}{'p99 ms':>9}{'p99.9':>9}"
         f"{'+p99 ms':>9}{'cpu us/tx':>10}{'pg us/row':>10}{'rss MB':>8}{'err':>5}{'t/o':>5}"
+        f"{'unsent':>8}"
         f"{'rows ok':>8}"
     )
     lines = [f"iso-proxy benchmark, {result['date']}, {result['machine']}", head]
@@ -60,13 +62,15 @@ def table(result: dict[str, Any]) -> str:
             f"{_maybe(row.get('proxy_cpu_us_per_txn'), '.0f'):>10}"
             f"{_maybe(row.get('postgres_cpu_us_per_row'), '.0f'):>10}"
             f"{_maybe(row.get('proxy_rss_mb'), '.0f'):>8}{row['errors']:>5}{row['timeouts']:>5}"
+            f"{row['unsent']:>8}"
             f"{_maybe(row.get('journal_matches'), ''):>8}"
         )
     idle = result.get("idle")
     if idle:
         active = idle["active"]
         lines.append(
-            f"{idle['idle_connections']} idle connections: proxy RSS "
+            f"{idle['idle_connections']} idle connections ({idle['idle_failed']} refused): "
+            f"proxy RSS "
             f"{idle['proxy_rss_mb_before']:.0f} -> {idle['proxy_rss_mb_idle']:.0f} MB; "
             f"an active client at {active['target_tps']:g} TPS meanwhile: "
             f"{active['throughput_tps']:.0f} tps, p99 {active['latency_ms']['p99']:.2f} ms, "

@@ -45,7 +45,7 @@ class Message:
 
     mti: Mti
     fields: Mapping[str, str]
-    wire: tuple[bytes, Spec] | None = field(default=None, compare=False)
+    wire: tuple[bytes, Spec] | None = field(default=None, init=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fields", MappingProxyType(dict(self.fields)))
@@ -119,7 +119,9 @@ def _run_decoder(data: bytes, spec: Spec) -> tuple[Message | None, DecodeError |
         return None, DecodeError(e.reason)
     for name in _BITMAPS:
         doc.pop(name, None)
-    return Message(mti, doc, (bytes(data), spec)), None
+    message = Message(mti, doc)
+    object.__setattr__(message, "wire", (bytes(data), spec))  # only decode sets it
+    return message, None
 
 
 def _run_encoder(message: Message, spec: Spec) -> tuple[bytes | None, EncodeError | None]:

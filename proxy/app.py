@@ -7,13 +7,14 @@ import logging
 import random
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from codec import Spec
 from proxy import tls
 from proxy.admin import AdminServer
 from proxy.config import Config, SwitchConfig, load_config
@@ -162,7 +163,12 @@ class App:
         except ConfigError as error:
             return error.problems
         current = dict(self.pool.switches)
-        wanted = {switch.name: switch for switch in fresh.switches if switch.enabled}
+        listener_spec = self.config.listen.endpoint.spec
+        wanted = {
+            switch.name: _sharing_spec(switch, listener_spec)
+            for switch in fresh.switches
+            if switch.enabled
+        }
         for name in current.keys() - wanted.keys():
             self._nursery.start_soon(self.pool.remove_switch, name)
         for name, switch in wanted.items():
@@ -246,6 +252,14 @@ def _link_status(pool: Pool, link: Link) -> dict[str, Any]:
         "echo_p99_ms": round(percentile(rtts, 0.99) * 1000, 3) if rtts else None,
         "echoes_failed": link.echoes_failed,
     }
+
+
+def _sharing_spec(switch: SwitchConfig, spec: Spec) -> SwitchConfig:
+    """`switch` holding the running listener's spec object where it names the same spec, so
+    messages keep passing between them as their bytes after a reload (codec.Message.wire)."""
+    if switch.endpoint.spec is not spec and switch.endpoint.spec == spec:
+        return replace(switch, endpoint=replace(switch.endpoint, spec=spec))
+    return switch
 
 
 def _same_endpoint(old: SwitchConfig, new: SwitchConfig) -> bool:

@@ -70,8 +70,9 @@ class StoreUnavailable(ProxyError):
 
 async def _keep_session(connection: asyncpg.Connection) -> None:
     """A connection goes back to the pool as it is: the journal never changes session state
-    (no SET, LISTEN, advisory locks or cursors; transactions always end), so asyncpg's
-    default RESET ALL, a second round trip for every query, buys nothing."""
+    (no SET, LISTEN, advisory locks or cursors; asyncpg still rolls back a transaction left
+    open), so asyncpg's default RESET ALL, a second round trip for every query, buys
+    nothing. A session-level SET added to this module would now outlive its query: don't."""
 
 
 def dsn_problem(dsn: str) -> str | None:

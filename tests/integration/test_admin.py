@@ -345,6 +345,8 @@ async def test_reload_adds_and_removes_switches_without_touching_terminals(
         await app.pool.wait_until(
             lambda: "beta" not in app.pool.links and all(link.is_up for link in all_links(app))
         )
+    listener_spec = app.config.listen.endpoint.spec
+    assert all(s.endpoint.spec is listener_spec for s in app.pool.switches.values())
     for stan in range(3, 9):  # the same terminal connection, never closed
         assert (await terminal.request(financial(stan))).get("39") == "00"
     assert (alpha.financial_total(), beta.financial_total(), gamma.financial_total()) == (4, 1, 3)

@@ -4,6 +4,9 @@ for BENCHMARKS.md, not judged here)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,4 +30,53 @@ async def test_a_small_benchmark_writes_its_table_and_json(tmp_path: Path) -> No
     for run in through_proxy:
         assert run["answered"] == run["approved"] == run["journal_rows"] > 0
         assert run["proxy_cpu_us_per_txn"] > 0
+    assert report["idle"]["idle_connections"] == 200
     assert report["idle"]["active"]["answered"] > 0
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is `pid`."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if Path(f"/proc/{pid}").exists()}
+
+
+async def test_sigterm_stops_every_child_of_the_benchmark() -> None:
+    argv = [sys.executable, "-m", "bench", "--dsn", journal_dsn(), "--out", "/nonexistent"]
+    argv += ["--rates", "100", "--duration", "30", "--repeats", "1", "--idle", "0"]
+    process = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE)
+    assert process.stderr is not None
+    output = b""
+    children: set[int] = set()
+    try:
+        with trio.fail_after(30):
+            while b"repeat 1/1" not in output:  # switches and proxy are up
+                chunk = await process.stderr.receive_some(4096)
+                assert chunk, output.decode()
+                output += chunk
+        children = _children(process.pid)
+        assert len(children) >= 3  # two switches and the proxy (and a load generator, soon)
+        process.terminate()
+        with trio.fail_after(30):
+            while chunk := await process.stderr.receive_some(4096):
+                output += chunk
+            await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        for pid in _alive(children):  # a failed test must not leave them running
+            os.kill(pid, signal.SIGKILL)
+        await process.stderr.aclose()
+    assert b"stopped by a signal" in output
+    assert _alive(children) == set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import string
 import traceback
@@ -449,3 +450,14 @@ def test_a_decoded_message_passes_through_as_its_bytes_with_the_same_spec() -> N
     assert decode(encode(changed, spec), spec).get("39") == "00"
     assert message == Message(message.mti, message.fields)  # the bytes are not compared
     assert "4111" not in repr(message)
+
+
+def test_only_decode_gives_a_message_its_bytes() -> None:
+    spec = SPECS["default"]
+    message = decode(
+        encode(Message(Mti.parse("0201"), {"11": "000001", "41": "TERM0001"}), spec), spec
+    )
+    assert message.wire is not None
+    moved = dataclasses.replace(message, mti=Mti.parse("0200"))
+    assert moved.wire is None
+    assert encode(moved, spec)[:4] == b"0200"
