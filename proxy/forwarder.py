@@ -41,6 +41,9 @@ MAX_DELIVERED_KEYS = 10_000
 # Waits between tries to queue the reversal of an undelivered approval while the store is
 # away (after the last, the claim-recovery sweep cannot help: the row is complete).
 UNDELIVERED_RETRIES = (0.5, 1.0, 2.0, 4.0)
+# How long an undelivered approval waits for the duplicates that joined it (here) to write
+# the same answer to their terminals before it is reversed.
+JOINERS_WAIT = 15.0
 
 
 def utc_now() -> datetime:
@@ -115,6 +118,8 @@ class Forwarder:
         self._late_changed = Watch()
         self._carrying: dict[str, _Pending] = {}
         self._delivered: dict[str, None] = {}  # keys recently answered to a terminal
+        self._joining: Counter[str] = Counter()  # duplicates of a key whose answer is pending
+        self._joiners_settled = Watch()
         self.duplicates: Counter[decisions.Duplicate] = Counter()
         # For metrics: answers by (switch, MTI, RC), timeouts by switch, latencies.
         self.transactions: Counter[tuple[str, str, str]] = Counter()
@@ -147,6 +152,14 @@ class Forwarder:
         self._delivered[receipt.claim.key] = None
         while len(self._delivered) > MAX_DELIVERED_KEYS:
             self._delivered.pop(next(iter(self._delivered)))
+        if not receipt.original:
+            self._joiner_done(receipt.claim.key)
+
+    def _joiner_done(self, key: str) -> None:
+        self._joining[key] -= 1
+        if self._joining[key] <= 0:
+            del self._joining[key]
+        self._joiners_settled.changed()
 
     async def undelivered(self, receipt: Receipt) -> None:
         """The terminal's connection was gone before its answer could be written: an
@@ -154,10 +167,18 @@ class Forwarder:
         same transaction already carried it to the terminal."""
         journal = self._journal
         claim = receipt.claim
+        if not receipt.original:
+            self._joiner_done(claim.key)
+            return
+        # A duplicate that joined this transaction gets the same answer as soon as it is
+        # recorded, often just after this write failed: let it try before reversing.
+        with trio.move_on_after(JOINERS_WAIT):
+            await self._joiners_settled.wait_until(
+                lambda: claim.key in self._delivered or not self._joining[claim.key]
+            )
         mti = Mti.parse(claim.mti)
         if (
             journal is None
-            or not receipt.original
             or claim.key in self._delivered
             or not decisions.reverse_if_undelivered(
                 mti, receipt.rc, journal.reversal.on_undelivered
@@ -208,7 +229,12 @@ class Forwarder:
         claim = journal.identity.claim(message, journal.clock())
         carried = self._carrying.get(claim.key)
         if carried is not None:  # a duplicate of a transaction this instance carries
-            reply = await self._duplicate(message, claim, carried.claim.fingerprint, carried)
+            self._joining[claim.key] += 1  # until its terminal got the answer, or not
+            try:
+                reply = await self._duplicate(message, claim, carried.claim.fingerprint, carried)
+            except BaseException:
+                self._joiner_done(claim.key)
+                raise
             return Reply(reply, Receipt(claim, None, reply.get("39") or "", original=False))
         pending = _Pending(claim)
         self._carrying[claim.key] = pending
