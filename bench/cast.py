@@ -4,6 +4,7 @@ own process, with the journal in a schema of its own (dropped afterwards)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import uuid
@@ -18,7 +19,7 @@ import asyncpg
 import trio
 import yaml
 
-from bench.processes import Service, free_port, start_service
+from bench.processes import STARTUP_TIMEOUT, Service, free_port, start_service
 from fixtures.flood import raise_fd_limit
 from proxy.embedded import EmbeddedUnavailable, start_embedded
 
@@ -99,6 +100,19 @@ def proxy_config(folder: Path, ports: dict[str, int], dsn: str, schema: str) -> 
     return path
 
 
+async def wait_ready(admin_port: int) -> None:
+    """Wait until the proxy says it is ready (its links up, the journal reachable)."""
+    with trio.fail_after(STARTUP_TIMEOUT):
+        while True:
+            with contextlib.suppress(OSError):
+                stream = await trio.open_tcp_stream("127.0.0.1", admin_port)
+                async with stream:
+                    await stream.send_all(b"GET /readyz HTTP/1.1\r\nHost: bench\r\n\r\n")
+                    if (await stream.receive_some(64)).startswith(b"HTTP/1.1 200"):
+                        return
+            await trio.sleep(0.1)  # nothing to wait on but the proxy's own answer
+
+
 @asynccontextmanager
 async def running_cast(dsn: str) -> AsyncIterator[Cast]:
     """Switches and proxy up (the proxy's links too); everything stopped afterwards."""
@@ -126,6 +140,7 @@ async def running_cast(dsn: str) -> AsyncIterator[Cast]:
                     env={"ISO_PROXY_PAN_KEY": PAN_KEY},
                     log=folder / "proxy.log",
                 )
+                await wait_ready(ports["admin"])
                 yield Cast(switches[0], proxy, dsn, schema)
                 nursery.cancel_scope.cancel()
         finally:

@@ -102,7 +102,11 @@ class App:
                 clock=clock,
             )
         self.forwarder = Forwarder(
-            self.pool, config.routing.match_key, journal, timeout_rc=config.reversal.timeout_rc
+            self.pool,
+            config.routing.match_key,
+            journal,
+            timeout_rc=config.reversal.timeout_rc,
+            joiners_wait=config.listen.write_timeout + 1,
         )
         if self.store is not None:
             longest = max(s.timeout for s in config.switches)
@@ -145,6 +149,8 @@ class App:
     def readiness(self) -> list[str]:
         """What keeps the proxy from taking traffic; empty when it is ready."""
         problems = []
+        if self.server.draining:
+            problems.append("draining")
         if self.store is not None and not self.store.ready:
             problems.append("store unreachable")
         if not any(link.is_up for links in self.pool.links.values() for link in links):

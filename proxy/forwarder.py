@@ -41,9 +41,8 @@ MAX_DELIVERED_KEYS = 10_000
 # Waits between tries to queue the reversal of an undelivered approval while the store is
 # away (after the last, the claim-recovery sweep cannot help: the row is complete).
 UNDELIVERED_RETRIES = (0.5, 1.0, 2.0, 4.0)
-# How long an undelivered approval waits for the duplicates that joined it (here) to write
-# the same answer to their terminals before it is reversed.
-JOINERS_WAIT = 15.0
+# When shutdown cuts that wait short, how long queuing the reversal may still take.
+LAST_CHANCE = 5.0
 
 
 def utc_now() -> datetime:
@@ -109,15 +108,19 @@ class Forwarder:
         journal: Journal | None = None,
         *,
         timeout_rc: str = decisions.SWITCH_INOPERATIVE,
+        joiners_wait: float = 11.0,
     ) -> None:
+        """`joiners_wait`: how long an undelivered approval waits for duplicates that
+        joined it here to write the same answer (the terminals' write timeout, and some)."""
         self._pool = pool
         self._match_fields = match_fields
         self._journal = journal
         self._timeout_rc = timeout_rc
+        self._joiners_wait = joiners_wait
         self.late_recorded = 0
         self._late_changed = Watch()
         self._carrying: dict[str, _Pending] = {}
-        self._delivered: dict[str, None] = {}  # keys recently answered to a terminal
+        self._delivered: dict[str, str] = {}  # keys recently answered to a terminal: the RC
         self._joining: Counter[str] = Counter()  # duplicates of a key whose answer is pending
         self._joiners_settled = Watch()
         self.duplicates: Counter[decisions.Duplicate] = Counter()
@@ -147,9 +150,9 @@ class Forwarder:
         return await self._journaled(message, self._journal)
 
     def delivered(self, receipt: Receipt) -> None:
-        """An answer reached its terminal: a copy that did not (on a connection the terminal
-        had already dropped, say) is then no reason to reverse."""
-        self._delivered[receipt.claim.key] = None
+        """An answer reached its terminal: a copy of the same answer that did not (on a
+        connection the terminal had already dropped, say) is then no reason to reverse."""
+        self._delivered[receipt.claim.key] = receipt.rc
         while len(self._delivered) > MAX_DELIVERED_KEYS:
             self._delivered.pop(next(iter(self._delivered)))
         if not receipt.original:
@@ -164,29 +167,41 @@ class Forwarder:
     async def undelivered(self, receipt: Receipt) -> None:
         """The terminal's connection was gone before its answer could be written: an
         approval is reversed (policy `reversal.on_undelivered`), unless a duplicate of the
-        same transaction already carried it to the terminal."""
+        same transaction carried the same answer to the terminal."""
         journal = self._journal
         claim = receipt.claim
         if not receipt.original:
             self._joiner_done(claim.key)
             return
-        # A duplicate that joined this transaction gets the same answer as soon as it is
-        # recorded, often just after this write failed: let it try before reversing.
-        with trio.move_on_after(JOINERS_WAIT):
-            await self._joiners_settled.wait_until(
-                lambda: claim.key in self._delivered or not self._joining[claim.key]
-            )
-        mti = Mti.parse(claim.mti)
-        if (
-            journal is None
-            or claim.key in self._delivered
-            or not decisions.reverse_if_undelivered(
-                mti, receipt.rc, journal.reversal.on_undelivered
-            )
+        if journal is None or not decisions.reverse_if_undelivered(
+            Mti.parse(claim.mti), receipt.rc, journal.reversal.on_undelivered
         ):
             return
+        # A duplicate that joined this transaction gets the same answer as soon as it is
+        # recorded, often just after this write failed: let it try before reversing.
+        try:
+            with trio.move_on_after(self._joiners_wait):
+                await self._joiners_settled.wait_until(
+                    lambda: self._carried(receipt) or not self._joining[claim.key]
+                )
+        except trio.Cancelled:  # shutting down: the reversal must still be queued
+            if not self._carried(receipt):
+                with trio.CancelScope(shield=True), trio.move_on_after(LAST_CHANCE):
+                    await self._queue_undelivered(receipt, journal, retries=())
+            raise
+        if not self._carried(receipt):
+            await self._queue_undelivered(receipt, journal, retries=UNDELIVERED_RETRIES)
+
+    def _carried(self, receipt: Receipt) -> bool:
+        """Whether the terminal got this answer another way (a duplicate got the same RC)."""
+        return self._delivered.get(receipt.claim.key) == receipt.rc
+
+    async def _queue_undelivered(
+        self, receipt: Receipt, journal: Journal, retries: tuple[float, ...]
+    ) -> None:
+        claim = receipt.claim
         reversal = reversal_for(claim.fields, claim.mti, journal.reversal.message, journal.clock())
-        for delay in UNDELIVERED_RETRIES:
+        for delay in (*retries, None):
             try:
                 await journal.store.queue_reversal(
                     claim.key, receipt.switch, reversal, "undelivered"
@@ -194,7 +209,11 @@ class Forwarder:
                 log.warning("%s approval undelivered: reversal queued", claim.mti)
                 return
             except StoreUnavailable as error:
-                log.warning("%s approval undelivered; reversal not queued yet (%s)", mti, error)
+                log.warning(
+                    "%s approval undelivered; reversal not queued yet (%s)", claim.mti, error
+                )
+            if delay is None:
+                break
             await trio.sleep(delay)
         log.error("%s approval undelivered; reversal NOT queued: the store is away", claim.mti)
 

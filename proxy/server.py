@@ -75,6 +75,7 @@ class Server:
         self.admission = Admission(listen.max_connections, listen.max_connections_per_ip)
         self.rejections: Counter[Rejection] = Counter()
         self.in_flight = 0  # requests taken from terminals and not answered yet
+        self.draining = False  # stopping: no new connections
         self._settled = Watch()  # a request was answered
         self._admissions = Watch()  # a connection came or went, or was refused
         self._accepting = trio.CancelScope()
@@ -108,6 +109,7 @@ class Server:
     async def drain(self, grace: float) -> bool:
         """Stop accepting connections and wait (at most `grace` seconds) until every request
         taken is answered. Whether it got there."""
+        self.draining = True
         self._accepting.cancel()
         log.info("draining: %d request(s) in flight", self.in_flight)
         with trio.move_on_after(grace):
@@ -376,12 +378,15 @@ class _Connection:
                 reply = Reply(answer(request, SYSTEM_MALFUNCTION))
             if reply is None:
                 return
-            delivered = await self._reply(request, reply.message, tpdu)
-            if reply.receipt is not None:
-                if delivered:
-                    self._forwarder.delivered(reply.receipt)
-                else:
-                    await self._forwarder.undelivered(reply.receipt)
+            delivered = False
+            try:
+                delivered = await self._reply(request, reply.message, tpdu)
+            finally:  # settled even when cancelled mid-write: it may owe a reversal
+                if reply.receipt is not None:
+                    if delivered:
+                        self._forwarder.delivered(reply.receipt)
+                    else:
+                        await self._forwarder.undelivered(reply.receipt)
         finally:
             self._in_flight.release()
             self._server.request_done()

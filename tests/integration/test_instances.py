@@ -381,3 +381,32 @@ async def test_an_approval_a_joined_repeat_delivered_is_not_reversed(
     await trio.sleep(NOTHING_MORE)  # time enough for a reversal to be queued and sent
     assert await database.fetch("SELECT state, reason FROM reversals") == []
     assert alpha.received_reversals() + beta.received_reversals() == 0
+
+
+async def test_a_refused_duplicate_does_not_count_as_delivering_the_approval(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    """Same key, other content, while the original is at the switch: RC 94 is written to
+    that terminal. The original's approval then finds its connection gone: the terminal
+    that asked never got it, so it is reversed."""
+    alpha = await start_switch(nursery, delay=0.5)
+    beta = await start_switch(nursery, delay=0.5)
+    config = two_switch_config(database, alpha, beta, reversal=QUICK_REVERSALS)
+    instance = await start_instance(nursery, config)
+    request = financial(601)
+    first = await terminals.connect(instance.port)
+    await first.send(request)
+    with trio.fail_after(5):
+        await wait_any((alpha, beta), lambda: alpha.financial_total() + beta.financial_total() > 0)
+    other_content = request.with_fields({"4": "000000009999"})
+    assert (await ask(terminals, instance.port, other_content)).get("39") == "94"
+    stream = first.stream
+    assert isinstance(stream, trio.SocketStream)
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await first.aclose()
+    with trio.fail_after(10):
+        await wait_any(
+            (alpha, beta), lambda: alpha.received_reversals() + beta.received_reversals() > 0
+        )
+    rows = await database.fetch("SELECT reason FROM reversals")
+    assert rows == [{"reason": "undelivered"}]
