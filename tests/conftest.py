@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import asyncpg
@@ -89,6 +89,23 @@ async def start_switch(nursery: trio.Nursery, **options: Any) -> SimSwitch:
 
 TEST_PAN_KEY = b"test-pan-key-not-a-secret-0123456789"
 TEST_ADMIN_TOKEN = "test-admin-token-not-a-secret"
+
+
+class Watched(Protocol):
+    async def wait_until(self, condition: Callable[[], bool]) -> None: ...
+
+
+async def wait_any(watched: Sequence[Watched], condition: Callable[[], bool]) -> None:
+    """Wait until `condition()` holds, checked whenever any of `watched` changes (switches
+    receiving, reversal workers recording...)."""
+    async with trio.open_nursery() as waiting:
+        for one in watched:
+
+            async def wait(one: Watched = one) -> None:
+                await one.wait_until(condition)
+                waiting.cancel_scope.cancel()
+
+            waiting.start_soon(wait)
 
 
 async def unused_port() -> int:

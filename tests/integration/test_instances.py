@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import struct
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -31,6 +31,7 @@ from tests.conftest import (
     all_links,
     proxy_config,
     start_switch,
+    wait_any,
 )
 
 # Reversal workers look for due reversals every backoff_initial (0.05 s) and retry within
@@ -79,18 +80,6 @@ def two_switch_config(
     store_timeout = sections.pop("store_timeout", None)
     store = database.store() if store_timeout is None else database.store(timeout=store_timeout)
     return proxy_config({"alpha": alpha.port, "beta": beta.port}, store=store, **sections)
-
-
-async def wait_any(switches: Sequence[SimSwitch], condition: Callable[[], bool]) -> None:
-    """Wait until `condition()` holds, checked after any of `switches` receives a message."""
-    async with trio.open_nursery() as waiting:
-        for switch in switches:
-
-            async def wait(switch: SimSwitch = switch) -> None:
-                await switch.wait_until(condition)
-                waiting.cancel_scope.cancel()
-
-            waiting.start_soon(wait)
 
 
 def forwarded(switches: Sequence[SimSwitch], *, mti_class: int = 2) -> Counter[tuple[str, str]]:
@@ -238,15 +227,8 @@ async def test_reversals_queued_by_one_instance_are_sent_once(
     def all_acknowledged() -> bool:
         return sum(worker.acknowledged for worker in workers) >= len(silent)
 
-    with trio.fail_after(10):
-        async with trio.open_nursery() as waiting:  # whichever worker records the last one
-            for worker in workers:
-
-                async def wait(worker: ReversalWorker = worker) -> None:
-                    await worker.wait_until(all_acknowledged)
-                    waiting.cancel_scope.cancel()
-
-                waiting.start_soon(wait)
+    with trio.fail_after(10):  # whichever worker records the last one
+        await wait_any(workers, all_acknowledged)
     sent = sum(switch.received_reversals() for switch in switches)
     # Nothing should follow: a second sender would show within NOTHING_MORE (see above).
     with trio.move_on_after(NOTHING_MORE):

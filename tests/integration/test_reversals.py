@@ -14,7 +14,6 @@ from codec import Message, Mti
 from fixtures.messages import echo, financial
 from fixtures.sim_switch import SimSwitch
 from proxy.app import App
-from proxy.reversals import ReversalWorker
 from proxy.transactions import TransactionIdentity, reversal_for
 from tests.conftest import (
     TEST_PAN_KEY,
@@ -24,6 +23,7 @@ from tests.conftest import (
     start_proxy,
     start_switch,
     unused_port,
+    wait_any,
 )
 
 QUICK_REVERSALS = {"backoff_initial": 0.05, "backoff_max": 0.4}
@@ -174,15 +174,8 @@ async def test_two_instances_send_each_queued_reversal_once(
     def all_acknowledged() -> bool:
         return sum(worker.acknowledged for worker in workers) >= 10
 
-    with trio.fail_after(15):
-        async with trio.open_nursery() as waiting:  # whichever worker records the last one
-            for worker in workers:
-
-                async def wait(worker: ReversalWorker = worker) -> None:
-                    await worker.wait_until(all_acknowledged)
-                    waiting.cancel_scope.cancel()
-
-                waiting.start_soon(wait)
+    with trio.fail_after(15):  # whichever worker records the last one
+        await wait_any(workers, all_acknowledged)
     stans = sorted(r.get("11") or "" for r in switch.requests if r.mti.message_class == 4)
     assert stans == [f"{60 + n:06d}" for n in range(10)]  # each sent once, by one of them
     rows = await database.fetch("SELECT state, attempts FROM reversals")
