@@ -8,7 +8,8 @@ and keeps the lowest figure, the most repeatable one here (about ±7 % from chec
 check, where single runs move ±15 %). CPU time rather than wall time, since the machine is
 shared; the figure still depends on the machine (and, through batch sizes, on load), so
 the recorded one is for this machine kind, which CI runs on. Exits 1 when it is more than
-`TOLERANCE` above the recorded one; `--record` writes the new figure instead.
+`TOLERANCE` above the recorded one `ATTEMPTS` times running; `--record` writes the new
+figure instead.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from bench.processes import machine, measured, run_json, until_signalled
 BASELINE = Path(__file__).with_name("baseline.json")
 TOLERANCE = 1.30
 RUNS = 3
+ATTEMPTS = 3
 DURATION = 3.0
 CONNECTIONS = 50
 
@@ -51,6 +53,19 @@ async def proxy_cpu_per_transaction(dsn: str) -> dict[str, Any]:
     return {"proxy_cpu_us_per_txn": round(min(figures), 1), "runs": [round(f) for f in figures]}
 
 
+async def check(dsn: str) -> tuple[bool, list[dict[str, Any]]]:
+    """Whether the proxy is within `TOLERANCE` of the recorded figure, and the measurements.
+    A figure above the limit is measured again (up to `ATTEMPTS` in all): a regression is
+    there every time, a busy machine is not."""
+    limit = recorded() * TOLERANCE
+    found = []
+    for _ in range(ATTEMPTS):
+        found.append(await proxy_cpu_per_transaction(dsn))
+        if found[-1]["proxy_cpu_us_per_txn"] <= limit:
+            return True, found
+    return False, found
+
+
 def recorded() -> float:
     figure: float = json.loads(BASELINE.read_text())["proxy_cpu_us_per_txn"]
     return figure
@@ -62,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", action="store_true", help="write bench/baseline.json")
     args = parser.parse_args(argv)
     dsn = database(args.dsn)
-    measured_now = trio.run(until_signalled, partial(proxy_cpu_per_transaction, dsn))
-    figure = measured_now["proxy_cpu_us_per_txn"]
     if args.record:
+        measured_now = trio.run(until_signalled, partial(proxy_cpu_per_transaction, dsn))
+        figure = measured_now["proxy_cpu_us_per_txn"]
         BASELINE.write_text(
             json.dumps(
                 {
@@ -80,10 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"recorded {figure} us/txn in {BASELINE}")
         return 0
-    limit = recorded() * TOLERANCE
-    verdict = "ok" if figure <= limit else "REGRESSION"
-    print(f"proxy CPU {figure} us/txn (runs {measured_now['runs']}); limit {limit:.0f}: {verdict}")
-    return 0 if figure <= limit else 1
+    ok, found = trio.run(until_signalled, partial(check, dsn))
+    figures = [f["proxy_cpu_us_per_txn"] for f in found]
+    verdict = "ok" if ok else "REGRESSION"
+    print(f"proxy CPU {figures} us/txn; limit {recorded() * TOLERANCE:.0f}: {verdict}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -4,17 +4,19 @@ within 30% of the figure recorded in bench/baseline.json (re-record it with
 
 from __future__ import annotations
 
+import pytest
 import trio
 
-from bench.regression import TOLERANCE, proxy_cpu_per_transaction, recorded
+from bench.regression import TOLERANCE, check, recorded
 from tests.conftest import journal_dsn
 
 
+@pytest.mark.timeout(150)  # up to three measurements of about 15 s each
 async def test_proxy_cpu_per_transaction_has_not_regressed() -> None:
-    with trio.fail_after(50):
-        found = await proxy_cpu_per_transaction(journal_dsn())
-    figure = found["proxy_cpu_us_per_txn"]
-    assert figure <= recorded() * TOLERANCE, (
-        f"proxy CPU {figure} us/txn (runs {found['runs']}) is more than "
-        f"{TOLERANCE - 1:.0%} above the recorded {recorded()} us/txn"
+    with trio.fail_after(140):
+        ok, found = await check(journal_dsn())
+    figures = [f["proxy_cpu_us_per_txn"] for f in found]
+    assert ok, (
+        f"proxy CPU {figures} us/txn (each the lowest of its runs) is more than "
+        f"{TOLERANCE - 1:.0%} above the recorded {recorded()} us/txn, every time"
     )
