@@ -41,9 +41,6 @@ MAX_DELIVERED_KEYS = 10_000
 # Waits between tries to queue the reversal of an undelivered approval while the store is
 # away (after the last, the claim-recovery sweep cannot help: the row is complete).
 UNDELIVERED_RETRIES = (0.5, 1.0, 2.0, 4.0)
-# How long an undelivered approval waits, whatever happens here, for a repeat on another
-# instance to carry it to the terminal before it is reversed.
-REMOTE_GRACE = 2.0
 # When shutdown cuts that wait short, how long queuing the reversal may still take.
 LAST_CHANCE = 5.0
 
@@ -67,15 +64,13 @@ class Journal:
 
 @dataclass(frozen=True, slots=True)
 class Receipt:
-    """What the journal needs to reverse an answer its terminal never received (the
-    original's, or a duplicate's that gave an approval on the journal's word)."""
+    """What the journal needs to reverse an answer its terminal never received. A
+    duplicate's receipt (`original` False) only tells that the answer did get through."""
 
     claim: Claim
     switch: str | None
     rc: str
     original: bool = True
-    joined: bool = False  # a duplicate that waited here for the transaction in flight
-    owns: bool = False  # a duplicate told "approved": if that is lost, it reverses
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +155,7 @@ class Forwarder:
         self._delivered[receipt.claim.key] = receipt.rc
         while len(self._delivered) > MAX_DELIVERED_KEYS:
             self._delivered.pop(next(iter(self._delivered)))
-        if receipt.joined:
+        if not receipt.original:
             self._joiner_done(receipt.claim.key)
 
     def _joiner_done(self, key: str) -> None:
@@ -176,28 +171,19 @@ class Forwarder:
         journal = self._journal
         claim = receipt.claim
         if not receipt.original:
-            if receipt.joined:
-                self._joiner_done(claim.key)
-            if receipt.owns and journal is not None:  # it said approved, and was not heard
-                with trio.CancelScope(shield=True), trio.move_on_after(LAST_CHANCE):
-                    await self._queue_undelivered(receipt, journal, retries=(), owned=True)
+            self._joiner_done(claim.key)
             return
         if journal is None or not decisions.reverse_if_undelivered(
             Mti.parse(claim.mti), receipt.rc, journal.reversal.on_undelivered
         ):
             return
         # A duplicate that joined this transaction gets the same answer as soon as it is
-        # recorded, often just after this write failed: let it try before reversing. One
-        # on another instance is not known here: it gets REMOTE_GRACE. Whichever acts
-        # first wins the row (Store.deliver / reverse_unless_delivered), never both.
-        failed_at = trio.current_time()
+        # recorded, often just after this write failed: let it try before reversing.
         try:
             with trio.move_on_after(self._joiners_wait):
                 await self._joiners_settled.wait_until(
                     lambda: self._carried(receipt) or not self._joining[claim.key]
                 )
-            if not self._carried(receipt):
-                await trio.sleep_until(failed_at + REMOTE_GRACE)
         except trio.Cancelled:  # shutting down: the reversal must still be queued
             if not self._carried(receipt):
                 with trio.CancelScope(shield=True), trio.move_on_after(LAST_CHANCE):
@@ -211,31 +197,16 @@ class Forwarder:
         return self._delivered.get(receipt.claim.key) == receipt.rc
 
     async def _queue_undelivered(
-        self,
-        receipt: Receipt,
-        journal: Journal,
-        retries: tuple[float, ...],
-        *,
-        owned: bool = False,
+        self, receipt: Receipt, journal: Journal, retries: tuple[float, ...]
     ) -> None:
-        """Queue the reversal of an approval its terminal did not get: unless a duplicate
-        carried it; or, for a duplicate that owns the approval (`owned`), regardless."""
         claim = receipt.claim
-        original_mti = Mti.parse(claim.mti).original().code
-        reversal = reversal_for(
-            claim.fields, original_mti, journal.reversal.message, journal.clock()
-        )
-        store = journal.store
+        reversal = reversal_for(claim.fields, claim.mti, journal.reversal.message, journal.clock())
         for delay in (*retries, None):
             try:
-                if await (
-                    store.queue_reversal(claim.key, receipt.switch, reversal, "undelivered")
-                    if owned
-                    else store.reverse_unless_delivered(claim.key, receipt.switch, reversal)
-                ):
-                    log.warning("%s approval undelivered: reversal queued", claim.mti)
-                else:
-                    log.info("%s approval undelivered here, but a repeat carried it", claim.mti)
+                await journal.store.queue_reversal(
+                    claim.key, receipt.switch, reversal, "undelivered"
+                )
+                log.warning("%s approval undelivered: reversal queued", claim.mti)
                 return
             except StoreUnavailable as error:
                 log.warning(
@@ -279,12 +250,11 @@ class Forwarder:
         if carried is not None:  # a duplicate of a transaction this instance carries
             self._joining[claim.key] += 1  # until its terminal got the answer, or not
             try:
-                return await self._answer_duplicate(
-                    message, claim, carried.claim.fingerprint, carried
-                )
+                reply = await self._duplicate(message, claim, carried.claim.fingerprint, carried)
             except BaseException:
                 self._joiner_done(claim.key)
                 raise
+            return Reply(reply, Receipt(claim, None, reply.get("39") or "", original=False))
         pending = _Pending(claim)
         self._carrying[claim.key] = pending
         try:
@@ -295,7 +265,7 @@ class Forwarder:
                 pending.unrecorded_rc = decisions.SYSTEM_MALFUNCTION
                 return Reply(answer(message, decisions.SYSTEM_MALFUNCTION))
             if recorded is not None:  # claimed before, by another instance or an earlier run
-                return await self._answer_duplicate(message, claim, recorded.fingerprint, recorded)
+                return Reply(await self._duplicate(message, claim, recorded.fingerprint, recorded))
             response, outcome = await self._forward(
                 message, claim, await self._original_switch(message, journal)
             )
@@ -315,34 +285,6 @@ class Forwarder:
         finally:
             del self._carrying[claim.key]
             pending.done.set()
-
-    async def _answer_duplicate(
-        self, message: Message, claim: Claim, held_fingerprint: bytes, held: Recorded | _Pending
-    ) -> Reply:
-        """A duplicate's answer. An approval is given only if its reversal is not under way
-        (the journal's row decides, see Store.deliver), and the duplicate then owns it: if
-        this answer is lost too, reversing it is up to this duplicate."""
-        journal = self._journal
-        assert journal is not None
-        reply = await self._duplicate(message, claim, held_fingerprint, held)
-        rc = reply.get("39") or ""
-        joined = isinstance(held, _Pending)
-        if not decisions.reverse_if_undelivered(
-            Mti.parse(claim.mti), rc, journal.reversal.on_undelivered
-        ):
-            return Reply(reply, Receipt(claim, None, rc, original=False, joined=joined))
-        try:
-            delivered = await journal.store.deliver(claim.key)
-        except StoreUnavailable:
-            _log_outcome(message, decisions.SYSTEM_MALFUNCTION, "delivery unknown", 0)
-            refused = answer(message, decisions.SYSTEM_MALFUNCTION)
-        else:
-            if delivered:
-                receipt = Receipt(claim, None, rc, original=False, joined=joined, owns=True)
-                return Reply(reply, receipt)
-            _log_outcome(message, self._timeout_rc, "approval already reversed", 0)
-            refused = answer(message, self._timeout_rc)
-        return Reply(refused, Receipt(claim, None, "", original=False, joined=joined))
 
     async def _duplicate(
         self,

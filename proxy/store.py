@@ -494,37 +494,6 @@ class Store:
         rows = await self._guarded(partial(self._query_by, _QUEUE_REVERSAL, args))
         return bool(rows)
 
-    async def reverse_unless_delivered(
-        self, key: str, switch: str | None, reversal: Message
-    ) -> bool:
-        """Queue the reversal of an approval whose answer was not written, unless a
-        duplicate has carried it to the terminal meanwhile; whether it was queued. Races
-        `deliver` for the row: exactly one of them wins."""
-        args = (key, switch, reversal.mti.code, json.dumps(dict(reversal.fields)))
-        return await self._in_transaction(partial(_reverse_unless_delivered, *args))
-
-    async def deliver(self, key: str) -> bool:
-        """Mark an approval as carried to a terminal by a duplicate, unless its reversal is
-        queued already (then the duplicate must not say approved); whether it may."""
-        return await self._in_transaction(partial(_deliver, key))
-
-    async def _in_transaction(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        bridge, pool = self._bridge, self._pool
-        if not self.ready or bridge is None or pool is None:
-            raise StoreUnavailable("store not connected")
-
-        async def run() -> T:
-            async with pool.acquire() as connection, connection.transaction():
-                return await work(connection)
-
-        try:
-            with trio.fail_after(self._settings.timeout):
-                return await bridge.call(run())
-        except trio.TooSlowError:
-            raise StoreUnavailable("store slower than store.timeout") from None
-        except _DATABASE_ERRORS as error:
-            raise StoreUnavailable(f"store error: {type(error).__name__}") from None
-
     async def recover(self, older_than: float, reversal_mti: str) -> int:
         """Claims left open longer than any transaction can take (a crash, or an outcome
         that could not be written): closed as timed out, each with a reversal queued, once
@@ -614,29 +583,6 @@ async def _recover(pool: asyncpg.Pool, older_than: float, reversal_mti: str) -> 
                 "recovered",
             )
         return len(rows)
-
-
-async def _reverse_unless_delivered(
-    key: str, switch: str | None, mti: str, message: str, connection: asyncpg.Connection
-) -> bool:
-    """In the bridge's loop, in a transaction: the row locked, then its reversal queued
-    unless a duplicate delivered the approval."""
-    delivered = await connection.fetchval(_LOCK_FOR_DELIVERY, key)
-    if delivered is None or delivered:
-        return False
-    row = await connection.fetchrow(_QUEUE_REVERSAL, key, switch, mti, message, "undelivered")
-    return row is not None
-
-
-async def _deliver(key: str, connection: asyncpg.Connection) -> bool:
-    """In the bridge's loop, in a transaction: the row locked, then marked delivered
-    unless its reversal is queued (a fresh statement: it sees what committed meanwhile)."""
-    if await connection.fetchval(_LOCK_FOR_DELIVERY, key) is None:
-        return False
-    if await connection.fetchval(_HAS_REVERSAL, key):
-        return False
-    await connection.execute(_MARK_DELIVERED, key)
-    return True
 
 
 async def _migrate(connection: asyncpg.Connection, schema: str | None) -> None:
@@ -758,10 +704,6 @@ VALUES ($1, $2, $3, $4::jsonb, 'queued', $5)
 ON CONFLICT (tx_key) DO NOTHING
 RETURNING id
 """
-
-_LOCK_FOR_DELIVERY = "SELECT delivered FROM transactions WHERE tx_key = $1 FOR UPDATE"
-_HAS_REVERSAL = "SELECT EXISTS (SELECT 1 FROM reversals WHERE tx_key = $1)"
-_MARK_DELIVERED = "UPDATE transactions SET delivered = true WHERE tx_key = $1"
 
 _LEASE_REVERSALS = """
 WITH due AS (
