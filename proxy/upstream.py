@@ -135,6 +135,7 @@ class Link:
         self._pending_replies = 0
         self._signed_on = False
         self._up_since: float | None = None
+        self._failing: str | None = None  # why the last connect attempts failed
 
     @property
     def is_up(self) -> bool:
@@ -245,8 +246,7 @@ class Link:
             try:
                 stream = await self._dial(self.switch)
             except OSError as exc:
-                log.debug("link %s: connect failed: %s", self.name, exc.strerror or exc)
-                self._set_state(LinkState.DOWN)
+                self._connect_failed(_why(exc))
                 return None
             self._stream = stream
             self.connects += 1
@@ -254,11 +254,20 @@ class Link:
             self._serving = trio.CancelScope()
             self._health = LinkHealth(self._health_config)
             self._signed_on = False
+            self._failing = None
             log.info("link %s: connected; on probation", self.name)
             return stream
-        log.debug("link %s: connect timed out", self.name)
-        self._set_state(LinkState.DOWN)
+        self._connect_failed("timed out")
         return None
+
+    def _connect_failed(self, reason: str) -> None:
+        """A failed attempt: a warning when the reason is new (a wrong host name or a
+        refused port must show at the default log level), DEBUG while it repeats."""
+        level = logging.DEBUG if reason == self._failing else logging.WARNING
+        log.log(level, "link %s: connect to %s:%d failed: %s",
+                self.name, self.switch.host, self.switch.port, reason)  # fmt: skip
+        self._failing = reason
+        self._set_state(LinkState.DOWN)
 
     async def _serve(self, stream: trio.abc.Stream) -> None:
         """Read and probe until the switch closes, the stream breaks or the link is dropped."""
@@ -415,3 +424,17 @@ class Link:
     def _set_state(self, state: LinkState) -> None:
         self.state = state
         self._on_state(self)
+
+
+def _why(error: OSError) -> str:
+    """The reason a connect failed: "Connection refused" rather than trio's summary of
+    the attempts (the underlying errors are its cause)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, BaseExceptionGroup):
+            cause = cause.exceptions[0]
+        elif isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        else:
+            cause = cause.__cause__
+    return str(error)

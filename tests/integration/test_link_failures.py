@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections import Counter
 
@@ -20,6 +21,7 @@ from tests.conftest import (
     proxy_with_one_switch,
     start_proxy,
     start_switch,
+    unused_port,
 )
 
 
@@ -155,3 +157,23 @@ async def test_the_sim_switch_survives_a_bad_connection(
         await Terminal.connect("127.0.0.1", switch.port, FrameFormat(), switch.options.spec)
     )
     assert (await good.request(echo(1))).get("39") == "00"
+
+
+async def test_a_switch_that_cannot_be_reached_is_named_at_warning_once(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A wrong host or port shows at the default log level, without a line per retry."""
+    caplog.set_level(logging.DEBUG, logger="iso_proxy.upstream")
+    port = await unused_port()
+    config = proxy_config({"alpha": port}, switch={"connections": 1})
+    app, _ = await start_proxy(nursery, config, links_up=False)
+
+    def attempts() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if f"connect to 127.0.0.1:{port}" in r.getMessage()]
+
+    with trio.fail_after(10):
+        await app.pool.wait_until(lambda: len(attempts()) >= 4)
+    levels = [record.levelno for record in attempts()]
+    assert levels[0] == logging.WARNING
+    assert set(levels[1:]) == {logging.DEBUG}
+    assert "refused" in attempts()[0].getMessage().lower()
