@@ -49,10 +49,32 @@ def free_port() -> int:
     return port
 
 
+def _stat(entry: Path) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (which may hold spaces)."""
+    return (entry / "stat").read_text().rpartition(")")[2].split()
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU the process has used so far (its own threads included)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    fields = _stat(Path(f"/proc/{pid}"))
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def parent_pid(entry: Path) -> int:
+    """The parent of the process whose /proc folder is `entry`."""
+    return int(_stat(entry)[1])
+
+
+def pids_where(test: Callable[[Path], bool]) -> list[int]:
+    """The processes whose /proc folder passes `test` (any that end meanwhile are left
+    out)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if test(entry):
+                    found.append(int(entry.name))
+    return found
 
 
 def rss_bytes(pid: int) -> int:
@@ -65,13 +87,7 @@ def rss_bytes(pid: int) -> int:
 
 def postgres_pids() -> list[int]:
     """Every PostgreSQL server process on this machine (the cluster's CPU is theirs)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (entry / "comm").read_text().strip() == "postgres":
-                    pids.append(int(entry.name))
-    return pids
+    return pids_where(lambda entry: (entry / "comm").read_text().strip() == "postgres")
 
 
 def postgres_cpu_seconds() -> float:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import trio
 
+from bench.processes import parent_pid, pids_where
 from tests.conftest import journal_dsn
 
 
@@ -36,16 +37,7 @@ async def test_a_small_benchmark_writes_its_table_and_json(tmp_path: Path) -> No
 
 def _children(pid: int) -> set[int]:
     """The processes whose parent is `pid`."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rpartition(")")[2].split()[1]) == pid:
-                found.add(int(entry.name))
-    return found
+    return set(pids_where(lambda entry: parent_pid(entry) == pid))
 
 
 def _alive(pids: set[int]) -> set[int]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import trio
 
+from bench.processes import pids_where
 from tests.conftest import unused_port
 
 TABLE_ROW = re.compile(rb"^(alpha|beta)\s+up\s+2/2\s+[\d.]+\s+(\d+)\s", re.M)
@@ -19,15 +20,7 @@ TABLE_ROW = re.compile(rb"^(alpha|beta)\s+up\s+2/2\s+[\d.]+\s+(\d+)\s", re.M)
 
 def _postgres_for(data_dir: Path) -> list[int]:
     """PostgreSQL servers running on `data_dir` (the embedded one)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if str(data_dir).encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
+    return pids_where(lambda entry: str(data_dir).encode() in (entry / "cmdline").read_bytes())
 
 
 async def _demo_round(data_dir: Path, port: int, admin_port: int) -> None:
