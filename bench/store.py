@@ -11,16 +11,15 @@ batch_max 1. Prints rows/s for each and the ratio; exits 1 if batching is not at
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import asyncpg
 import trio
 
+from bench.cast import sql
 from fixtures.messages import financial
 from proxy.store import Store, StoreSettings
 from proxy.transactions import TransactionIdentity
@@ -66,21 +65,13 @@ async def _claims(
     return Result(name, rows, elapsed)
 
 
-async def _drop(dsn: str, schema: str) -> None:
-    connection = await asyncpg.connect(dsn)
-    try:
-        await connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await connection.close()
-
-
 async def _main(dsn: str, rows: int, tasks: int) -> int:
     schema = f"bench_{uuid.uuid4().hex[:10]}"
     try:
         batched = await _claims(dsn, schema, "batched", 256, rows, tasks)
         single = await _claims(dsn, schema, "single", 1, rows, tasks)
     finally:
-        await trio.to_thread.run_sync(asyncio.run, _drop(dsn, schema))
+        await sql(dsn, "public", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     ratio = batched.rate / single.rate
     print(f"{'path':<10}{'rows':>8}{'seconds':>10}{'rows/s':>12}")
     for result in (batched, single):
