@@ -7,7 +7,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import struct
 import subprocess
 import sys
@@ -28,17 +27,13 @@ from fixtures.terminal import Terminal, connect_from
 from proxy.access import Rejection
 from proxy.app import App
 from proxy.watch import Watch
-from tests.conftest import Terminals, proxy_config, start_proxy, start_switch
+from tests.conftest import Terminals, open_fds, proxy_config, start_proxy, start_switch
 
 ROOT = Path(__file__).resolve().parents[2]
 FD_SLACK = 2
 # Time allowed, past a deadline, for the close to reach the client (generous: the machine
 # may be loaded).
 SLACK = 1.0
-
-
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def _rss() -> int:
@@ -92,7 +87,7 @@ async def test_oversized_length_prefix_is_refused_at_once_and_costs_nothing(
     )
     bystander = await terminals.connect(port, app.config.listen.endpoint.framing)
     assert (await bystander.request(financial(1))).get("39") == "00"
-    fds = _open_fds()
+    fds = open_fds()
 
     async def attempt() -> None:
         async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
@@ -117,7 +112,7 @@ async def test_oversized_length_prefix_is_refused_at_once_and_costs_nothing(
     assert switch.financial_total() == 2 + ATTEMPTS // 100
     await trio.testing.wait_all_tasks_blocked()  # the proxy's tasks finish what they began
     assert app.server.connections == 1
-    assert _open_fds() <= fds + FD_SLACK
+    assert open_fds() <= fds + FD_SLACK
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
@@ -171,7 +166,7 @@ async def test_slowloris_is_closed_at_the_frame_deadline_while_others_are_served
         ),
     )
     bystander = await terminals.connect(port)
-    fds = _open_fds()
+    fds = open_fds()
     slow = await terminals.connect(port)
     data = slow.frame(financial(9, "TERMSLOW"))
     # Quiet first: the frame deadline runs from the frame's first byte, not the connection.
@@ -198,7 +193,7 @@ async def test_slowloris_is_closed_at_the_frame_deadline_while_others_are_served
     assert switch.financial_total() == len(round_trips)  # the slow frame never got through
     await trio.testing.wait_all_tasks_blocked()
     assert app.server.connections == 1
-    assert _open_fds() <= fds + FD_SLACK
+    assert open_fds() <= fds + FD_SLACK
 
 
 async def test_idle_connection_is_closed_but_one_awaiting_its_answer_is_not(
@@ -210,7 +205,7 @@ async def test_idle_connection_is_closed_but_one_awaiting_its_answer_is_not(
         nursery,
         proxy_config({"alpha": switch.port}, listen={"idle_timeout": IDLE_TIMEOUT}),
     )
-    fds = _open_fds()
+    fds = open_fds()
     start = trio.current_time()
     silent = await terminals.connect(port)
     waiting = await terminals.connect(port)
@@ -232,7 +227,7 @@ async def test_idle_connection_is_closed_but_one_awaiting_its_answer_is_not(
         await terminal.aclose()
     await trio.testing.wait_all_tasks_blocked()
     assert app.server.connections == 0
-    assert _open_fds() <= fds + FD_SLACK
+    assert open_fds() <= fds + FD_SLACK
 
 
 # -- scenario 23 ---------------------------------------------------------------------------
@@ -317,7 +312,7 @@ async def test_connection_flood_from_another_process(
         ),
     )
     spec = load_spec("default")
-    fds = _open_fds()
+    fds = open_fds()
     round_trips: list[float] = []
     at_answers: list[int] = []  # refusals so far, at each answer
     answered = Watch()
@@ -389,5 +384,5 @@ async def test_connection_flood_from_another_process(
     for terminal in (real, latecomer):
         await terminal.aclose()
     await _server_until(app, lambda: app.server.connections == 0)
-    assert _open_fds() <= fds + FD_SLACK
+    assert open_fds() <= fds + FD_SLACK
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

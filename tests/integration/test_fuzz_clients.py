@@ -16,7 +16,6 @@ on a helper thread and each example runs there through `trio.from_thread.run`.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import re
 from collections import Counter
@@ -48,7 +47,7 @@ from codec import (
 )
 from fixtures.messages import financial
 from proxy.app import App
-from tests.conftest import proxy_config, start_proxy, start_switch
+from tests.conftest import open_fds, proxy_config, start_proxy, start_switch
 
 T = TypeVar("T")
 
@@ -309,10 +308,6 @@ def live_tasks() -> int:
     root = trio.lowlevel.current_root_task()
     assert root is not None
     return walk(root)
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
 
 
 @pytest.fixture

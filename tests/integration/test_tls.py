@@ -5,7 +5,6 @@ Certificates are minted for each test by trustme; nothing secret is on disk in t
 
 from __future__ import annotations
 
-import os
 import ssl
 import warnings
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from fixtures.messages import echo, financial
 from fixtures.terminal import Terminal
 from proxy.access import Rejection
 from proxy.app import App
-from tests.conftest import all_links, proxy_config, start_proxy, start_switch
+from tests.conftest import all_links, open_fds, proxy_config, start_proxy, start_switch
 
 TERMINAL = "term-001.stores.example"
 OPERATOR = "noc.bank.example"
@@ -281,10 +280,6 @@ async def test_a_frame_trickled_inside_one_tls_record_meets_the_frame_deadline(
     assert await served(port, context, 2) == "00"
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 async def test_a_switch_that_never_answers_the_handshake_leaves_no_socket_behind(
     nursery: trio.Nursery, pki: Pki
 ) -> None:
@@ -297,10 +292,10 @@ async def test_a_switch_that_never_answers_the_handshake_leaves_no_socket_behind
         switch={"connect_timeout": 0.1, "tls": {"server_name": "localhost"}},
     )
     app, _ = await start_proxy(nursery, config, links_up=False)
-    baseline = _open_fds()
+    baseline = open_fds()
     with trio.fail_after(10):
         await hung.wait_until(lambda: hung.accepted >= 12)  # rounds of attempts by both links
     assert not any(link.is_up for link in all_links(app))
     hung.sever()  # the black hole's own ends of those connections
     await trio.testing.wait_all_tasks_blocked()
-    assert _open_fds() <= baseline + 2 * 2  # at most each link's attempt in progress, twice
+    assert open_fds() <= baseline + 2 * 2  # at most each link's attempt in progress, twice
