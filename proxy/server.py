@@ -129,6 +129,11 @@ class Server:
         self._admissions.changed()
         log.debug("rejected: %s", reason)
 
+    async def refuse(self, stream: trio.abc.AsyncResource, reason: Rejection) -> None:
+        """Count a refusal and close the connection it ends."""
+        self.reject(reason)
+        await close(stream)
+
     async def wait_until(self, condition: Callable[[], bool]) -> None:
         """Wait until `condition()` holds; checked when connections come, go or are refused
         and when a refusal is counted."""
@@ -150,8 +155,7 @@ class Server:
         refusal = None if may_match(self._profiles, address) else Rejection.NO_PROFILE
         refusal = refusal or self.admission.admit(address, trio.current_time())
         if refusal is not None:
-            self.reject(refusal)
-            await close(stream)
+            await self.refuse(stream, refusal)
             return
         self._admissions.changed()
         try:
@@ -169,15 +173,13 @@ class Server:
             secure = trio.SSLStream(tap, self._tls, server_side=True)
             refusal = await self._handshake(secure)
             if refusal is not None:
-                self.reject(refusal)
-                await close(secure)
+                await self.refuse(secure, refusal)
                 return
             stream = secure
             names = cert_names(secure.getpeercert())
         profile = match(self._profiles, address, names)
         if profile is None:
-            self.reject(Rejection.NO_PROFILE)
-            await close(stream)
+            await self.refuse(stream, Rejection.NO_PROFILE)
             return
         try:
             connection = _Connection(stream, self._listen, profile, address, self._forwarder, self)
@@ -365,8 +367,7 @@ class _Connection:
         return None
 
     async def _close(self, reason: Rejection) -> None:
-        self._server.reject(reason)
-        await close(self._stream)
+        await self._server.refuse(self._stream, reason)
 
     async def _handle(self, request: Message, tpdu: bytes | None) -> None:
         self._server.request_started()
@@ -425,7 +426,6 @@ class _Connection:
                     return False
             if scope.cancelled_caught:
                 log.debug("terminal not reading; closing connection")
-                self._server.reject(Rejection.WRITE_TIMEOUT)
-                await close(self._stream)
+                await self._server.refuse(self._stream, Rejection.WRITE_TIMEOUT)
                 return False
         return True
