@@ -1,10 +1,10 @@
-"""The store: the Postgres journal, reached from trio through a private asyncio thread.
+"""The store: the Postgres journal, reached from trio through an asyncio loop run inside trio.
 
-asyncpg speaks asyncio only. This module keeps an asyncio event loop in a thread of its
-own and hands it coroutines (`_Bridge.call`); the trio side waits on an event, so the trio
-loop is never blocked, and cancelling the trio task cancels the asyncio task, which
-cancels the query. Nothing outside this module knows asyncio exists: every database
-failure is translated here, once, into `StoreUnavailable`.
+asyncpg speaks asyncio only. This module runs an asyncio event loop inside trio, in trio's
+own thread, a step at a time (`_Bridge`), and hands it coroutines; the trio side waits on
+an event, so the trio loop is never blocked, and cancelling the trio task cancels the
+asyncio task, which cancels the query. Nothing outside this module knows asyncio exists:
+every database failure is translated here, once, into `StoreUnavailable`.
 
 Writes are group-committed. Claims and outcomes queue in bounded channels; a batcher takes
 what has gathered (up to `batch_max`, waiting at most `batch_wait_ms` for more) and
@@ -29,11 +29,11 @@ passes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
+import math
 import random
-import threading
+import selectors
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -104,52 +104,91 @@ class StoreSettings:
 
 
 class _Bridge:
-    """An asyncio loop in a daemon thread, and a way for trio tasks to await on it."""
+    """An asyncio event loop run by a trio task in trio's own thread, and a way for trio
+    tasks to await coroutines on it.
+
+    The loop is never left running: `drive` turns it one step at a time (`stop()` then
+    `run_forever()`, asyncio's documented way to run one pass: I/O polled without waiting,
+    the ready callbacks run) and between steps sleeps in trio until the loop has work: its
+    selector's descriptor (an epoll or kqueue, itself pollable) turns readable, its next
+    timer falls due, or a trio task hands it a coroutine. Callbacks therefore run inside a
+    trio task, and a finished call wakes its trio caller directly. An earlier design gave
+    the loop a thread of its own; the hand-offs between the threads, and their fight over
+    the GIL, cost more CPU than the queries did (BENCHMARKS.md).
+    """
 
     def __init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="iso-proxy-store", daemon=True
-        )
+        self._selector = selectors.DefaultSelector()
+        self._loop = asyncio.SelectorEventLoop(self._selector)
+        self._idle: trio.CancelScope | None = None  # the driver's wait between steps
+        self._closing = False  # every task cancelled: end once they have finished
+        self._abandon = False  # end now, finished or not
+        self._ended = trio.Event()
 
-    def start(self) -> None:
-        self._thread.start()
+    async def drive(self) -> None:
+        """Run the loop until `close` ends it. Cancellation does not stop it: what the
+        store closes on its way out (the pool's connections) still needs the loop."""
+        loop = self._loop
+        fd = self._selector.fileno()
+        try:
+            with trio.CancelScope(shield=True):
+                while not self._abandon:
+                    loop.stop()
+                    loop.run_forever()  # one step
+                    if self._closing and not asyncio.all_tasks(loop):
+                        break
+                    if loop._ready:  # type: ignore[attr-defined]  # callbacks for the next step
+                        await trio.lowlevel.checkpoint()
+                        continue
+                    with trio.CancelScope(deadline=self._next_timer()) as self._idle:
+                        await trio.lowlevel.wait_readable(fd)
+                    self._idle = None
+        finally:
+            trio.lowlevel.notify_closing(fd)
+            loop.close()
+            self._ended.set()
+
+    def _next_timer(self) -> float:
+        """When the loop's earliest timer falls due, on trio's clock."""
+        scheduled = self._loop._scheduled  # type: ignore[attr-defined]
+        if not scheduled:
+            return math.inf
+        when: float = scheduled[0].when()
+        return trio.current_time() + when - self._loop.time()
+
+    def _wake(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
 
     async def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-        token = trio.lowlevel.current_trio_token()
+        if self._closing:
+            coroutine.close()
+            raise ConnectionError("the store is closing")
+        task = self._loop.create_task(coroutine)
         done = trio.Event()
-
-        def wake(_: object) -> None:
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(done.set)
-
-        future.add_done_callback(wake)
+        task.add_done_callback(lambda _: done.set())
+        self._wake()
         try:
             await done.wait()
         except BaseException:
-            future.cancel()  # cancels the asyncio task, and with it the query
+            task.cancel()  # cancels the query
+            self._wake()
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await done.wait()  # let it clean up (close what it opened)
             raise
-        return future.result()
+        return task.result()
 
-    async def stop(self) -> None:
+    async def close(self) -> None:
+        """Cancel the loop's tasks, let them finish (for at most 5 s), end `drive`."""
+        self._closing = True
+        for task in asyncio.all_tasks(self._loop):
+            task.cancel()
+        self._wake()
         with trio.move_on_after(5.0):
-            await self.call(_cancel_everything())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        await trio.to_thread.run_sync(self._thread.join, 5.0)
-        if not self._thread.is_alive():
-            self._loop.close()
-
-
-async def _cancel_everything() -> None:
-    """In the bridge's loop: cancel and await every other task, finish async generators."""
-    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await asyncio.get_running_loop().shutdown_asyncgens()
+            await self._ended.wait()
+        self._abandon = True
+        self._wake()
+        await self._ended.wait()
 
 
 class _Slot(Generic[R]):
@@ -283,27 +322,32 @@ class Store:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect (retrying with backoff while Postgres is down), migrate, write batches."""
         bridge = self._bridge = _Bridge()
-        bridge.start()
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._claims.run)
-                nursery.start_soon(self._outcomes.run)
-                task_status.started()
-                await self._connect()
-                self._ready.set()
-                while True:
-                    await self._broken.wait()
-                    self._broken = trio.Event()
-                    await self._heal()
+        async with trio.open_nursery() as loop_nursery:
+            loop_nursery.start_soon(bridge.drive)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._claims.run)
+                    nursery.start_soon(self._outcomes.run)
+                    task_status.started()
+                    await self._connect()
                     self._ready.set()
-                    log.info("store: reachable again")
-        finally:
-            with trio.CancelScope(shield=True):
-                if self._pool is not None:
-                    pool = self._pool
-                    with trio.move_on_after(5):
-                        await bridge.call(pool.close())
-                await bridge.stop()
+                    while True:
+                        await self._broken.wait()
+                        self._broken = trio.Event()
+                        await self._heal()
+                        self._ready.set()
+                        log.info("store: reachable again")
+            finally:
+                with trio.CancelScope(shield=True):
+                    try:
+                        if self._pool is not None:
+                            pool = self._pool
+                            with trio.move_on_after(5):
+                                await bridge.call(pool.close())
+                    except Exception as error:
+                        log.warning("store: closing: %s", type(error).__name__)
+                    finally:
+                        await bridge.close()
 
     async def claim(self, claim: Claim) -> Recorded | None:
         """Claim `claim.key`: None when it is ours now, else what the journal holds."""
