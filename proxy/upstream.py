@@ -90,6 +90,37 @@ class _Exchange:
         self.answer: Message | None = None
 
 
+class _Entry:
+    """A frame waiting in a batch, and why it was not written, if it was not."""
+
+    __slots__ = ("before_write", "data", "deadline", "refusal", "traffic")
+
+    def __init__(
+        self,
+        data: bytes,
+        deadline: float,
+        before_write: Callable[[str], None] | None,
+        traffic: bool,
+    ) -> None:
+        self.data = data
+        self.deadline = deadline
+        self.before_write = before_write
+        self.traffic = traffic
+        self.refusal: NotWritten | LinkLost | None = None
+
+
+class _Batch:
+    """Frames written together. `started`: each was taken or refused, and the write began;
+    `written`: it ended (each entry's `refusal` says how it went for that frame)."""
+
+    __slots__ = ("entries", "started", "written")
+
+    def __init__(self, entries: list[_Entry]) -> None:
+        self.entries = entries
+        self.started = trio.Event()
+        self.written = trio.Event()
+
+
 class Link:
     """One persistent connection to a switch.
 
@@ -130,7 +161,8 @@ class Link:
         self._backoff = Backoff(switch.reconnect.initial_delay, switch.reconnect.max_delay)
         self._stream: trio.abc.Stream | None = None
         self._serving = trio.CancelScope()
-        self._write_lock = trio.Lock()
+        self._writing: trio.abc.Stream | None = None  # the stream a write is going to
+        self._next: _Batch | None = None  # frames waiting for that write to end
         self._exchanges: dict[str, _Exchange] = {}
         self._pending_replies = 0
         self._signed_on = False
@@ -195,44 +227,89 @@ class Link:
         messages only need it connected. `before_write(connection)` runs right before the
         first byte and may refuse by raising NotWritten. Raises CodecError when the message
         does not fit this switch's spec.
+
+        Frames that come while a write is on the wire wait and leave together, in one
+        write, when it is done (`_Batch`): one system call for many requests under load.
         """
         data = self._frame(message)
-        try:
-            self._write_lock.acquire_nowait()  # the usual case: no cancel scope needed
-        except trio.WouldBlock:
-            acquired = False
-            with trio.move_on_at(deadline):
-                await self._write_lock.acquire()
-                acquired = True
-            if not acquired:
-                raise NotWritten(
-                    f"link {self.name}: no turn to write before the deadline"
-                ) from None
-        try:
-            stream = self._stream
-            if stream is None or (traffic and not self.is_up):
-                raise NotWritten(f"link {self.name} is not up")
-            now = trio.current_time()
-            if now >= deadline:
-                raise NotWritten(f"link {self.name}: deadline passed before the write")
-            if before_write is not None:
-                before_write(self.connection)
-            failure = None
-            # Shielded: a cancel must not leave half a frame on the wire. Bounded: a switch
-            # that stops reading cannot hold the writer forever.
-            with trio.CancelScope(deadline=max(deadline, now + WRITE_GRACE), shield=True) as scope:
-                try:
-                    await stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    failure = "failed"
-            if scope.cancelled_caught:
-                failure = "timed out"
-            if failure is not None:
-                # The frame may be partly on the wire: the stream is unusable from here on.
-                await self._close(stream)
-                raise LinkLost(f"write to link {self.name} {failure}", switch=self.switch.name)
-        finally:
-            self._write_lock.release()
+        stream = self._stream
+        if stream is None or (traffic and not self.is_up):
+            raise NotWritten(f"link {self.name} is not up")
+        entry = _Entry(data, deadline, before_write, traffic)
+        if self._writing is None:
+            self._writing = stream
+            try:
+                await self._write(stream, _Batch([entry]))
+            finally:
+                self._writing = None
+        elif self._writing is stream:
+            await self._ride(entry)
+        else:  # the last connection's final write is still going
+            raise NotWritten(f"link {self.name} is reconnecting")
+        if entry.refusal is not None:
+            raise entry.refusal
+
+    async def _ride(self, entry: _Entry) -> None:
+        """Wait for the write under way to end, then leave with the next batch (written by
+        whoever wrote the last); give up, unwritten, if it cannot start by the deadline."""
+        batch = self._next
+        if batch is None:
+            batch = self._next = _Batch([])
+        batch.entries.append(entry)
+        with trio.move_on_at(entry.deadline):
+            await batch.started.wait()
+        if not batch.started.is_set():
+            batch.entries.remove(entry)
+            raise NotWritten(f"link {self.name}: no turn to write before the deadline")
+        with trio.CancelScope(shield=True):  # its bytes are on their way: learn how it went
+            await batch.written.wait()
+
+    async def _write(self, stream: trio.abc.Stream, first: _Batch) -> None:
+        """Write `first`, then each batch that gathered meanwhile, until none is left."""
+        batch: _Batch | None = first
+        while batch is not None:
+            try:
+                await self._write_batch(stream, batch)
+            finally:
+                batch.started.set()
+                batch.written.set()
+            batch, self._next = self._next, None
+
+    async def _write_batch(self, stream: trio.abc.Stream, batch: _Batch) -> None:
+        now = trio.current_time()
+        data = bytearray()
+        for entry in batch.entries:
+            try:
+                if self._stream is not stream or (entry.traffic and not self.is_up):
+                    raise NotWritten(f"link {self.name} is not up")
+                if now >= entry.deadline:
+                    raise NotWritten(f"link {self.name}: deadline passed before the write")
+                if entry.before_write is not None:
+                    entry.before_write(self.connection)
+            except NotWritten as refusal:
+                entry.refusal = refusal
+                continue
+            data += entry.data
+        batch.started.set()
+        if not data:
+            return
+        deadline = max(entry.deadline for entry in batch.entries)
+        failure = None
+        # Shielded: a cancel must not leave half a frame on the wire. Bounded: a switch that
+        # stops reading cannot hold the writer forever.
+        with trio.CancelScope(deadline=max(deadline, now + WRITE_GRACE), shield=True) as scope:
+            try:
+                await stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                failure = "failed"
+        if scope.cancelled_caught:
+            failure = "timed out"
+        if failure is not None:
+            # The frames may be partly on the wire: the stream is unusable from here on.
+            await self._close(stream)
+            lost = LinkLost(f"write to link {self.name} {failure}", switch=self.switch.name)
+            for entry in batch.entries:
+                entry.refusal = entry.refusal or lost
 
     def _frame(self, message: Message) -> bytes:
         endpoint = self.switch.endpoint

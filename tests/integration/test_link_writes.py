@@ -1,0 +1,116 @@
+"""Writes to a switch: frames that queue behind a write leave together, in one write, and a
+frame that cannot start before its deadline never leaves (over in-memory streams, whose
+writes the test can hold and count)."""
+
+from __future__ import annotations
+
+import random
+
+import trio
+import trio.testing
+
+from codec import Message
+from fixtures.messages import financial
+from proxy.config import SwitchConfig
+from proxy.errors import NotWritten, ProxyError
+from proxy.keys import match_key
+from proxy.pool import Pool
+from tests.conftest import proxy_config
+from tests.integration.test_health_clock import ScriptedSwitch
+
+
+class HeldWrites(ScriptedSwitch):
+    """A scripted switch whose connection counts the proxy's writes and, while `held`, keeps
+    each write from finishing (its bytes stay queued on the way to the switch)."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        super().__init__(nursery)
+        self.writes = 0
+        self.held = False
+        self.released = trio.Event()
+
+    async def dial(self, switch: SwitchConfig) -> trio.abc.Stream:
+        proxy_end = await super().dial(switch)
+        assert isinstance(proxy_end, trio.StapledStream)
+        send_stream = proxy_end.send_stream
+        assert isinstance(send_stream, trio.testing.MemorySendStream)
+        deliver = send_stream.send_all_hook
+        assert deliver is not None
+
+        async def counted() -> None:
+            self.writes += 1
+            if self.held:
+                await self.released.wait()
+            await deliver()
+
+        send_stream.send_all_hook = counted
+        return proxy_end
+
+
+async def _pool(nursery: trio.Nursery, switch: ScriptedSwitch) -> Pool:
+    config = proxy_config({"alpha": 7001}, switch={"connections": 1})
+    pool = Pool(config.switches, config.health, config.routing, random.Random(7), switch.dial)
+    await nursery.start(pool.run)
+    await pool.wait_until(lambda: pool.links["alpha"][0].is_up)
+    return pool
+
+
+async def _forward(pool: Pool, request: Message, outcomes: dict[str, str]) -> None:
+    stan = request.get("11") or ""
+    try:
+        answer = (await pool.forward(request, match_key(request, ("41", "11")))).response
+        outcomes[stan] = answer.get("39") or ""
+    except ProxyError as error:
+        outcomes[stan] = type(error).__name__
+
+
+async def test_frames_queued_behind_a_write_leave_together_in_one_write(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    switch = HeldWrites(nursery)
+    pool = await _pool(nursery, switch)
+    switch.held, switch.writes = True, 0
+    outcomes: dict[str, str] = {}
+    async with trio.open_nursery() as requests:
+        for stan in range(1, 11):
+            requests.start_soon(_forward, pool, financial(stan), outcomes)
+        await trio.testing.wait_all_tasks_blocked()
+        assert switch.writes == 1  # the first frame's write is held; nine frames wait
+        switch.released.set()
+    assert outcomes == {f"{stan:06d}": "00" for stan in range(1, 11)}
+    assert switch.writes == 2  # the nine left in one write
+    assert sorted(r.get("11") or "" for r in switch.transactions) == sorted(outcomes)
+
+
+async def test_a_frame_still_waiting_at_its_deadline_gives_up_unwritten(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    switch = HeldWrites(nursery)
+    pool = await _pool(nursery, switch)
+    link = pool.links["alpha"][0]
+    switch.held, switch.writes = True, 0
+    claimed: list[str] = []
+    refused: list[str] = []
+
+    async def send(stan: int, within: float) -> None:
+        try:
+            await link.send(
+                financial(stan),
+                deadline=trio.current_time() + within,
+                before_write=lambda _: claimed.append(f"{stan:06d}"),
+            )
+        except NotWritten:
+            refused.append(f"{stan:06d}")
+
+    async with trio.open_nursery() as senders:
+        senders.start_soon(send, 1, 10.0)
+        await trio.testing.wait_all_tasks_blocked()
+        senders.start_soon(send, 2, 1.0)
+        await trio.sleep(1.5)  # the second frame's deadline has passed; the write is held
+        assert refused == ["000002"]
+        switch.released.set()
+    await trio.testing.wait_all_tasks_blocked()
+    # Never claimed (so the pool may send it elsewhere) and never on the wire.
+    assert claimed == ["000001"]
+    assert [r.get("11") for r in switch.transactions] == ["000001"]
+    assert switch.writes == 1
