@@ -15,7 +15,7 @@ second link either.
 Requests are tied to a *connection* (one TCP connection of a link: a reconnect is a new
 connection), never to a link name, so an answer or a failure of an old connection can
 never be confused with the new one. A request is tied at the moment its first byte is
-about to be written (`claim_write`, called under the link's write lock): before that it
+about to be written (`claim_write`, called as the write that carries it begins): before it
 belongs to no connection and may fail over anywhere; after it, it may have reached the
 switch, so it is never sent again.
 

@@ -106,18 +106,19 @@ class _Entry:
         self.deadline = deadline
         self.before_write = before_write
         self.traffic = traffic
-        self.refusal: NotWritten | LinkLost | None = None
+        self.refusal: Exception | None = None
 
 
 class _Batch:
-    """Frames written together. `started`: each was taken or refused, and the write began;
-    `written`: it ended (each entry's `refusal` says how it went for that frame)."""
+    """Frames written together, in one write. `turn`: the write before it ended, this one
+    goes now (its first frame's sender writes it); `written`: it ended (each entry's
+    `refusal` says how it went for that frame)."""
 
-    __slots__ = ("entries", "started", "written")
+    __slots__ = ("entries", "turn", "written")
 
     def __init__(self, entries: list[_Entry]) -> None:
         self.entries = entries
-        self.started = trio.Event()
+        self.turn = trio.Event()
         self.written = trio.Event()
 
 
@@ -236,44 +237,54 @@ class Link:
         if stream is None or (traffic and not self.is_up):
             raise NotWritten(f"link {self.name} is not up")
         entry = _Entry(data, deadline, before_write, traffic)
-        if self._writing is None:
+        if self._writing is None:  # nothing on the wire: write at once
             self._writing = stream
-            try:
-                await self._write(stream, _Batch([entry]))
-            finally:
-                self._writing = None
+            await self._write(stream, _Batch([entry]))
         elif self._writing is stream:
-            await self._ride(entry)
+            await self._ride(stream, entry)
         else:  # the last connection's final write is still going
             raise NotWritten(f"link {self.name} is reconnecting")
         if entry.refusal is not None:
             raise entry.refusal
 
-    async def _ride(self, entry: _Entry) -> None:
-        """Wait for the write under way to end, then leave with the next batch (written by
-        whoever wrote the last); give up, unwritten, if it cannot start by the deadline."""
+    async def _ride(self, stream: trio.abc.Stream, entry: _Entry) -> None:
+        """Join the batch that leaves when the write on the wire is done, and wait for its
+        turn: give up, unwritten, if it does not come by the deadline. When it comes, the
+        batch's first frame's sender writes it."""
         batch = self._next
         if batch is None:
             batch = self._next = _Batch([])
         batch.entries.append(entry)
-        with trio.move_on_at(entry.deadline):
-            await batch.started.wait()
-        if not batch.started.is_set():
+        try:
+            with trio.move_on_at(entry.deadline):
+                await batch.turn.wait()
+        except BaseException:  # cancelled
+            if not batch.turn.is_set():
+                batch.entries.remove(entry)
+            elif batch.entries[0] is entry:  # the others depend on this write
+                with trio.CancelScope(shield=True):
+                    await self._write(stream, batch)
+            raise
+        if not batch.turn.is_set():
             batch.entries.remove(entry)
             raise NotWritten(f"link {self.name}: no turn to write before the deadline")
-        with trio.CancelScope(shield=True):  # its bytes are on their way: learn how it went
-            await batch.written.wait()
+        if batch.entries[0] is entry:
+            await self._write(stream, batch)
+        else:
+            await batch.written.wait()  # a cancel here leaves its frame to the writer
 
-    async def _write(self, stream: trio.abc.Stream, first: _Batch) -> None:
-        """Write `first`, then each batch that gathered meanwhile, until none is left."""
-        batch: _Batch | None = first
-        while batch is not None:
-            try:
-                await self._write_batch(stream, batch)
-            finally:
-                batch.started.set()
-                batch.written.set()
-            batch, self._next = self._next, None
+    async def _write(self, stream: trio.abc.Stream, batch: _Batch) -> None:
+        """Write `batch`, then give the next batch its turn (or end the writing). Never
+        interrupted: the write is shielded, and bounded."""
+        try:
+            await self._write_batch(stream, batch)
+        finally:
+            batch.written.set()
+            following, self._next = self._next, None
+            if following is not None and following.entries:
+                following.turn.set()
+            else:
+                self._writing = None
 
     async def _write_batch(self, stream: trio.abc.Stream, batch: _Batch) -> None:
         now = trio.current_time()
@@ -286,18 +297,18 @@ class Link:
                     raise NotWritten(f"link {self.name}: deadline passed before the write")
                 if entry.before_write is not None:
                     entry.before_write(self.connection)
-            except NotWritten as refusal:
+            except Exception as refusal:  # NotWritten, or a fault of that frame's own
                 entry.refusal = refusal
                 continue
             data += entry.data
-        batch.started.set()
         if not data:
             return
-        deadline = max(entry.deadline for entry in batch.entries)
         failure = None
-        # Shielded: a cancel must not leave half a frame on the wire. Bounded: a switch that
-        # stops reading cannot hold the writer forever.
-        with trio.CancelScope(deadline=max(deadline, now + WRITE_GRACE), shield=True) as scope:
+        # Shielded: a cancel must not leave half a frame on the wire. Bounded, by the
+        # writer's own deadline (whoever waits for it is bounded too): a switch that stops
+        # reading cannot hold the writer forever.
+        writer_deadline = max(batch.entries[0].deadline, now + WRITE_GRACE)
+        with trio.CancelScope(deadline=writer_deadline, shield=True) as scope:
             try:
                 await stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):

@@ -28,6 +28,7 @@ class HeldWrites(ScriptedSwitch):
         self.writes = 0
         self.held = False
         self.released = trio.Event()
+        self.write_time = 0.0  # how long each write takes (a slow peer)
 
     async def dial(self, switch: SwitchConfig) -> trio.abc.Stream:
         proxy_end = await super().dial(switch)
@@ -41,6 +42,7 @@ class HeldWrites(ScriptedSwitch):
             self.writes += 1
             if self.held:
                 await self.released.wait()
+            await trio.sleep(self.write_time)
             await deliver()
 
         send_stream.send_all_hook = counted
@@ -80,6 +82,30 @@ async def test_frames_queued_behind_a_write_leave_together_in_one_write(
     assert outcomes == {f"{stan:06d}": "00" for stan in range(1, 11)}
     assert switch.writes == 2  # the nine left in one write
     assert sorted(r.get("11") or "" for r in switch.transactions) == sorted(outcomes)
+
+
+async def test_a_writer_writes_one_batch_not_everyone_s_while_traffic_keeps_coming(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    switch = HeldWrites(nursery)
+    pool = await _pool(nursery, switch)
+    switch.write_time = 0.2  # a request comes every 0.15 s: there is always a batch waiting
+    took: dict[str, float] = {}
+    outcomes: dict[str, str] = {}
+
+    async def timed(request: Message) -> None:
+        started = trio.current_time()
+        await _forward(pool, request, outcomes)
+        took[request.get("11") or ""] = trio.current_time() - started
+
+    async with trio.open_nursery() as requests:
+        for stan in range(1, 21):
+            requests.start_soon(timed, financial(stan))
+            await trio.sleep(0.15)
+    assert set(outcomes.values()) == {"00"}
+    # Each request waits for at most the write before its own and its own (0.4 s), never
+    # for the writes of everyone who came after it.
+    assert max(took.values()) <= 0.45
 
 
 async def test_a_frame_still_waiting_at_its_deadline_gives_up_unwritten(
