@@ -124,6 +124,7 @@ class _Bridge:
         self._closing = False  # every task cancelled: end once they have finished
         self._abandon = False  # end now, finished or not
         self._ended = trio.Event()
+        self._waiting: set[trio.Event] = set()  # the calls' wake-ups, woken at the end
 
     async def drive(self) -> None:
         """Run the loop until `close` ends it. Cancellation does not stop it: what the
@@ -135,9 +136,10 @@ class _Bridge:
                 while not self._abandon:
                     loop.stop()
                     loop.run_forever()  # one step
-                    if self._closing and not asyncio.all_tasks(loop):
+                    pending = bool(loop._ready)  # type: ignore[attr-defined]  # next step's
+                    if self._closing and not pending and not asyncio.all_tasks(loop):
                         break
-                    if loop._ready:  # type: ignore[attr-defined]  # callbacks for the next step
+                    if pending:
                         await trio.lowlevel.checkpoint()
                         continue
                     with trio.CancelScope(deadline=self._next_timer()) as self._idle:
@@ -147,6 +149,8 @@ class _Bridge:
             trio.lowlevel.notify_closing(fd)
             loop.close()
             self._ended.set()
+            for done in self._waiting:  # calls abandoned unfinished: their callers get an error
+                done.set()
 
     def _next_timer(self) -> float:
         """When the loop's earliest timer falls due, on trio's clock."""
@@ -161,30 +165,39 @@ class _Bridge:
             self._idle.cancel()
 
     async def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run `coroutine` on the loop. ConnectionError when the loop closed under it (the
+        store is stopping); a cancelled caller cancels it, and waits briefly for it."""
         if self._closing:
             coroutine.close()
             raise ConnectionError("the store is closing")
         task = self._loop.create_task(coroutine)
         done = trio.Event()
         task.add_done_callback(lambda _: done.set())
+        self._waiting.add(done)
         self._wake()
         try:
             await done.wait()
         except BaseException:
-            task.cancel()  # cancels the query
-            self._wake()
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                await done.wait()  # let it clean up (close what it opened)
+            if not self._loop.is_closed():
+                task.cancel()  # cancels the query
+                self._wake()
+                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                    await done.wait()  # let it clean up (close what it opened)
             raise
+        finally:
+            self._waiting.discard(done)
+        if not task.done() or task.cancelled():  # abandoned, or cancelled by `close`
+            raise ConnectionError("the store stopped before this call was done")
         return task.result()
 
-    async def close(self) -> None:
-        """Cancel the loop's tasks, let them finish (for at most 5 s), end `drive`."""
+    async def close(self, grace: float = 5.0) -> None:
+        """Cancel the loop's tasks, let them finish (for at most `grace` seconds), end
+        `drive`; a call still unfinished then gets ConnectionError."""
         self._closing = True
         for task in asyncio.all_tasks(self._loop):
             task.cancel()
         self._wake()
-        with trio.move_on_after(5.0):
+        with trio.move_on_after(grace):
             await self._ended.wait()
         self._abandon = True
         self._wake()
@@ -267,6 +280,14 @@ class _Batcher(Generic[I, R]):
                 return
 
     async def _write(self, batch: list[tuple[I, _Slot[R]]]) -> None:
+        try:
+            await self._write_settled(batch)
+        finally:  # cancelled (the store is stopping): no caller is left waiting for ever
+            for _, slot in batch:
+                if not slot.done.is_set():
+                    _settle(slot, error=ConnectionError("the store stopped during this write"))
+
+    async def _write_settled(self, batch: list[tuple[I, _Slot[R]]]) -> None:
         try:
             results = await self._bounded_flush([item for item, _ in batch])
         except _DATA_ERRORS as error:

@@ -173,7 +173,7 @@ class RecordWatch(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
-        if threading.get_ident() == self._trio_thread:  # the store's asyncio thread logs too
+        if threading.get_ident() == self._trio_thread:  # worker threads (DNS lookups) log too
             self._watch.changed()
 
     def count(self, text: str) -> int:

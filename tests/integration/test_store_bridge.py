@@ -73,26 +73,59 @@ async def test_a_cancelled_caller_cancels_its_coroutine_and_waits_for_its_cleanu
         await bridge.close()
 
 
-async def test_closing_finishes_what_runs_and_refuses_new_calls(nursery: trio.Nursery) -> None:
+async def test_closing_lets_what_runs_finish_and_tells_its_caller(nursery: trio.Nursery) -> None:
     bridge = _Bridge()
     nursery.start_soon(bridge.drive)
-    finished = trio.Event()
+    cleaned_up = trio.Event()
+    told: list[str] = []
 
     async def stubborn() -> None:
         try:
             await asyncio.sleep(60)
         finally:
             await asyncio.sleep(0.05)  # closing waits for this
-            finished.set()
+            cleaned_up.set()
 
     async def caller() -> None:
-        with pytest.raises(asyncio.CancelledError):
+        try:
             await bridge.call(stubborn())
+        except ConnectionError as error:
+            told.append(str(error))
 
     nursery.start_soon(caller)
     await trio.testing.wait_all_tasks_blocked()
     with trio.fail_after(5):
         await bridge.close()
-    assert finished.is_set()
+        await trio.testing.wait_all_tasks_blocked()
+    assert cleaned_up.is_set()
+    assert told == ["the store stopped before this call was done"]
     with pytest.raises(ConnectionError):
         await bridge.call(asyncio.sleep(0))
+
+
+async def test_a_call_that_will_not_end_is_abandoned_after_the_grace(
+    nursery: trio.Nursery,
+) -> None:
+    bridge = _Bridge()
+    nursery.start_soon(bridge.drive)
+    told: list[str] = []
+
+    async def deaf() -> None:
+        while True:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                continue  # ignores every cancel
+
+    async def caller() -> None:
+        try:
+            await bridge.call(deaf())
+        except ConnectionError as error:
+            told.append(str(error))
+
+    nursery.start_soon(caller)
+    await trio.testing.wait_all_tasks_blocked()
+    with trio.fail_after(5):
+        await bridge.close(grace=0.1)
+        await trio.testing.wait_all_tasks_blocked()
+    assert told == ["the store stopped before this call was done"]
