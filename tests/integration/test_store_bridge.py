@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import pytest
 import trio
@@ -86,13 +88,7 @@ async def test_closing_lets_what_runs_finish_and_tells_its_caller(nursery: trio.
             await asyncio.sleep(0.05)  # closing waits for this
             cleaned_up.set()
 
-    async def caller() -> None:
-        try:
-            await bridge.call(stubborn())
-        except ConnectionError as error:
-            told.append(str(error))
-
-    nursery.start_soon(caller)
+    nursery.start_soon(_call_noting_error, bridge, stubborn(), told)
     await trio.testing.wait_all_tasks_blocked()
     with trio.fail_after(5):
         await bridge.close()
@@ -117,15 +113,18 @@ async def test_a_call_that_will_not_end_is_abandoned_after_the_grace(
             except asyncio.CancelledError:
                 continue  # ignores every cancel
 
-    async def caller() -> None:
-        try:
-            await bridge.call(deaf())
-        except ConnectionError as error:
-            told.append(str(error))
-
-    nursery.start_soon(caller)
+    nursery.start_soon(_call_noting_error, bridge, deaf(), told)
     await trio.testing.wait_all_tasks_blocked()
     with trio.fail_after(5):
         await bridge.close(grace=0.1)
         await trio.testing.wait_all_tasks_blocked()
     assert told == ["the store stopped before this call was done"]
+
+
+async def _call_noting_error(
+    bridge: _Bridge, coroutine: Coroutine[Any, Any, None], told: list[str]
+) -> None:
+    try:
+        await bridge.call(coroutine)
+    except ConnectionError as error:
+        told.append(str(error))
