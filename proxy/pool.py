@@ -239,6 +239,11 @@ class Pool:
                 await link.send(message, deadline=deadline, before_write=claim)
             except NotWritten:  # down, full, or no turn before the deadline: try the next
                 continue
+            except LinkLost:
+                if waiter.response is None:
+                    raise
+                # Its frame went out whole and was answered before the rest of the same
+                # write (other requests' frames) was lost: the answer stands.
             except CodecError:  # this switch's spec cannot carry it; another's may
                 unencodable += 1
                 continue

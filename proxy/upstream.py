@@ -33,6 +33,9 @@ MAX_PENDING_REPLIES = 8
 # A write that starts just before its request's deadline may still take this long: cutting
 # it short would leave half a frame on the wire and cost the whole connection.
 WRITE_GRACE = 1.0
+# At most this many frames leave in one write: a batch that gathered during a stall must
+# still fit in what is left of its writer's deadline (the rest goes in the next turns).
+MAX_BATCH_FRAMES = 16
 # How long closing a connection may take (trio closes the socket even when cut short).
 CLOSE_TIMEOUT = 1.0
 # Echo round-trip times kept per link for status and percentiles.
@@ -163,7 +166,7 @@ class Link:
         self._stream: trio.abc.Stream | None = None
         self._serving = trio.CancelScope()
         self._writing: trio.abc.Stream | None = None  # the stream a write is going to
-        self._next: _Batch | None = None  # frames waiting for that write to end
+        self._waiting: deque[_Batch] = deque()  # frames waiting for that write to end
         self._exchanges: dict[str, _Exchange] = {}
         self._pending_replies = 0
         self._signed_on = False
@@ -251,9 +254,9 @@ class Link:
         """Join the batch that leaves when the write on the wire is done, and wait for its
         turn: give up, unwritten, if it does not come by the deadline. When it comes, the
         batch's first frame's sender writes it."""
-        batch = self._next
-        if batch is None:
-            batch = self._next = _Batch([])
+        if not self._waiting or len(self._waiting[-1].entries) >= MAX_BATCH_FRAMES:
+            self._waiting.append(_Batch([]))
+        batch = self._waiting[-1]
         batch.entries.append(entry)
         try:
             with trio.move_on_at(entry.deadline):
@@ -280,9 +283,10 @@ class Link:
             await self._write_batch(stream, batch)
         finally:
             batch.written.set()
-            following, self._next = self._next, None
-            if following is not None and following.entries:
-                following.turn.set()
+            while self._waiting and not self._waiting[0].entries:  # all gave up
+                self._waiting.popleft()
+            if self._waiting:
+                self._waiting.popleft().turn.set()
             else:
                 self._writing = None
 

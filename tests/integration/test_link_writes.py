@@ -15,6 +15,7 @@ from proxy.config import SwitchConfig
 from proxy.errors import NotWritten, ProxyError
 from proxy.keys import match_key
 from proxy.pool import Pool
+from proxy.upstream import MAX_BATCH_FRAMES
 from tests.conftest import proxy_config
 from tests.integration.test_health_clock import ScriptedSwitch
 
@@ -84,6 +85,23 @@ async def test_frames_queued_behind_a_write_leave_together_in_one_write(
     assert sorted(r.get("11") or "" for r in switch.transactions) == sorted(outcomes)
 
 
+async def test_what_gathers_during_a_stall_leaves_in_writes_of_bounded_size(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    switch = HeldWrites(nursery)
+    pool = await _pool(nursery, switch)
+    switch.held, switch.writes = True, 0
+    outcomes: dict[str, str] = {}
+    async with trio.open_nursery() as requests:
+        for stan in range(1, 42):  # the first is written (and held), 40 gather behind it
+            requests.start_soon(_forward, pool, financial(stan), outcomes)
+        await trio.testing.wait_all_tasks_blocked()
+        switch.released.set()
+    assert set(outcomes.values()) == {"00"} and len(outcomes) == 41
+    # 40 frames in writes of at most MAX_BATCH_FRAMES each, after the first write.
+    assert switch.writes == 1 + -(-40 // MAX_BATCH_FRAMES)
+
+
 async def test_a_writer_writes_one_batch_not_everyone_s_while_traffic_keeps_coming(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -140,3 +158,63 @@ async def test_a_frame_still_waiting_at_its_deadline_gives_up_unwritten(
     assert claimed == ["000001"]
     assert [r.get("11") for r in switch.transactions] == ["000001"]
     assert switch.writes == 1
+
+
+class StallsMidWrite(ScriptedSwitch):
+    """A scripted switch that, once armed, takes the first frame of the next write of
+    several frames and then stops reading (that write never ends)."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        super().__init__(nursery)
+        self.frame_size = 0  # armed when set
+        self.hold = trio.Event()  # the first write is held until this is set
+
+    async def dial(self, switch: SwitchConfig) -> trio.abc.Stream:
+        return _Stalling(await super().dial(switch), self)
+
+
+class _Stalling(trio.abc.Stream):
+    def __init__(self, inner: trio.abc.Stream, switch: StallsMidWrite) -> None:
+        self.inner, self.switch = inner, switch
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        size = self.switch.frame_size
+        if size and len(data) == size and not self.switch.hold.is_set():
+            await self.switch.hold.wait()
+        if size and len(data) >= 2 * size:
+            await self.inner.send_all(data[:size])  # the first frame gets through whole
+            await trio.sleep_forever()
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_an_answer_that_came_before_the_rest_of_its_write_was_lost_stands(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    switch = StallsMidWrite(nursery)
+    pool = await _pool(nursery, switch)
+    link = pool.links["alpha"][0]
+    switch.frame_size = len(link._frame(financial(1)))
+    outcomes: dict[str, str] = {}
+    async with trio.open_nursery() as requests:
+        requests.start_soon(_forward, pool, financial(1), outcomes)  # written alone, held
+        await trio.testing.wait_all_tasks_blocked()
+        requests.start_soon(_forward, pool, financial(2), outcomes)  # these two leave in
+        requests.start_soon(_forward, pool, financial(3), outcomes)  # one write, which stalls
+        await trio.testing.wait_all_tasks_blocked()
+        switch.hold.set()
+    # The batch's first frame (2 or 3: trio picks the order) got through whole and was
+    # approved: the approval stands, though the write it was part of was then lost. The
+    # other frame may have reached the switch in part: LinkLost.
+    through = switch.transactions[-1].get("11") or ""
+    assert [r.get("11") for r in switch.transactions] == ["000001", through]
+    cut = ({"000002", "000003"} - {through}).pop()
+    assert outcomes == {"000001": "00", through: "00", cut: "LinkLost"}
