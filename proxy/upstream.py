@@ -264,13 +264,15 @@ class Link:
         except BaseException:  # cancelled
             if not batch.turn.is_set():
                 batch.entries.remove(entry)
-            elif batch.entries[0] is entry:  # the others depend on this write
+            elif not batch.written.is_set() and batch.entries[0] is entry:  # others wait
                 with trio.CancelScope(shield=True):
                     await self._write(stream, batch)
             raise
         if not batch.turn.is_set():
             batch.entries.remove(entry)
             raise NotWritten(f"link {self.name}: no turn to write before the deadline")
+        if batch.written.is_set():  # settled unwritten: the connection went
+            return
         if batch.entries[0] is entry:
             await self._write(stream, batch)
         else:
@@ -283,12 +285,23 @@ class Link:
             await self._write_batch(stream, batch)
         finally:
             batch.written.set()
+            if self._stream is not stream:  # the connection went: nothing waiting can go
+                self._refuse_waiting()
             while self._waiting and not self._waiting[0].entries:  # all gave up
                 self._waiting.popleft()
             if self._waiting:
                 self._waiting.popleft().turn.set()
             else:
                 self._writing = None
+
+    def _refuse_waiting(self) -> None:
+        """Settle every waiting batch unwritten, at once (not a turn at a time)."""
+        for waiting in self._waiting:
+            for entry in waiting.entries:
+                entry.refusal = NotWritten(f"link {self.name} is not up")
+            waiting.turn.set()
+            waiting.written.set()
+        self._waiting.clear()
 
     async def _write_batch(self, stream: trio.abc.Stream, batch: _Batch) -> None:
         now = trio.current_time()
@@ -322,9 +335,10 @@ class Link:
         if failure is not None:
             # The frames may be partly on the wire: the stream is unusable from here on.
             await self._close(stream)
-            lost = LinkLost(f"write to link {self.name} {failure}", switch=self.switch.name)
-            for entry in batch.entries:
-                entry.refusal = entry.refusal or lost
+            for entry in batch.entries:  # an error each: each is raised in its own task
+                entry.refusal = entry.refusal or LinkLost(
+                    f"write to link {self.name} {failure}", switch=self.switch.name
+                )
 
     def _frame(self, message: Message) -> bytes:
         endpoint = self.switch.endpoint
