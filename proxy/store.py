@@ -68,6 +68,10 @@ class StoreUnavailable(ProxyError):
     """The journal could not be reached or answered too slowly; nothing was forwarded."""
 
 
+class _Stopped(ConnectionError):
+    """The store is stopping: a call or a write it cut short (not a fault of the database)."""
+
+
 async def _keep_session(connection: asyncpg.Connection) -> None:
     """A connection goes back to the pool as it is: the journal never changes session state
     (no SET, LISTEN, advisory locks or cursors; asyncpg still rolls back a transaction left
@@ -169,7 +173,7 @@ class _Bridge:
         store is stopping); a cancelled caller cancels it, and waits briefly for it."""
         if self._closing:
             coroutine.close()
-            raise ConnectionError("the store is closing")
+            raise _Stopped("the store is closing")
         task = self._loop.create_task(coroutine)
         done = trio.Event()
         task.add_done_callback(lambda _: done.set())
@@ -187,7 +191,7 @@ class _Bridge:
         finally:
             self._waiting.discard(done)
         if not task.done() or task.cancelled():  # abandoned, or cancelled by `close`
-            raise ConnectionError("the store stopped before this call was done")
+            raise _Stopped("the store stopped before this call was done")
         return task.result()
 
     async def close(self, grace: float = 5.0) -> None:
@@ -258,19 +262,30 @@ class _Batcher(Generic[I, R]):
         return slot.result  # type: ignore[return-value]
 
     async def run(self) -> None:
-        while True:
-            batch = [await self._receive.receive()]
-            self._gather(batch)  # whatever else is queued already, without a checkpoint each
-            if self._max_wait and len(batch) < self._max_size:
-                with trio.move_on_after(self._max_wait):
-                    while len(batch) < self._max_size:
-                        batch.append(await self._receive.receive())
-                        self._gather(batch)
-            live = [(item, slot) for item, slot in batch if not slot.abandoned]
-            for _, slot in live:
-                slot.taken = True
-            if live:
-                await self._write(live)
+        batch: list[tuple[I, _Slot[R]]] = []
+        try:
+            while True:
+                batch = [await self._receive.receive()]
+                self._gather(batch)  # whatever else is queued already, without a checkpoint
+                if self._max_wait and len(batch) < self._max_size:
+                    with trio.move_on_after(self._max_wait):
+                        while len(batch) < self._max_size:
+                            batch.append(await self._receive.receive())
+                            self._gather(batch)
+                live = [(item, slot) for item, slot in batch if not slot.abandoned]
+                for _, slot in live:
+                    slot.taken = True
+                if live:
+                    await self._write(live)
+        finally:  # stopped: what was gathered or is still queued is never written
+            while True:
+                try:
+                    batch.append(self._receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            for _, slot in batch:
+                if not slot.done.is_set():
+                    _settle(slot, error=_Stopped("the store stopped before this write"))
 
     def _gather(self, batch: list[tuple[I, _Slot[R]]]) -> None:
         while len(batch) < self._max_size:
@@ -285,7 +300,7 @@ class _Batcher(Generic[I, R]):
         finally:  # cancelled (the store is stopping): no caller is left waiting for ever
             for _, slot in batch:
                 if not slot.done.is_set():
-                    _settle(slot, error=ConnectionError("the store stopped during this write"))
+                    _settle(slot, error=_Stopped("the store stopped during this write"))
 
     async def _write_settled(self, batch: list[tuple[I, _Slot[R]]]) -> None:
         try:
@@ -359,6 +374,7 @@ class Store:
                         self._ready.set()
                         log.info("store: reachable again")
             finally:
+                self._ready = trio.Event()  # new calls fail at once from here on
                 with trio.CancelScope(shield=True):
                     try:
                         if self._pool is not None:
@@ -391,6 +407,8 @@ class Store:
             return await work(trio.current_time() + self._settings.timeout)
         except trio.TooSlowError:
             raise StoreUnavailable(f"store slower than {self._settings.timeout:g} s") from None
+        except _Stopped:
+            raise StoreUnavailable("store stopping") from None
         except _DATA_ERRORS as error:  # this write's data; the store itself is fine
             raise StoreUnavailable(f"store refused the data: {type(error).__name__}") from None
         except _DATABASE_ERRORS as error:

@@ -134,3 +134,31 @@ async def test_a_hung_write_is_cut_at_the_flush_timeout(
             await batcher.submit("x", trio.current_time() + 0.5)
         assert trio.current_time() - started == pytest.approx(2.0)
         nursery.cancel_scope.cancel()
+
+
+async def test_stopping_settles_what_is_being_written_gathered_or_queued_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The store stopping cancels its batchers: every caller hears of it at once (a
+    ConnectionError, the store's 'unavailable'), not after its own timeout."""
+    db = _Database()
+    db.gate = trio.Event()  # the first write hangs
+    batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=2, max_wait=0, flush_timeout=60)
+    heard: dict[str, float] = {}
+
+    async def submit(item: str) -> None:
+        started = trio.current_time()
+        with pytest.raises(ConnectionError):
+            await batcher.submit(item, started + 30)
+        heard[item] = trio.current_time() - started
+
+    async with trio.open_nursery() as nursery, trio.open_nursery() as running:
+        running.start_soon(batcher.run)
+        nursery.start_soon(submit, "writing")
+        await trio.testing.wait_all_tasks_blocked()
+        for item in ("queued-1", "queued-2", "queued-3"):
+            nursery.start_soon(submit, item)
+        await trio.testing.wait_all_tasks_blocked()
+        running.cancel_scope.cancel()  # the store stops
+    assert heard == {"writing": 0, "queued-1": 0, "queued-2": 0, "queued-3": 0}
+    assert db.batches == [["writing"]]
