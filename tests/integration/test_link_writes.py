@@ -67,19 +67,29 @@ async def _forward(pool: Pool, request: Message, outcomes: dict[str, str]) -> No
         outcomes[stan] = type(error).__name__
 
 
-async def test_frames_queued_behind_a_write_leave_together_in_one_write(
-    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
-) -> None:
+async def _burst_behind_a_held_write(
+    nursery: trio.Nursery, requests: int
+) -> tuple[HeldWrites, dict[str, str], int]:
+    """`requests` forwarded at once while the first one's write is held, then released:
+    the switch, each request's outcome, and the writes seen while the first was held."""
     switch = HeldWrites(nursery)
     pool = await _pool(nursery, switch)
     switch.held, switch.writes = True, 0
     outcomes: dict[str, str] = {}
-    async with trio.open_nursery() as requests:
-        for stan in range(1, 11):
-            requests.start_soon(_forward, pool, financial(stan), outcomes)
+    async with trio.open_nursery() as senders:
+        for stan in range(1, requests + 1):
+            senders.start_soon(_forward, pool, financial(stan), outcomes)
         await trio.testing.wait_all_tasks_blocked()
-        assert switch.writes == 1  # the first frame's write is held; nine frames wait
+        while_held = switch.writes
         switch.released.set()
+    return switch, outcomes, while_held
+
+
+async def test_frames_queued_behind_a_write_leave_together_in_one_write(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    switch, outcomes, while_held = await _burst_behind_a_held_write(nursery, 10)
+    assert while_held == 1  # the first frame's write is held; nine frames wait
     assert outcomes == {f"{stan:06d}": "00" for stan in range(1, 11)}
     assert switch.writes == 2  # the nine left in one write
     assert sorted(r.get("11") or "" for r in switch.transactions) == sorted(outcomes)
@@ -88,15 +98,7 @@ async def test_frames_queued_behind_a_write_leave_together_in_one_write(
 async def test_what_gathers_during_a_stall_leaves_in_writes_of_bounded_size(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    switch = HeldWrites(nursery)
-    pool = await _pool(nursery, switch)
-    switch.held, switch.writes = True, 0
-    outcomes: dict[str, str] = {}
-    async with trio.open_nursery() as requests:
-        for stan in range(1, 42):  # the first is written (and held), 40 gather behind it
-            requests.start_soon(_forward, pool, financial(stan), outcomes)
-        await trio.testing.wait_all_tasks_blocked()
-        switch.released.set()
+    switch, outcomes, _ = await _burst_behind_a_held_write(nursery, 41)
     assert set(outcomes.values()) == {"00"} and len(outcomes) == 41
     # 40 frames in writes of at most MAX_BATCH_FRAMES each, after the first write.
     assert switch.writes == 1 + -(-40 // MAX_BATCH_FRAMES)
