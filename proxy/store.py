@@ -249,6 +249,8 @@ class _Batcher(Generic[I, R]):
             with trio.move_on_at(deadline):
                 await self._send.send((item, slot))  # blocks while the queue is full
                 await slot.done.wait()
+        except trio.BrokenResourceError:  # `run` has ended: the store is stopping
+            raise _Stopped("the store stopped before this write") from None
         finally:
             if not slot.done.is_set() and not slot.taken:
                 slot.abandoned = True
@@ -257,8 +259,8 @@ class _Batcher(Generic[I, R]):
         if not slot.done.is_set():
             with trio.CancelScope(shield=True):  # being written: learn how it went
                 await slot.done.wait()
-        if slot.error is not None:
-            raise slot.error
+        if slot.error is not None:  # one error for a whole batch: a fresh traceback each
+            raise slot.error.with_traceback(None)
         return slot.result  # type: ignore[return-value]
 
     async def run(self) -> None:
@@ -286,6 +288,7 @@ class _Batcher(Generic[I, R]):
             for _, slot in batch:
                 if not slot.done.is_set():
                     _settle(slot, error=_Stopped("the store stopped before this write"))
+            self._receive.close()  # later submissions fail at once
 
     def _gather(self, batch: list[tuple[I, _Slot[R]]]) -> None:
         while len(batch) < self._max_size:
@@ -589,6 +592,8 @@ class Store:
                 return await bridge.call(_recover(pool, older_than, reversal_mti))
         except trio.TooSlowError:
             raise StoreUnavailable("recovery slower than expected") from None
+        except _Stopped:
+            raise StoreUnavailable("store stopping") from None
         except _DATABASE_ERRORS as error:
             raise StoreUnavailable(f"store error: {type(error).__name__}") from None
 

@@ -162,3 +162,17 @@ async def test_stopping_settles_what_is_being_written_gathered_or_queued_at_once
         running.cancel_scope.cancel()  # the store stops
     assert heard == {"writing": 0, "queued-1": 0, "queued-2": 0, "queued-3": 0}
     assert db.batches == [["writing"]]
+
+
+async def test_a_submission_after_the_batcher_stopped_fails_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    batcher: _Batcher[str, str] = _Batcher(
+        _Database().flush, max_size=2, max_wait=0, flush_timeout=1
+    )
+    with trio.move_on_after(1):
+        await batcher.run()  # runs until stopped
+    started = trio.current_time()
+    with pytest.raises(ConnectionError):
+        await batcher.submit("late", started + 30)
+    assert trio.current_time() == started
