@@ -85,7 +85,10 @@ async def run_case(
 async def run_idle(cast: Cast, plan: Plan) -> dict[str, Any]:
     """RSS with `plan.idle` idle terminals connected, and an active client's latency."""
     rss_before = rss_bytes(cast.proxy.pid)
-    argv = [sys.executable, "-m", "bench.idle", "127.0.0.1", str(cast.proxy.port), str(plan.idle)]
+    # The flood fixture opens them (no verdict wait: each counts as held) and holds them
+    # until its stdin closes.
+    argv = [sys.executable, "-m", "fixtures.flood", "127.0.0.1", str(cast.proxy.port)]
+    argv += [str(plan.idle), "--verdict", "0", "--hold", "inf"]
     holder = await trio.lowlevel.open_process(argv, stdin=-1, stdout=-1)
     try:
         assert holder.stdout is not None and holder.stdin is not None
@@ -94,7 +97,7 @@ async def run_idle(cast: Cast, plan: Plan) -> dict[str, Any]:
             while not line.endswith(b"\n"):
                 chunk = await holder.stdout.receive_some(4096)
                 if not chunk:
-                    raise RuntimeError("bench.idle ended before it reported")
+                    raise RuntimeError("the idle connections' holder ended before it reported")
                 line += chunk
         held = json.loads(line)
         rss_idle = rss_bytes(cast.proxy.pid)
@@ -108,7 +111,7 @@ async def run_idle(cast: Cast, plan: Plan) -> dict[str, Any]:
             holder.kill()
     return {
         "idle_connections": held["opened"],
-        "idle_failed": held["failed"],
+        "idle_failed": held["errors"],
         "proxy_rss_mb_before": round(rss_before / 2**20, 1),
         "proxy_rss_mb_idle": round(rss_idle / 2**20, 1),
         "proxy_rss_mb_active": round(rss_active / 2**20, 1),
