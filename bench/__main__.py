@@ -28,7 +28,7 @@ from typing import Any
 import trio
 
 from bench.cast import Cast, database, journal_rows, running_cast
-from bench.processes import machine, measured, rss_bytes, run_json, until_signalled
+from bench.processes import machine, measured, rss_bytes, until_signalled
 from bench.report import plot, summarize, table
 
 IDLE_ACTIVE_RATE = 2000.0
@@ -44,16 +44,6 @@ class Plan:
     out: Path
 
 
-async def _load(
-    cast: Cast, port: int, plan: Plan, rate: float | None, duration: float
-) -> dict[str, Any]:
-    mode = ["--rate", str(rate)] if rate is not None else ["--closed"]
-    argv = ["bench.load", "127.0.0.1", str(port), "--connections", str(plan.connections)]
-    argv += ["--tag", cast.next_tag()]
-    with trio.fail_after(duration + 120):
-        return await run_json([*argv, *mode, "--duration", str(duration)])
-
-
 async def run_case(
     cast: Cast, plan: Plan, target: str, rate: float | None, repeat: int
 ) -> dict[str, Any]:
@@ -61,7 +51,7 @@ async def run_case(
     port = cast.switch.port if target == "direct" else cast.proxy.port
     rows_before = await journal_rows(cast)
     with measured(cast.proxy.pid) as cost:
-        summary = await _load(cast, port, plan, rate, plan.duration)
+        summary = await cast.load(port, plan.connections, plan.duration, rate)
     rows = await journal_rows(cast) - rows_before
     answered = max(1, summary["answered"])
     result = {
@@ -101,7 +91,7 @@ async def run_idle(cast: Cast, plan: Plan) -> dict[str, Any]:
                 line += chunk
         held = json.loads(line)
         rss_idle = rss_bytes(cast.proxy.pid)
-        active = await _load(cast, cast.proxy.port, plan, IDLE_ACTIVE_RATE, plan.duration)
+        active = await cast.load(cast.proxy.port, plan.connections, plan.duration, IDLE_ACTIVE_RATE)
         rss_active = rss_bytes(cast.proxy.pid)
         await holder.stdin.aclose()
         with trio.fail_after(60):
@@ -127,7 +117,7 @@ async def run(plan: Plan, dsn: str) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     idle = None
     async with running_cast(dsn) as cast:
-        await _load(cast, cast.proxy.port, plan, None, 2.0)  # warm up: links, pool, caches
+        await cast.load(cast.proxy.port, plan.connections, 2.0)  # warm up: links, pool, caches
         for repeat in range(1, plan.repeats + 1):
             print(f"repeat {repeat}/{plan.repeats}", file=sys.stderr)
             for rate in (*plan.rates, None):

@@ -19,7 +19,7 @@ import asyncpg
 import trio
 import yaml
 
-from bench.processes import STARTUP_TIMEOUT, Service, free_port, start_service
+from bench.processes import STARTUP_TIMEOUT, Service, free_port, run_json, start_service
 from fixtures.flood import raise_fd_limit
 from proxy.embedded import EmbeddedUnavailable, start_embedded
 
@@ -39,6 +39,17 @@ class Cast:
         """Terminal ids for the next load run: unique within this cast's journal schema."""
         self.runs += 1
         return f"{self.runs:03d}"
+
+    async def load(
+        self, port: int, connections: int, duration: float, rate: float | None = None
+    ) -> dict[str, Any]:
+        """One run of the load generator (`bench.load`, its own process) at `port`: open
+        loop at `rate`, else closed loop; the summary it printed."""
+        mode = ["--rate", str(rate)] if rate is not None else ["--closed"]
+        argv = ["bench.load", "127.0.0.1", str(port), "--connections", str(connections)]
+        argv += ["--tag", self.next_tag(), *mode, "--duration", str(duration)]
+        with trio.fail_after(duration + 120):
+            return await run_json(argv)
 
 
 def database(given: str | None) -> str:

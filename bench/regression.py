@@ -26,8 +26,8 @@ from typing import Any
 
 import trio
 
-from bench.cast import database, running_cast
-from bench.processes import Service, machine, measured, run_json, until_signalled
+from bench.cast import Cast, database, running_cast
+from bench.processes import machine, measured, run_json, until_signalled
 
 BASELINE = Path(__file__).with_name("baseline.json")
 TOLERANCE = 1.30
@@ -37,12 +37,10 @@ DURATION = 3.0
 CONNECTIONS = 50
 
 
-async def _proxy_cpu_per_transaction(proxy: Service, tag: str) -> float:
+async def _proxy_cpu_per_transaction(cast: Cast) -> float:
     """CPU microseconds the proxy spends per transaction of a closed-loop run at it."""
-    load = ["bench.load", "127.0.0.1", str(proxy.port), "--closed"]
-    load += ["--connections", str(CONNECTIONS), "--duration", str(DURATION), "--tag", tag]
-    with measured(proxy.pid) as cost:
-        summary = await run_json(load)
+    with measured(cast.proxy.pid) as cost:
+        summary = await cast.load(cast.proxy.port, CONNECTIONS, DURATION)
     if not summary["sent"] or summary["approved"] != summary["sent"]:
         raise RuntimeError(f"the load saw failures: {summary}")
     return float(cost["cpu_s"] * 1e6 / summary["answered"])
@@ -53,10 +51,9 @@ async def proxy_cpu_per_transaction(dsn: str) -> dict[str, Any]:
     (milliseconds) over `RUNS` interleaved runs, and their ratio (the figure checked)."""
     proxy, calibration = [], []
     async with running_cast(dsn) as cast:
-        warm_up = ["bench.load", "127.0.0.1", str(cast.proxy.port), "--closed"]
-        await run_json([*warm_up, "--duration", "1", "--tag", cast.next_tag()])
+        await cast.load(cast.proxy.port, CONNECTIONS, 1.0)  # warm up
         for _ in range(RUNS):
-            proxy.append(await _proxy_cpu_per_transaction(cast.proxy, cast.next_tag()))
+            proxy.append(await _proxy_cpu_per_transaction(cast))
             calibration.append(float((await run_json(["bench.calibration"]))["cpu_ms"]))
     return {
         "ratio": round(min(proxy) / min(calibration), 3),
