@@ -45,14 +45,13 @@ from proxy.config import ClientProfile, ListenConfig
 from proxy.decisions import FORMAT_ERROR, SYSTEM_MALFUNCTION
 from proxy.forwarder import Forwarder, Reply
 from proxy.responses import answer, answer_salvaged
+from proxy.streams import close, send_now
 from proxy.tls import cert_names
 from proxy.watch import Watch
 
 log = logging.getLogger("iso_proxy.server")
 
 READ_SIZE = 16384
-# How long closing a connection may take (a TLS close_notify to a client that never reads).
-CLOSE_TIMEOUT = 1.0
 
 
 class Server:
@@ -206,12 +205,6 @@ def _innermost(error: BaseException) -> str:
     return type(error).__name__
 
 
-async def close(stream: trio.abc.AsyncResource) -> None:
-    """Close without waiting long on the peer (trio closes the socket even if cancelled)."""
-    with trio.move_on_after(CLOSE_TIMEOUT):
-        await stream.aclose()
-
-
 class _CiphertextTap(trio.abc.Stream):
     """The TCP stream under TLS, telling the connection when bytes arrive: a frame
     trickled inside one TLS record shows no plaintext until the record is whole, and its
@@ -353,7 +346,10 @@ class _Connection:
                 rc = NOT_PERMITTED if refusal is Rejection.NOT_PERMITTED else self._profile.rate_rc
                 await self._reply(message, answer(message, rc), frame.tpdu)
                 return True
-        await self._in_flight.acquire()  # backpressure: stop reading at the cap
+        try:
+            self._in_flight.acquire_nowait()
+        except trio.WouldBlock:
+            await self._in_flight.acquire()  # backpressure: stop reading at the cap
         nursery.start_soon(self._handle, message, frame.tpdu)
         return True
 
@@ -415,17 +411,27 @@ class _Connection:
 
     async def _write(self, data: bytes, message: Message) -> bool:
         """Write one whole frame (a cancel never leaves half a frame on the wire); whether
-        it was written."""
-        async with self._write_lock:
-            with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + self._listen.write_timeout
-                try:
-                    await self._stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    log.warning("answer %s undelivered: terminal gone", message.mti)
-                    return False
+        it was written. Most answers leave in one system call (`send_now`); what the
+        socket cannot take at once follows under the write deadline."""
+        try:
+            self._write_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._write_lock.acquire()
+        try:
+            try:
+                sent = send_now(self._stream, data)
+                if sent == len(data):
+                    return True
+                with trio.CancelScope(shield=True) as scope:
+                    scope.deadline = trio.current_time() + self._listen.write_timeout
+                    await self._stream.send_all(memoryview(data)[sent:])
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                log.warning("answer %s undelivered: terminal gone", message.mti)
+                return False
             if scope.cancelled_caught:
                 log.debug("terminal not reading; closing connection")
                 await self._server.refuse(self._stream, Rejection.WRITE_TIMEOUT)
                 return False
-        return True
+            return True
+        finally:
+            self._write_lock.release()

@@ -19,6 +19,7 @@ from proxy.health import Echo, LinkHealth, LinkState, Verdict
 from proxy.latency import Histogram, PeakEwma
 from proxy.network import ECHO, SIGN_OFF, SIGN_ON, network_request
 from proxy.responses import answer
+from proxy.streams import close, send_now
 from proxy.tls import client_context
 
 log = logging.getLogger("iso_proxy.upstream")
@@ -36,8 +37,6 @@ WRITE_GRACE = 1.0
 # At most this many frames leave in one write: a batch that gathered during a stall must
 # still fit in what is left of its writer's deadline (the rest goes in the next turns).
 MAX_BATCH_FRAMES = 16
-# How long closing a connection may take (trio closes the socket even when cut short).
-CLOSE_TIMEOUT = 1.0
 # Echo round-trip times kept per link for status and percentiles.
 ECHO_SAMPLES = 256
 
@@ -232,8 +231,9 @@ class Link:
         first byte and may refuse by raising NotWritten. Raises CodecError when the message
         does not fit this switch's spec.
 
-        Frames that come while a write is on the wire wait and leave together, in one
-        write, when it is done (`_Batch`): one system call for many requests under load.
+        A frame the socket takes at once leaves in one system call (`send_now`). Frames
+        that come while a write is still on the wire (the socket was full) wait and leave
+        together, in one write, when it is done (`_Batch`).
         """
         data = self._frame(message)
         stream = self._stream
@@ -321,17 +321,22 @@ class Link:
         if not data:
             return
         failure = None
-        # Shielded: a cancel must not leave half a frame on the wire. Bounded, by the
-        # writer's own deadline (whoever waits for it is bounded too): a switch that stops
-        # reading cannot hold the writer forever.
-        writer_deadline = max(batch.entries[0].deadline, now + WRITE_GRACE)
-        with trio.CancelScope(deadline=writer_deadline, shield=True) as scope:
-            try:
-                await stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                failure = "failed"
-        if scope.cancelled_caught:
-            failure = "timed out"
+        try:
+            sent = send_now(stream, data)  # all of it, mostly: no scope, no scheduling
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            sent, failure = 0, "failed"
+        if failure is None and sent < len(data):
+            # Shielded: a cancel must not leave half a frame on the wire. Bounded, by the
+            # writer's own deadline (whoever waits for it is bounded too): a switch that
+            # stops reading cannot hold the writer forever.
+            writer_deadline = max(batch.entries[0].deadline, now + WRITE_GRACE)
+            with trio.CancelScope(deadline=writer_deadline, shield=True) as scope:
+                try:
+                    await stream.send_all(memoryview(data)[sent:])
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    failure = "failed"
+            if scope.cancelled_caught:
+                failure = "timed out"
         if failure is not None:
             # The frames may be partly on the wire: the stream is unusable from here on.
             await self._close(stream)
@@ -524,8 +529,8 @@ class Link:
         if self._stream is None and self.state is not LinkState.DOWN:
             log.warning("link %s: down", self.name)
             self._set_state(LinkState.DOWN)
-        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
-            await stream.aclose()  # under TLS, a close_notify to a switch that may not read
+        with trio.CancelScope(shield=True):
+            await close(stream)  # under TLS, a close_notify to a switch that may not read
 
     def _set_state(self, state: LinkState) -> None:
         self.state = state

@@ -1,0 +1,42 @@
+"""Writing to and closing the proxy's byte streams (terminals' and switches').
+
+`send_now` is the hot path's write: most frames fit in the socket's send buffer, and one
+system call sends them without the trio machinery around `send_all` (a lock, a cancel
+scope and two scheduler passes: about a tenth of the proxy's CPU a transaction, measured
+in BENCHMARKS.md). What it could not send, the caller sends with `send_all` as before.
+"""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+# How long closing a connection may take: a TLS close_notify to a peer that never reads
+# (trio closes the socket even when cut short).
+CLOSE_TIMEOUT = 1.0
+
+
+def send_now(stream: trio.abc.Stream, data: bytes | bytearray | memoryview) -> int:
+    """Write what a plain TCP `stream` takes of `data` right now, without waiting or
+    yielding: the number of bytes written, 0 when it takes none now or is not plain TCP
+    (TLS, in-memory). The caller must be the stream's only writer (it holds the write
+    lock) and send the rest itself. BrokenResourceError when the connection is broken,
+    ClosedResourceError when the stream was closed."""
+    if type(stream) is not trio.SocketStream:
+        return 0
+    fd = stream.socket.fileno()  # -1 once closed: never a descriptor reused since
+    if fd < 0:
+        raise trio.ClosedResourceError("stream closed")
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return 0
+    except OSError as error:  # reset, broken pipe: as trio's send_all would say it
+        raise trio.BrokenResourceError(f"connection lost: {error.strerror}") from error
+
+
+async def close(stream: trio.abc.AsyncResource) -> None:
+    """Close without waiting long on the peer (trio closes the socket even if cancelled)."""
+    with trio.move_on_after(CLOSE_TIMEOUT):
+        await stream.aclose()

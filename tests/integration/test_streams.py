@@ -1,0 +1,80 @@
+"""`send_now`, the hot path's write, over real TCP sockets: what it reports is what the
+peer receives, a full socket makes it stop short (the caller sends the rest), and a
+broken or closed stream is told apart the way trio's `send_all` tells them."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+import trio
+import trio.testing
+
+from proxy.streams import send_now
+
+SMALL_BUFFER = 4096
+
+
+async def _connected_pair(
+    sender_buffer: int | None = None,
+) -> tuple[trio.SocketStream, trio.SocketStream]:
+    """Two ends of a loopback TCP connection (the first with the send buffer given)."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = trio.socket.socket()
+    if sender_buffer is not None:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sender_buffer)
+    await client.connect(listener.getsockname())
+    server, _ = await listener.accept()
+    listener.close()
+    return trio.SocketStream(client), trio.SocketStream(server)
+
+
+async def _receive_exactly(stream: trio.SocketStream, size: int) -> bytes:
+    received = bytearray()
+    while len(received) < size:
+        chunk = await stream.receive_some(65536)
+        assert chunk, "the connection ended early"
+        received += chunk
+    return bytes(received)
+
+
+async def test_a_frame_that_fits_leaves_whole_in_one_call() -> None:
+    writer, reader = await _connected_pair()
+    async with writer, reader:
+        frame = b"\x00\x0b0800-echo!"
+        assert send_now(writer, frame) == len(frame)
+        assert await _receive_exactly(reader, len(frame)) == frame
+
+
+async def test_a_full_socket_takes_part_and_the_rest_follows_with_send_all() -> None:
+    writer, reader = await _connected_pair(sender_buffer=SMALL_BUFFER)
+    async with writer, reader:
+        data = bytes(range(256)) * 4096  # 1 MiB: far more than both buffers hold
+        sent = send_now(writer, data)
+        assert 0 < sent < len(data)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.send_all, memoryview(data)[sent:])
+            assert await _receive_exactly(reader, len(data)) == data
+
+
+async def test_streams_other_than_plain_tcp_are_left_to_send_all() -> None:
+    memory, _ = trio.testing.memory_stream_pair()
+    assert send_now(memory, b"frame") == 0
+
+
+async def test_a_closed_stream_and_a_reset_connection_are_told_apart() -> None:
+    writer, reader = await _connected_pair()
+    await writer.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        send_now(writer, b"frame")
+    await reader.aclose()
+
+    writer, reader = await _connected_pair()
+    reader.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await reader.aclose()  # RST: the peer is gone (over loopback, before close returns)
+    async with writer:
+        with pytest.raises(trio.BrokenResourceError):
+            send_now(writer, b"frame")
