@@ -247,7 +247,10 @@ class _Batcher(Generic[I, R]):
         slot: _Slot[R] = _Slot()
         try:
             with trio.move_on_at(deadline):
-                await self._send.send((item, slot))  # blocks while the queue is full
+                try:
+                    self._send.send_nowait((item, slot))
+                except trio.WouldBlock:
+                    await self._send.send((item, slot))  # waits while the queue is full
                 await slot.done.wait()
         except trio.BrokenResourceError:  # `run` has ended: the store is stopping
             raise _Stopped("the store stopped before this write") from None

@@ -26,13 +26,14 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 
 from codec import LOGGABLE_FIELDS, CodecError, Message, Mti, mask_pan
 
 DATE_FIELD = "7"
 FINGERPRINT_FIELDS = ("2", "3", "4", "5", "6", "14", "22", "25", "42", "49", "50", "51")
 _SEPARATOR = "\x1f"
+_HALF_YEAR = timedelta(days=182)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +142,7 @@ class TransactionIdentity:
 
     def _hmac(self, text: str) -> bytes:
         assert self._secret is not None
-        return hmac.new(self._secret, text.encode(), hashlib.sha256).digest()
+        return hmac.digest(self._secret, text.encode(), "sha256")
 
 
 def transaction_date(field7: str | None, received_at: datetime) -> date:
@@ -152,7 +153,7 @@ def transaction_date(field7: str | None, received_at: datetime) -> date:
     month, day = int(field7[:2]), int(field7[2:4])
     hour, minute, second = int(field7[4:6]), int(field7[6:8]), int(field7[8:10])
     candidates = []
-    for year in (received_at.year - 1, received_at.year, received_at.year + 1):
+    for year in (received_at.year, received_at.year - 1, received_at.year + 1):
         try:
             moment = received_at.replace(
                 year=year, month=month, day=day, hour=hour, minute=minute, second=second,
@@ -160,6 +161,8 @@ def transaction_date(field7: str | None, received_at: datetime) -> date:
             )  # fmt: skip
         except ValueError:  # 29 Feb in a year without it, 31 Apr...
             continue
+        if year == received_at.year and abs(moment - received_at) <= _HALF_YEAR:
+            return moment.date()  # the other years' are at least 183 days away: farther
         candidates.append(moment)
     if not candidates:
         return received_at.date()

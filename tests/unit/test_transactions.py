@@ -61,7 +61,7 @@ def test_transaction_date(field7: str | None, received: datetime, expected: date
 
 @given(
     st.datetimes(min_value=datetime(2001, 1, 1), max_value=datetime(2098, 12, 31)),
-    st.integers(min_value=-150 * 86400, max_value=150 * 86400),
+    st.integers(min_value=-182 * 86400, max_value=182 * 86400),
 )
 def test_the_year_is_the_one_nearest_the_receive_time(received: datetime, offset: int) -> None:
     sent = received + timedelta(seconds=offset)
