@@ -50,7 +50,7 @@ async def run_case(
     """One load run, straight at the switch or through the proxy, with what it cost."""
     port = cast.switch.port if target == "direct" else cast.proxy.port
     rows_before = await journal_rows(cast)
-    with measured(cast.proxy.pid) as cost:
+    with measured(cast.proxy.pid, [switch.pid for switch in cast.switches]) as cost:
         summary = await cast.load(port, plan.connections, plan.duration, rate)
     rows = await journal_rows(cast) - rows_before
     answered = max(1, summary["answered"])
@@ -60,6 +60,9 @@ async def run_case(
         "repeat": repeat,
         "proxy_rss_mb": round(rss_bytes(cast.proxy.pid) / 2**20, 1),
         "journal_rows": rows,
+        # The rest of the box's CPU a transaction: what caps the ceiling here.
+        "switches_cpu_us_per_txn": round(cost["switches_cpu_s"] * 1e6 / answered, 1),
+        "load_cpu_us_per_txn": round(summary["cpu_s"] * 1e6 / answered, 1),
     }
     if target == "proxy":
         result["proxy_cpu_us_per_txn"] = round(cost["cpu_s"] * 1e6 / answered, 1)

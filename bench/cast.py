@@ -29,11 +29,16 @@ SWITCHES = ("alpha", "beta")
 
 @dataclass
 class Cast:
-    switch: Service  # the one direct runs go to
+    switches: tuple[Service, ...]  # direct runs go to the first
     proxy: Service
     dsn: str
     schema: str
     runs: int = 0
+
+    @property
+    def switch(self) -> Service:
+        """The switch direct runs go to."""
+        return self.switches[0]
 
     def next_tag(self) -> str:
         """Terminal ids for the next load run: unique within this cast's journal schema."""
@@ -152,7 +157,7 @@ async def running_cast(dsn: str) -> AsyncIterator[Cast]:
                     log=folder / "proxy.log",
                 )
                 await wait_ready(ports["admin"])
-                yield Cast(switches[0], proxy, dsn, schema)
+                yield Cast(tuple(switches), proxy, dsn, schema)
                 nursery.cancel_scope.cancel()
         finally:
             await sql(dsn, "public", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

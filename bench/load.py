@@ -23,6 +23,7 @@ import math
 import secrets
 import string
 import sys
+import time
 from array import array
 from collections import Counter
 from dataclasses import dataclass
@@ -140,6 +141,7 @@ async def run_load(
     """Run one load case; its summary (what `python -m bench.load` prints)."""
     tag = tag or "".join(secrets.choice(_TAG_ALPHABET) for _ in range(3))
     tally = Tally(array("d"), Counter())
+    cpu_started = time.process_time()
     started = trio.current_time() + 0.2  # time for every connection to open
     stop_at = started + duration
     async with trio.open_nursery() as nursery:
@@ -165,6 +167,7 @@ async def run_load(
         "timeouts": tally.timeouts,
         "broken": tally.broken,
         "throughput_tps": round(answered / min(elapsed, duration), 1),
+        "cpu_s": round(time.process_time() - cpu_started, 4),  # the generator's own
         "latency_ms": {
             name: round(percentile(ordered, q) * 1000, 3)
             for name, q in (("p50", 0.5), ("p99", 0.99), ("p999", 0.999), ("max", 1.0))

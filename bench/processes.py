@@ -195,13 +195,16 @@ async def run_json(argv: Sequence[str]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def measured(pid: int) -> Iterator[dict[str, float]]:
-    """CPU seconds of `pid` and of PostgreSQL over the block, in the dict yielded."""
+def measured(pid: int, switches: Sequence[int] = ()) -> Iterator[dict[str, float]]:
+    """CPU seconds of `pid`, of the `switches` and of PostgreSQL over the block, in the
+    dict yielded."""
     found: dict[str, float] = {}
     proxy_before, pg_before = cpu_seconds(pid), postgres_cpu_seconds()
+    switches_before = sum(cpu_seconds(switch) for switch in switches)
     yield found
     found["cpu_s"] = cpu_seconds(pid) - proxy_before
     found["postgres_cpu_s"] = max(0.0, postgres_cpu_seconds() - pg_before)
+    found["switches_cpu_s"] = sum(cpu_seconds(switch) for switch in switches) - switches_before
 
 
 def machine() -> str:

@@ -27,7 +27,13 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["throughput_tps"] = statistics.median(r["throughput_tps"] for r in group)
         for name in LATENCIES:
             row[f"{name}_ms"] = statistics.median(r["latency_ms"][name] for r in group)
-        for name in ("proxy_cpu_us_per_txn", "postgres_cpu_us_per_row", "proxy_rss_mb"):
+        for name in (
+            "proxy_cpu_us_per_txn",
+            "postgres_cpu_us_per_row",
+            "switches_cpu_us_per_txn",
+            "load_cpu_us_per_txn",
+            "proxy_rss_mb",
+        ):
             if all(name in r for r in group):
                 row[name] = statistics.median(r[name] for r in group)
         row["errors"] = sum(r["answered"] - r["approved"] + r["broken"] for r in group)
@@ -49,7 +55,8 @@ def table(result: dict[str, Any]) -> str:
     """The medians as a text table, then the idle run."""
     head = (
         f"{'case':>7} {'target':<7}{'tps':>8}{'p50 ms':>9}{'p99 ms':>9}{'p99.9':>9}"
-        f"{'+p99 ms':>9}{'cpu us/tx':>10}{'pg us/row':>10}{'rss MB':>8}{'err':>5}{'t/o':>5}"
+        f"{'+p99 ms':>9}{'cpu us/tx':>10}{'pg us/row':>10}{'sw us/tx':>9}{'gen us/tx':>10}"
+        f"{'rss MB':>8}{'err':>5}{'t/o':>5}"
         f"{'unsent':>8}"
         f"{'rows ok':>8}"
     )
@@ -61,6 +68,8 @@ def table(result: dict[str, Any]) -> str:
             f"{_maybe(row.get('added_p99_ms'), '.2f'):>9}"
             f"{_maybe(row.get('proxy_cpu_us_per_txn'), '.0f'):>10}"
             f"{_maybe(row.get('postgres_cpu_us_per_row'), '.0f'):>10}"
+            f"{_maybe(row.get('switches_cpu_us_per_txn'), '.0f'):>9}"
+            f"{_maybe(row.get('load_cpu_us_per_txn'), '.0f'):>10}"
             f"{_maybe(row.get('proxy_rss_mb'), '.0f'):>8}{row['errors']:>5}{row['timeouts']:>5}"
             f"{row['unsent']:>8}"
             f"{_maybe(row.get('journal_matches'), ''):>8}"

@@ -31,6 +31,8 @@ async def test_a_small_benchmark_writes_its_table_and_json(tmp_path: Path) -> No
     for run in through_proxy:
         assert run["answered"] == run["approved"] == run["journal_rows"] > 0
         assert run["proxy_cpu_us_per_txn"] > 0
+    for run in report["runs"]:  # where the rest of the box's CPU went, in every case
+        assert run["switches_cpu_us_per_txn"] > 0 and run["load_cpu_us_per_txn"] > 0
     assert report["idle"]["idle_connections"] == 200
     assert report["idle"]["active"]["answered"] > 0
 
