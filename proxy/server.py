@@ -52,6 +52,9 @@ from proxy.watch import Watch
 log = logging.getLogger("iso_proxy.server")
 
 READ_SIZE = 16384
+# Frames a reader takes from one read before it lets other tasks run: refusals are answered
+# and requests dispatched without a checkpoint each, and 16 KiB can hold hundreds.
+FRAMES_PER_TURN = 16
 
 
 class Server:
@@ -275,10 +278,12 @@ class _Connection:
     async def _read(self, nursery: trio.Nursery) -> None:
         framer = Framer(self._endpoint.framing)
         partial_since: float | None = None  # when the reader met an unfinished frame
+        taken = 0  # frames taken since the reader last let other tasks run
         try:
             while True:
                 frame = framer.next_frame()
                 if frame is None:
+                    taken = 0
                     # The clock starts when the reader is ready for the rest: not while
                     # it was held back by the in-flight cap with those bytes unread.
                     if not framer.buffered:
@@ -291,6 +296,9 @@ class _Connection:
                     framer.feed(data)
                     continue
                 partial_since = None
+                taken += 1
+                if taken % FRAMES_PER_TURN == 0:  # a burst in one read must not hold the loop
+                    await trio.lowlevel.checkpoint()
                 if not await self._take(frame, nursery):
                     return
         except FramingError as exc:
@@ -346,6 +354,7 @@ class _Connection:
                 rc = NOT_PERMITTED if refusal is Rejection.NOT_PERMITTED else self._profile.rate_rc
                 await self._reply(message, answer(message, rc), frame.tpdu)
                 return True
+        await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled reader dispatches no more
         try:
             self._in_flight.acquire_nowait()
         except trio.WouldBlock:

@@ -2,12 +2,14 @@
 
 `send_now` is the hot path's write: most frames fit in the socket's send buffer, and one
 system call sends them without the trio machinery around `send_all` (a lock, a cancel
-scope and two scheduler passes: about a tenth of the proxy's CPU a transaction, measured
-in BENCHMARKS.md). What it could not send, the caller sends with `send_all` as before.
+scope and two scheduler passes). What it could not send, the caller sends with
+`send_all` as before. With it, the proxy spent about a quarter less CPU a transaction
+(BENCHMARKS.md, "Done so far").
 """
 
 from __future__ import annotations
 
+import errno
 import os
 
 import trio
@@ -32,7 +34,9 @@ def send_now(stream: trio.abc.Stream, data: bytes | bytearray | memoryview) -> i
         return os.write(fd, data)
     except BlockingIOError:
         return 0
-    except OSError as error:  # reset, broken pipe: as trio's send_all would say it
+    except OSError as error:
+        if error.errno == errno.EBADF:
+            raise trio.ClosedResourceError("stream closed") from error
         raise trio.BrokenResourceError(f"connection lost: {error.strerror}") from error
 
 

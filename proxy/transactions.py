@@ -166,7 +166,9 @@ def transaction_date(field7: str | None, received_at: datetime) -> date:
         candidates.append(moment)
     if not candidates:
         return received_at.date()
-    return min(candidates, key=lambda moment: abs(moment - received_at)).date()
+    # An exact tie goes to the earlier year, as it always has: the date is part of the key,
+    # and instances sharing a journal must agree on it.
+    return min(candidates, key=lambda moment: (abs(moment - received_at), moment)).date()
 
 
 def safe_fields(message: Message) -> dict[str, str]:

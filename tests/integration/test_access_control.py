@@ -11,6 +11,8 @@ from codec import Mti
 from fixtures.messages import echo, financial
 from fixtures.terminal import Terminal
 from proxy.access import Rejection
+from proxy.app import App
+from proxy.server import FRAMES_PER_TURN
 from tests.conftest import Terminals, proxy_config, start_proxy, start_switch
 
 PROFILES: list[dict[str, Any]] = [
@@ -94,3 +96,45 @@ async def test_repeats_and_reversals_never_wait_on_the_rate(
         assert reply.get("39") == "00", mti
     assert (await terminal.request(financial(2))).get("39") == "91"  # a new one waits
     assert app.server.rejections[Rejection.RATE_LIMITED] == 1
+
+
+class _MostInOneStep(trio.abc.Instrument):
+    """The most refusals the server counted within one task step (one stretch of running
+    without letting other tasks in)."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.most = 0
+        self._before = 0
+
+    def _count(self) -> int:
+        return self.app.server.rejections[Rejection.NOT_PERMITTED]
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._before = self._count()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.most = max(self.most, self._count() - self._before)
+
+
+async def test_a_burst_of_refused_requests_in_one_read_lets_other_tasks_run(
+    nursery: trio.Nursery, terminals: Terminals
+) -> None:
+    """Refusals are answered without a checkpoint each: a terminal that packs hundreds into
+    one write must still not hold every other connection and link until it is done."""
+    switch = await start_switch(nursery)
+    app, port = await start_proxy(nursery, proxy_config({"alpha": switch.port}, clients=PROFILES))
+    ops = await terminals.connect(port, source="127.0.0.3")  # may only echo
+    burst = 200
+    steps = _MostInOneStep(app)
+    trio.lowlevel.add_instrument(steps)
+    try:
+        await ops.stream.send_all(
+            b"".join(ops.frame(financial(n, "OPSDESK1")) for n in range(burst))
+        )
+        answers = [await ops.receive() for _ in range(burst)]
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert [a.get("39") for a in answers] == ["58"] * burst
+    assert app.server.rejections[Rejection.NOT_PERMITTED] == burst
+    assert 0 < steps.most <= FRAMES_PER_TURN

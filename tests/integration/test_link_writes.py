@@ -1,6 +1,7 @@
 """Writes to a switch: frames that queue behind a write leave together, in one write, and a
 frame that cannot start before its deadline never leaves (over in-memory streams, whose
-writes the test can hold and count)."""
+writes the test can hold and count). Over TCP a write is held like this only while the
+socket is full: otherwise each frame leaves at once (`proxy.streams.send_now`)."""
 
 from __future__ import annotations
 

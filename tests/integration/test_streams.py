@@ -60,6 +60,32 @@ async def test_a_full_socket_takes_part_and_the_rest_follows_with_send_all() -> 
             assert await _receive_exactly(reader, len(data)) == data
 
 
+async def test_a_socket_that_takes_nothing_more_gets_nothing() -> None:
+    writer, reader = await _connected_pair(sender_buffer=SMALL_BUFFER)
+    async with writer, reader:
+        chunk = b"x" * 65536
+        for _ in range(1000):  # the buffers fill long before: the peer does not read
+            if send_now(writer, chunk) == 0:
+                break
+        else:
+            pytest.fail("the socket kept taking data its peer never read")
+
+
+async def test_a_closed_stream_never_writes_to_the_descriptor_reused_since() -> None:
+    writer, reader = await _connected_pair()
+    descriptor = writer.socket.fileno()
+    await writer.aclose()
+    other_writer, other_reader = await _connected_pair()  # takes the lowest free numbers
+    async with reader, other_writer, other_reader:
+        reused = {other_writer.socket.fileno(), other_reader.socket.fileno()}
+        assert descriptor in reused
+        with pytest.raises(trio.ClosedResourceError):
+            send_now(writer, b"for the old peer")
+        for one, peer in ((other_writer, other_reader), (other_reader, other_writer)):
+            await one.send_all(b"!")  # the first bytes either end gets are its peer's
+            assert await peer.receive_some(100) == b"!"
+
+
 async def test_streams_other_than_plain_tcp_are_left_to_send_all() -> None:
     memory, _ = trio.testing.memory_stream_pair()
     assert send_now(memory, b"frame") == 0

@@ -53,6 +53,9 @@ def test_a_repeat_folds_into_its_original_and_other_classes_do_not() -> None:
         (None, datetime(2026, 5, 4, 1, 2, tzinfo=UTC), date(2026, 5, 4)),
         ("12345", datetime(2026, 5, 4, 1, 2, tzinfo=UTC), date(2026, 5, 4)),
         ("1399000000", datetime(2026, 5, 4, 1, 2, tzinfo=UTC), date(2026, 5, 4)),
+        # Exactly as far from both years' 31 Dec: the earlier year, every time (the date is
+        # in the key, and instances sharing a journal must agree on it).
+        ("1231000000", datetime(2026, 7, 1, 12, 0, tzinfo=UTC), date(2025, 12, 31)),
     ],
 )
 def test_transaction_date(field7: str | None, received: datetime, expected: date) -> None:
