@@ -176,3 +176,71 @@ async def test_a_submission_after_the_batcher_stopped_fails_at_once(
     with pytest.raises(ConnectionError):
         await batcher.submit("late", started + 30)
     assert trio.current_time() == started
+
+
+async def test_a_queued_submission_hears_at_its_own_deadline_behind_a_hung_write(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The batcher keeps the deadlines of what waits in its queue: each caller hears at
+    its own deadline (earlier ones first), while the write before them still hangs."""
+    db = _Database()
+    db.gate = trio.Event()
+    batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=1, max_wait=0, flush_timeout=60)
+    heard: dict[str, float] = {}
+
+    async def submit(item: str, wait: float) -> None:
+        started = trio.current_time()
+        try:
+            await batcher.submit(item, started + wait)
+        except trio.TooSlowError:
+            heard[item] = trio.current_time() - started
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batcher.run)
+        nursery.start_soon(submit, "writing", 1.0)
+        await trio.testing.wait_all_tasks_blocked()
+        for item, wait in (("late", 3.0), ("early", 0.5), ("middle", 2.0)):
+            nursery.start_soon(submit, item, wait)
+        await trio.sleep(10)
+        db.gate.set()
+        nursery.cancel_scope.cancel()
+    assert heard == {"early": 0.5, "middle": 2.0, "late": 3.0}
+    assert db.batches == [["writing"]]
+
+
+async def test_a_full_queue_makes_submitters_wait_for_room_until_their_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    db = _Database()
+    db.gate = trio.Event()
+    batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=1, max_wait=0, flush_timeout=60)
+    outcomes: dict[str, str] = {}
+
+    async def submit(item: str, wait: float) -> None:
+        try:
+            outcomes[item] = await batcher.submit(item, trio.current_time() + wait)
+        except trio.TooSlowError:
+            outcomes[item] = f"too slow at {trio.current_time():g}"
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batcher.run)
+        async with trio.open_nursery() as submitters:
+            submitters.start_soon(submit, "writing", 100)
+            await trio.testing.wait_all_tasks_blocked()
+            for n in range(4):  # the queue's capacity: 4 * max_size
+                submitters.start_soon(submit, f"queued-{n}", 100)
+            await trio.testing.wait_all_tasks_blocked()
+            submitters.start_soon(submit, "no room, gives up", 1)
+            submitters.start_soon(submit, "no room, waits", 100)
+            await trio.sleep(5)
+            db.gate.set()  # the writes go on: room for the one still waiting
+        nursery.cancel_scope.cancel()
+    started_at = outcomes.pop("no room, gives up")
+    assert started_at == "too slow at 1"
+    assert outcomes == {
+        name: f"ok:{name}"
+        for name in ("writing", "queued-0", "queued-1", "queued-2", "queued-3", "no room, waits")
+    }
+    written = [batch[0] for batch in db.batches]  # (trio starts tasks in no fixed order)
+    assert written[0] == "writing" and written[-1] == "no room, waits"
+    assert sorted(written[1:-1]) == [f"queued-{n}" for n in range(4)]
