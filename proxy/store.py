@@ -6,11 +6,11 @@ an event, so the trio loop is never blocked, and cancelling the trio task cancel
 asyncio task, which cancels the query. Nothing outside this module knows asyncio exists:
 every database failure is translated here, once, into `StoreUnavailable`.
 
-Writes are group-committed. Claims and outcomes queue in bounded channels; a batcher takes
+Writes are group-committed. Claims and outcomes each queue for a batcher, which takes
 what has gathered (up to `batch_max`, waiting at most `batch_wait_ms` for more) and
-writes it in one statement, one round trip. The queue is bounded, and every caller waits
-at most `store.timeout`: a slow or dead database costs an RC 96, never an unbounded
-backlog.
+writes it in one statement, one round trip. No caller stays queued past `store.timeout`
+(the batcher drops it, unwritten): a slow or dead database costs an RC 96, never an
+unbounded backlog.
 
 A claim is one `INSERT ... ON CONFLICT DO NOTHING` that also returns, for a key already
 taken, what the journal holds for it: the unique key in the database, not memory, decides
@@ -209,6 +209,10 @@ class _Bridge:
         await self._ended.wait()
 
 
+# How often, at most, the batcher's expiry timer wakes to drop late submissions.
+EXPIRY_STEP = 0.01
+
+
 class _Slot(Generic[R]):
     __slots__ = ("abandoned", "deadline", "done", "error", "result", "taken")
 
@@ -226,13 +230,13 @@ class _Batcher(Generic[I, R]):
 
     A submission not taken into a write by its deadline, or whose caller gives up while it
     is still queued, is dropped, never written (its caller gets TooSlowError). The batcher
-    keeps those deadlines itself, one timer for its whole queue, rather than each caller a
-    cancel scope of its own: a scope per journal stage cost the proxy about 5 % of its CPU.
-    One already being written is waited for (the write is bounded by `flush_timeout`), so
-    the caller always learns what the database really holds. If a batch fails for a reason
-    of its data (not the connection), its items are written one by one, so one bad item
-    cannot fail its neighbours. The queue holds at most `4 * max_size`; past that,
-    submitters wait for room until their deadline.
+    keeps those deadlines itself, one timer for its whole queue (`_expire`), rather than
+    each caller a cancel scope of its own: a scope per journal stage cost the proxy about
+    5 % of its CPU. The queue holds only callers still waiting, each until its deadline at
+    most, and they are taken in the order they came. One already being written is waited
+    for (the write is bounded by `flush_timeout`), so the caller always learns what the
+    database really holds. If a batch fails for a reason of its data (not the connection),
+    its items are written one by one, so one bad item cannot fail its neighbours.
     """
 
     def __init__(
@@ -246,10 +250,8 @@ class _Batcher(Generic[I, R]):
         self._max_size = max_size
         self._max_wait = max_wait
         self._flush_timeout = flush_timeout
-        self._capacity = max_size * 4
         self._queue: deque[tuple[I, _Slot[R]]] = deque()
         self._arrived = trio.Event()  # something was queued since the batcher last looked
-        self._room = trio.Event()  # the batcher took from the queue
         self._timer: trio.CancelScope | None = None  # the expiry timer's sleep
         self._stopped = False
 
@@ -259,14 +261,12 @@ class _Batcher(Generic[I, R]):
         if self._stopped:
             raise _Stopped("the store stopped before this write")
         slot: _Slot[R] = _Slot(deadline)
+        self._queue.append((item, slot))
+        self._arrived.set()
+        timer = self._timer
+        if timer is not None and deadline < timer.deadline:
+            timer.deadline = deadline
         try:
-            if len(self._queue) >= self._capacity:
-                await self._wait_for_room(deadline)
-            self._queue.append((item, slot))
-            self._arrived.set()
-            timer = self._timer
-            if timer is not None and deadline < timer.deadline:
-                timer.deadline = deadline
             await slot.done.wait()
         finally:
             if not slot.done.is_set() and not slot.taken:
@@ -275,82 +275,84 @@ class _Batcher(Generic[I, R]):
             raise slot.error.with_traceback(None)
         return slot.result  # type: ignore[return-value]
 
-    async def _wait_for_room(self, deadline: float) -> None:
-        with trio.move_on_at(deadline):
-            while len(self._queue) >= self._capacity and not self._stopped:
-                if self._room.is_set():
-                    self._room = trio.Event()
-                await self._room.wait()
-        if self._stopped:
-            raise _Stopped("the store stopped before this write")
-        if len(self._queue) >= self._capacity:
-            raise trio.TooSlowError
-
     async def run(self) -> None:
         batch: list[tuple[I, _Slot[R]]] = []
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._expire)
                 while True:
-                    batch = await self._next_batch()
-                    await self._write(batch)
+                    await self._gathered()
+                    batch = self._take()  # from here to the write, no checkpoint
+                    if batch:
+                        await self._write(batch)
                     batch = []
-        finally:  # stopped: what was gathered or is still queued is never written
-            self._stopped = True  # later submissions fail at once
-            for _, slot in [*batch, *self._queue]:
-                if not slot.done.is_set():
-                    _settle(slot, error=_Stopped("the store stopped before this write"))
-            self._queue.clear()
-            self._room.set()
+        finally:
+            self._stop(batch)
 
-    async def _next_batch(self) -> list[tuple[I, _Slot[R]]]:
-        """What is queued (up to `max_size`), once something is; with `max_wait`, what
-        else comes within it."""
-        batch: list[tuple[I, _Slot[R]]] = []
-        while not batch:
-            await self._arrival()
-            self._take(batch)
-        if self._max_wait and len(batch) < self._max_size:
-            with trio.move_on_after(self._max_wait):
-                while len(batch) < self._max_size:
-                    await self._arrival()
-                    self._take(batch)
-        return batch
+    def _stop(self, batch: Sequence[tuple[I, _Slot[R]]] = ()) -> None:
+        """Stopped: what was gathered or is still queued is never written, and its callers
+        hear so at once; later submissions fail at once."""
+        self._stopped = True
+        for _, slot in [*batch, *self._queue]:
+            if not slot.done.is_set():
+                _settle(slot, error=_Stopped("the store stopped before this write"))
+        self._queue.clear()
 
-    async def _arrival(self) -> None:
+    async def _gathered(self) -> None:
+        """Wait until something is queued; with `max_wait`, until `max_size` are, or
+        `max_wait` has passed. What is gathered stays queued (and its deadlines kept)."""
         while not self._queue:
             self._arrived = trio.Event()
             await self._arrived.wait()
+        if self._max_wait:
+            with trio.move_on_after(self._max_wait):
+                while len(self._queue) < self._max_size:
+                    self._arrived = trio.Event()
+                    await self._arrived.wait()
 
-    def _take(self, batch: list[tuple[I, _Slot[R]]]) -> None:
-        """Move queued submissions still wanted into `batch`, up to `max_size`."""
+    def _take(self) -> list[tuple[I, _Slot[R]]]:
+        """The next batch: up to `max_size` of the queue, in order, leaving out whoever
+        gave up and whoever is already late (the expiry timer may not have run yet)."""
+        now = trio.current_time()
+        batch: list[tuple[I, _Slot[R]]] = []
         queue = self._queue
         while queue and len(batch) < self._max_size:
             item, slot = queue.popleft()
-            if not slot.abandoned:
-                slot.taken = True
-                batch.append((item, slot))
-        self._room.set()
+            if slot.abandoned:
+                continue
+            if slot.deadline <= now:
+                slot.abandoned = True
+                _settle(slot, error=trio.TooSlowError())
+                continue
+            slot.taken = True
+            batch.append((item, slot))
+        return batch
 
     async def _expire(self) -> None:
-        """Drop queued submissions whose deadline has passed (a timer for the earliest)."""
-        while True:
-            earliest = min((slot.deadline for _, slot in self._queue), default=math.inf)
-            with trio.CancelScope(deadline=earliest) as self._timer:
-                await trio.sleep_forever()
-            now = trio.current_time()
-            kept: deque[tuple[I, _Slot[R]]] = deque()
-            for entry in self._queue:
-                slot = entry[1]
-                if slot.abandoned:
-                    continue
-                if slot.deadline <= now:
-                    slot.abandoned = True
-                    _settle(slot, error=trio.TooSlowError())
-                else:
-                    kept.append(entry)
-            self._queue = kept
-            self._room.set()
+        """Drop queued submissions whose deadline has passed: a timer for the earliest,
+        waking at most every `EXPIRY_STEP` (a queue of thousands, behind a hung write,
+        is scanned that often, not once per caller)."""
+        try:
+            while True:
+                earliest = min((slot.deadline for _, slot in self._queue), default=math.inf)
+                wake = max(earliest, trio.current_time() + EXPIRY_STEP)
+                with trio.CancelScope(deadline=wake) as self._timer:
+                    await trio.sleep_forever()
+                now = trio.current_time()
+                kept: deque[tuple[I, _Slot[R]]] = deque()
+                for entry in self._queue:
+                    slot = entry[1]
+                    if slot.abandoned:
+                        continue
+                    if slot.deadline <= now:
+                        slot.abandoned = True
+                        _settle(slot, error=trio.TooSlowError())
+                    else:
+                        kept.append(entry)
+                if len(kept) != len(self._queue):
+                    self._queue = kept
+        finally:  # the store is stopping: the queued hear it now, not after the write
+            self._stop()
 
     async def _write(self, batch: list[tuple[I, _Slot[R]]]) -> None:
         try:

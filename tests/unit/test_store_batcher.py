@@ -208,12 +208,53 @@ async def test_a_queued_submission_hears_at_its_own_deadline_behind_a_hung_write
     assert db.batches == [["writing"]]
 
 
-async def test_a_full_queue_makes_submitters_wait_for_room_until_their_deadline(
+async def test_what_queues_behind_a_hung_write_is_written_in_the_order_it_came(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     db = _Database()
     db.gate = trio.Event()
-    batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=1, max_wait=0, flush_timeout=60)
+    batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=2, max_wait=0, flush_timeout=60)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batcher.run)
+        async with trio.open_nursery() as submitters:
+            for n in range(9):
+                submitters.start_soon(batcher.submit, f"{n}", trio.current_time() + 100)
+                await trio.testing.wait_all_tasks_blocked()  # each queued before the next
+            db.gate.set()
+        nursery.cancel_scope.cancel()
+    assert db.batches == [["0"], ["1", "2"], ["3", "4"], ["5", "6"], ["7", "8"]]
+
+
+async def test_a_batcher_stopped_while_gathering_settles_what_it_gathered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """With `max_wait`, a batch gathers for a while: the store stopping then must still
+    tell its callers at once (they have no deadline of their own to end the wait)."""
+    db = _Database()
+    batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=10, max_wait=1, flush_timeout=5)
+    heard: dict[str, float] = {}
+
+    async def submit(item: str) -> None:
+        started = trio.current_time()
+        with pytest.raises(ConnectionError):
+            await batcher.submit(item, started + 30)
+        heard[item] = trio.current_time() - started
+
+    async with trio.open_nursery() as nursery, trio.open_nursery() as running:
+        running.start_soon(batcher.run)
+        nursery.start_soon(submit, "gathered")
+        await trio.sleep(0.5)  # mid-gather
+        running.cancel_scope.cancel()
+    assert heard == {"gathered": 0.5}
+    assert db.batches == []
+
+
+async def test_a_submission_late_when_its_batch_is_taken_is_never_written(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """`max_wait` gathers past a deadline: the late one is left out, its caller told."""
+    db = _Database()
+    batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=10, max_wait=1, flush_timeout=5)
     outcomes: dict[str, str] = {}
 
     async def submit(item: str, wait: float) -> None:
@@ -225,22 +266,8 @@ async def test_a_full_queue_makes_submitters_wait_for_room_until_their_deadline(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(batcher.run)
         async with trio.open_nursery() as submitters:
-            submitters.start_soon(submit, "writing", 100)
-            await trio.testing.wait_all_tasks_blocked()
-            for n in range(4):  # the queue's capacity: 4 * max_size
-                submitters.start_soon(submit, f"queued-{n}", 100)
-            await trio.testing.wait_all_tasks_blocked()
-            submitters.start_soon(submit, "no room, gives up", 1)
-            submitters.start_soon(submit, "no room, waits", 100)
-            await trio.sleep(5)
-            db.gate.set()  # the writes go on: room for the one still waiting
+            submitters.start_soon(submit, "hurried", 0.1)
+            submitters.start_soon(submit, "patient", 30)
         nursery.cancel_scope.cancel()
-    started_at = outcomes.pop("no room, gives up")
-    assert started_at == "too slow at 1"
-    assert outcomes == {
-        name: f"ok:{name}"
-        for name in ("writing", "queued-0", "queued-1", "queued-2", "queued-3", "no room, waits")
-    }
-    written = [batch[0] for batch in db.batches]  # (trio starts tasks in no fixed order)
-    assert written[0] == "writing" and written[-1] == "no room, waits"
-    assert sorted(written[1:-1]) == [f"queued-{n}" for n in range(4)]
+    assert outcomes == {"hurried": "too slow at 0.1", "patient": "ok:patient"}
+    assert db.batches == [["patient"]]
