@@ -261,12 +261,14 @@ class _Batcher(Generic[I, R]):
         if self._stopped:
             raise _Stopped("the store stopped before this write")
         slot: _Slot[R] = _Slot(deadline)
-        self._queue.append((item, slot))
-        self._arrived.set()
-        timer = self._timer
-        if timer is not None and deadline < timer.deadline:
-            timer.deadline = deadline
         try:
+            self._queue.append((item, slot))
+            self._arrived.set()
+            timer = self._timer
+            if timer is not None and deadline < timer.deadline:  # the earliest now: sooner
+                timer.deadline = min(
+                    timer.deadline, max(deadline, trio.current_time() + EXPIRY_STEP)
+                )
             await slot.done.wait()
         finally:
             if not slot.done.is_set() and not slot.taken:
