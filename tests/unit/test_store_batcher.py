@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import asyncpg
 import pytest
 import trio
@@ -24,6 +26,14 @@ class _Database:
         if "bad" in items:
             raise asyncpg.DataError("invalid byte sequence")
         return [f"ok:{item}" for item in items]
+
+
+async def _hears_stopped(batcher: _Batcher[str, str], heard: dict[str, float], item: str) -> None:
+    """Submit `item` and expect the batcher to stop first; `heard`: how long that took."""
+    started = trio.current_time()
+    with pytest.raises(ConnectionError):
+        await batcher.submit(item, started + 30)
+    heard[item] = trio.current_time() - started
 
 
 async def test_concurrent_submissions_share_one_write(
@@ -145,12 +155,7 @@ async def test_stopping_settles_what_is_being_written_gathered_or_queued_at_once
     db.gate = trio.Event()  # the first write hangs
     batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=2, max_wait=0, flush_timeout=60)
     heard: dict[str, float] = {}
-
-    async def submit(item: str) -> None:
-        started = trio.current_time()
-        with pytest.raises(ConnectionError):
-            await batcher.submit(item, started + 30)
-        heard[item] = trio.current_time() - started
+    submit = partial(_hears_stopped, batcher, heard)
 
     async with trio.open_nursery() as nursery, trio.open_nursery() as running:
         running.start_soon(batcher.run)
@@ -233,12 +238,7 @@ async def test_a_batcher_stopped_while_gathering_settles_what_it_gathered(
     db = _Database()
     batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=10, max_wait=1, flush_timeout=5)
     heard: dict[str, float] = {}
-
-    async def submit(item: str) -> None:
-        started = trio.current_time()
-        with pytest.raises(ConnectionError):
-            await batcher.submit(item, started + 30)
-        heard[item] = trio.current_time() - started
+    submit = partial(_hears_stopped, batcher, heard)
 
     async with trio.open_nursery() as nursery, trio.open_nursery() as running:
         running.start_soon(batcher.run)
