@@ -97,6 +97,18 @@ def dsn_problem(dsn: str) -> str | None:
     return None
 
 
+def session_settings(schema: str | None) -> dict[str, str]:
+    """The journal's connections' settings. Every statement is planned for its own
+    parameters: a plan PostgreSQL caches while the journal is small scans the whole table
+    (the cheapest way then) and goes on doing so as the table grows, until something
+    analyzes it; PostgreSQL's CPU a row rose from 140 to 870 us over 120 000 rows that
+    way, where planned each time it stays near 75 (BENCHMARKS.md). PostgreSQL 12+."""
+    settings = {"plan_cache_mode": "force_custom_plan"}
+    if schema:
+        settings["search_path"] = schema
+    return settings
+
+
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
     dsn: str = field(repr=False)  # may hold a password
@@ -522,13 +534,12 @@ class Store:
 
     async def _open_pool(self) -> asyncpg.Pool:
         settings = self._settings
-        server_settings = {"search_path": settings.schema} if settings.schema else None
         async with asyncio.timeout(max(settings.timeout, 5.0)):
             pool = await asyncpg.create_pool(
                 settings.dsn,
                 min_size=1,
                 max_size=settings.pool_size,
-                server_settings=server_settings,
+                server_settings=session_settings(settings.schema),
                 command_timeout=settings.timeout,
                 timeout=max(settings.timeout, 1.0),  # each (re)connect
                 reset=_keep_session,
