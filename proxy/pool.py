@@ -16,6 +16,7 @@ from proxy import decisions
 from proxy.balancer import LeastCost, RoundRobin, SmoothWeighted
 from proxy.config import HealthConfig, RoutingConfig, SwitchConfig
 from proxy.correlator import Correlator
+from proxy.deadlines import Deadlines
 from proxy.errors import (
     LinkLost,
     MissingKeyField,
@@ -69,6 +70,11 @@ class _Waiter:
         self.written_at = 0.0
         self.tag = tag  # the caller's name for the request (its transaction key)
 
+    @property
+    def settled(self) -> bool:
+        """Answered, or its connection failed (not merely past its deadline)."""
+        return self.response is not None or self.error is not None
+
     def deliver(self, response: Message) -> None:
         self.response = response
         self.event.set()
@@ -76,6 +82,11 @@ class _Waiter:
     def fail(self, error: UpstreamError) -> None:
         self.error = error
         self.event.set()
+
+
+def _no_answer(waiter: _Waiter) -> None:
+    """A written request's deadline passed: its caller wakes to no answer (a timeout)."""
+    waiter.event.set()
 
 
 class Pool:
@@ -111,6 +122,8 @@ class Pool:
         self._settled = Watch()  # a request ended
         self.drained: set[str] = set()  # switches taking no new requests (echoes go on)
         self._late_send, self.late_answers = trio.open_memory_channel[LateAnswer](MAX_LATE_ANSWERS)
+        # Each written request's deadline for its answer, on one timer (not a scope each).
+        self._answer_deadlines: Deadlines[_Waiter] = Deadlines(_no_answer)
         self.late_count = 0
         self.unmatched_count = 0
 
@@ -118,6 +131,7 @@ class Pool:
         """Run every link; ready once each has made its first connection attempt."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._answer_deadlines.run)
             async with trio.open_nursery() as starting:
                 for name in list(self.links):
                     starting.start_soon(nursery.start, self._run_switch, name)
@@ -200,8 +214,11 @@ class Pool:
         timed_out: Link | None = None
         try:
             link, deadline = await self._send(message, key, waiter, started, switch)
-            with trio.move_on_at(deadline):
-                await waiter.event.wait()
+            self._answer_deadlines.add(waiter, deadline)
+            try:
+                await waiter.event.wait()  # an answer, its link's loss, or the deadline
+            finally:
+                self._answer_deadlines.discard(waiter)
             if waiter.error is not None:
                 raise waiter.error
             if waiter.response is None:
@@ -217,7 +234,7 @@ class Pool:
         finally:
             # Written but unanswered (timed out, or this task was cancelled): the key stays
             # taken until the late answer or the connection's end.
-            self._correlator.finish(key, waiter, answered=waiter.event.is_set())
+            self._correlator.finish(key, waiter, answered=waiter.settled)
             self._settled.changed()
             if timed_out is not None:
                 if judge_link:

@@ -48,6 +48,7 @@ import trio
 
 from codec import Message, Mti
 from proxy.backoff import Backoff
+from proxy.deadlines import Deadlines
 from proxy.decisions import may_reclaim, reverse_after_timeout
 from proxy.errors import ProxyError
 from proxy.transactions import Claim, Outcome, Recorded, reversal_for, storable
@@ -221,10 +222,6 @@ class _Bridge:
         await self._ended.wait()
 
 
-# How often, at most, the batcher's expiry timer wakes to drop late submissions.
-EXPIRY_STEP = 0.01
-
-
 class _Slot(Generic[R]):
     __slots__ = ("abandoned", "deadline", "done", "error", "result", "taken")
 
@@ -242,10 +239,10 @@ class _Batcher(Generic[I, R]):
 
     A submission not taken into a write by its deadline, or whose caller gives up while it
     is still queued, is dropped, never written (its caller gets TooSlowError). The batcher
-    keeps those deadlines itself, one timer for its whole queue (`_expire`), rather than
-    each caller a cancel scope of its own: a scope per journal stage cost the proxy about
-    5 % of its CPU. The queue holds only callers still waiting, each until its deadline at
-    most, and they are taken in the order they came. One already being written is waited
+    keeps those deadlines itself, one timer for its whole queue (`proxy.deadlines`), rather
+    than each caller a cancel scope of its own: a scope per journal stage cost the proxy
+    about 5 % of its CPU. The queue holds only callers still waiting, each until its
+    deadline at most, and they are taken in the order they came. One already being written is waited
     for (the write is bounded by `flush_timeout`), so the caller always learns what the
     database really holds. If a batch fails for a reason of its data (not the connection),
     its items are written one by one, so one bad item cannot fail its neighbours.
@@ -264,7 +261,7 @@ class _Batcher(Generic[I, R]):
         self._flush_timeout = flush_timeout
         self._queue: deque[tuple[I, _Slot[R]]] = deque()
         self._arrived = trio.Event()  # something was queued since the batcher last looked
-        self._timer: trio.CancelScope | None = None  # the expiry timer's sleep
+        self._deadlines: Deadlines[_Slot[R]] = Deadlines(self._late)
         self._stopped = False
 
     async def submit(self, item: I, deadline: float) -> R:
@@ -275,16 +272,13 @@ class _Batcher(Generic[I, R]):
         slot: _Slot[R] = _Slot(deadline)
         try:
             self._queue.append((item, slot))
+            self._deadlines.add(slot, deadline)
             self._arrived.set()
-            timer = self._timer
-            if timer is not None and deadline < timer.deadline:  # the earliest now: sooner
-                timer.deadline = min(
-                    timer.deadline, max(deadline, trio.current_time() + EXPIRY_STEP)
-                )
             await slot.done.wait()
         finally:
             if not slot.done.is_set() and not slot.taken:
                 slot.abandoned = True  # given up while queued: never written
+                self._deadlines.discard(slot)
         if slot.error is not None:  # one error for a whole batch: a fresh traceback each
             raise slot.error.with_traceback(None)
         return slot.result  # type: ignore[return-value]
@@ -334,37 +328,22 @@ class _Batcher(Generic[I, R]):
             item, slot = queue.popleft()
             if slot.abandoned:
                 continue
+            self._deadlines.discard(slot)
             if slot.deadline <= now:
-                slot.abandoned = True
-                _settle(slot, error=trio.TooSlowError())
+                self._late(slot)
                 continue
             slot.taken = True
             batch.append((item, slot))
         return batch
 
+    def _late(self, slot: _Slot[R]) -> None:
+        """A queued submission's deadline passed: dropped, its caller told."""
+        slot.abandoned = True
+        _settle(slot, error=trio.TooSlowError())
+
     async def _expire(self) -> None:
-        """Drop queued submissions whose deadline has passed: a timer for the earliest,
-        waking at most every `EXPIRY_STEP` (a queue of thousands, behind a hung write,
-        is scanned that often, not once per caller)."""
         try:
-            while True:
-                earliest = min((slot.deadline for _, slot in self._queue), default=math.inf)
-                wake = max(earliest, trio.current_time() + EXPIRY_STEP)
-                with trio.CancelScope(deadline=wake) as self._timer:
-                    await trio.sleep_forever()
-                now = trio.current_time()
-                kept: deque[tuple[I, _Slot[R]]] = deque()
-                for entry in self._queue:
-                    slot = entry[1]
-                    if slot.abandoned:
-                        continue
-                    if slot.deadline <= now:
-                        slot.abandoned = True
-                        _settle(slot, error=trio.TooSlowError())
-                    else:
-                        kept.append(entry)
-                if len(kept) != len(self._queue):
-                    self._queue = kept
+            await self._deadlines.run()
         finally:  # the store is stopping: the queued hear it now, not after the write
             self._stop()
 
