@@ -206,7 +206,8 @@ class Pool:
         waiting to write, writing, and waiting for the answer. With `switch`, only that
         switch's links are used. An answer arriving after the deadline goes to
         `late_answers` under `tag`. Raises KeyInFlight, NoLinkAvailable, LinkLost,
-        UpstreamTimeout or UnencodableMessage.
+        UpstreamTimeout or UnencodableMessage. The answer's deadline is kept by `run`'s
+        timer (within 10 ms): the pool must be running.
         """
         started = trio.current_time()
         waiter = _Waiter(tag)
@@ -214,11 +215,12 @@ class Pool:
         timed_out: Link | None = None
         try:
             link, deadline = await self._send(message, key, waiter, started, switch)
-            self._answer_deadlines.add(waiter, deadline)
-            try:
-                await waiter.event.wait()  # an answer, its link's loss, or the deadline
-            finally:
-                self._answer_deadlines.discard(waiter)
+            if trio.current_time() < deadline:  # else it is already late: no wait at all
+                self._answer_deadlines.add(waiter, deadline)
+                try:
+                    await waiter.event.wait()  # an answer, its link's loss, or the deadline
+                finally:
+                    self._answer_deadlines.discard(waiter)
             if waiter.error is not None:
                 raise waiter.error
             if waiter.response is None:
