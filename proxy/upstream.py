@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections import deque
@@ -37,6 +38,9 @@ WRITE_GRACE = 1.0
 # At most this many frames leave in one write: a batch that gathered during a stall must
 # still fit in what is left of its writer's deadline (the rest goes in the next turns).
 MAX_BATCH_FRAMES = 16
+# Numbers for connections, unique in the process: requests are tied to a connection by its
+# name, and a replaced switch's old link, still closing, has the new link's name.
+_CONNECTION_NUMBERS = itertools.count(1)
 # Echo round-trip times kept per link for status and percentiles.
 ECHO_SAMPLES = 256
 
@@ -361,7 +365,7 @@ class Link:
                 return None
             self._stream = stream
             self.connects += 1
-            self.connection = f"{self.name}#{self.connects}"
+            self.connection = f"{self.name}#{next(_CONNECTION_NUMBERS)}"
             self._serving = trio.CancelScope()
             self._health = LinkHealth(self._health_config)
             self._signed_on = False

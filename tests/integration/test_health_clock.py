@@ -256,3 +256,20 @@ async def test_declined_echoes_are_spaced_not_fired_in_a_burst(
     # Declined at 11, then again after rise_interval each time: dropped at 13, not at 11.
     assert [t - start for t in switch.echo_times[-3:]] == pytest.approx([11, 12, 13])
     assert trio.current_time() - start == pytest.approx(13.0)
+
+
+async def test_a_switch_replaced_gets_connections_never_named_like_the_old_ones(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A request is tied to a connection by name: the old links of a replaced switch,
+    still closing, must not fail the new links' requests by sharing their names."""
+    switch = ScriptedSwitch(nursery)
+    pool = await _pool(nursery, switch)
+    old = pool.links["alpha"][0]
+    await pool.wait_until(lambda: old.is_up)
+    config = pool.switches["alpha"]
+    await pool.remove_switch("alpha")
+    pool.add_switch(config)
+    new = pool.links["alpha"][0]
+    await pool.wait_until(lambda: new.is_up)
+    assert new.name == old.name and new.connection != old.connection
