@@ -5,8 +5,8 @@
                     [--idle 10000]
 
 Starts two simulated switches, the proxy as its own process with a real config (journal,
-health checks and metrics on; the database from --dsn, ISO_PROXY_DSN or
-ISO_PROXY_TEST_DSN, else the embedded PostgreSQL), then runs the load generator
+health checks and metrics on; the database from --dsn, ISO_PROXY_TEST_DSN or
+ISO_PROXY_DSN, else the embedded PostgreSQL), then runs the load generator
 (`bench.load`, its own process) at each fixed rate (open loop) and as fast as answers come
 (closed loop), straight at a switch (the baseline) and through the proxy, interleaved,
 `--repeats` times. Then, with `--idle` terminal connections held open, an active client

@@ -238,7 +238,7 @@ class _Batcher(Generic[I, R]):
     """Gathers concurrent submissions and writes each gathering with one `flush` call.
 
     A submission not taken into a write by its deadline, or whose caller gives up while it
-    is still queued, is dropped, never written (its caller gets TooSlowError). The batcher
+    is still queued, is dropped, never written (a late one's caller gets TooSlowError). The batcher
     keeps those deadlines itself, one timer for its whole queue (`proxy.deadlines`), rather
     than each caller a cancel scope of its own: a scope per journal stage cost the proxy
     about 5 % of its CPU. The queue holds only callers still waiting, each until its

@@ -3,8 +3,8 @@
 `send_now` is the hot path's write: most frames fit in the socket's send buffer, and one
 system call sends them without the trio machinery around `send_all` (a lock, a cancel
 scope and two scheduler passes). What it could not send, the caller sends with
-`send_all` as before. With it, the proxy spent about a quarter less CPU a transaction
-(BENCHMARKS.md, "Done so far").
+`send_all` as before. With it, the proxy spent up to a quarter less CPU a transaction
+(1-25 % in two stretches of runs; BENCHMARKS.md, "Done so far").
 """
 
 from __future__ import annotations
