@@ -44,13 +44,18 @@ class Deadlines(Generic[K]):
 
     async def run(self) -> None:
         """Keep the deadlines until cancelled."""
+        earliest = min(self._items.values(), default=math.inf)
         while True:
-            earliest = min(self._items.values(), default=math.inf)
             with trio.CancelScope(deadline=max(earliest, trio.current_time() + STEP)) as timer:
                 self._timer = timer
                 await trio.sleep_forever()
             now = trio.current_time()
-            late = [item for item, deadline in self._items.items() if deadline <= now]
+            late, earliest = [], math.inf  # one pass: who is late, and the next deadline
+            for item, deadline in self._items.items():
+                if deadline <= now:
+                    late.append(item)
+                elif deadline < earliest:
+                    earliest = deadline
             for item in late:
                 del self._items[item]
                 self._expired(item)
