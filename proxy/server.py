@@ -45,7 +45,7 @@ from proxy.config import ClientProfile, ListenConfig
 from proxy.decisions import FORMAT_ERROR, SYSTEM_MALFUNCTION
 from proxy.forwarder import Forwarder, Reply
 from proxy.responses import answer, answer_salvaged
-from proxy.streams import close, send_now
+from proxy.streams import close, send_whole
 from proxy.tls import cert_names
 from proxy.watch import Watch
 
@@ -420,27 +420,22 @@ class _Connection:
 
     async def _write(self, data: bytes, message: Message) -> bool:
         """Write one whole frame (a cancel never leaves half a frame on the wire); whether
-        it was written. Most answers leave in one system call (`send_now`); what the
+        it was written. Most answers leave in one system call (`send_whole`); what the
         socket cannot take at once follows under the write deadline."""
         try:
             self._write_lock.acquire_nowait()
         except trio.WouldBlock:
             await self._write_lock.acquire()
         try:
+            deadline = trio.current_time() + self._listen.write_timeout
             try:
-                sent = send_now(self._stream, data)
-                if sent == len(data):
-                    return True
-                with trio.CancelScope(shield=True) as scope:
-                    scope.deadline = trio.current_time() + self._listen.write_timeout
-                    await self._stream.send_all(memoryview(data)[sent:])
+                written = await send_whole(self._stream, data, deadline)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 log.warning("answer %s undelivered: terminal gone", message.mti)
                 return False
-            if scope.cancelled_caught:
+            if not written:  # closed before another answer can follow half a frame
                 log.debug("terminal not reading; closing connection")
                 await self._server.refuse(self._stream, Rejection.WRITE_TIMEOUT)
-                return False
-            return True
+            return written
         finally:
             self._write_lock.release()

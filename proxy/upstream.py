@@ -20,7 +20,7 @@ from proxy.health import Echo, LinkHealth, LinkState, Verdict
 from proxy.latency import Histogram, PeakEwma
 from proxy.network import ECHO, SIGN_OFF, SIGN_ON, network_request
 from proxy.responses import answer
-from proxy.streams import close, send_now
+from proxy.streams import close, send_whole
 from proxy.tls import client_context
 
 log = logging.getLogger("iso_proxy.upstream")
@@ -235,7 +235,7 @@ class Link:
         first byte and may refuse by raising NotWritten. Raises CodecError when the message
         does not fit this switch's spec.
 
-        A frame the socket takes at once leaves in one system call (`send_now`). Frames
+        A frame the socket takes at once leaves in one system call (`send_whole`). Frames
         that come while a write is still on the wire (the socket was full) wait and leave
         together, in one write, when it is done (`_Batch`).
         """
@@ -324,23 +324,13 @@ class Link:
             data += entry.data
         if not data:
             return
-        failure = None
+        # Bounded by the writer's own deadline (whoever waits for it is bounded too): a
+        # switch that stops reading cannot hold the writer forever.
+        writer_deadline = max(batch.entries[0].deadline, now + WRITE_GRACE)
         try:
-            sent = send_now(stream, data)  # all of it, mostly: no scope, no scheduling
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            sent, failure = 0, "failed"
-        if failure is None and sent < len(data):
-            # Shielded: a cancel must not leave half a frame on the wire. Bounded, by the
-            # writer's own deadline (whoever waits for it is bounded too): a switch that
-            # stops reading cannot hold the writer forever.
-            writer_deadline = max(batch.entries[0].deadline, now + WRITE_GRACE)
-            with trio.CancelScope(deadline=writer_deadline, shield=True) as scope:
-                try:
-                    await stream.send_all(memoryview(data)[sent:])
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    failure = "failed"
-            if scope.cancelled_caught:
-                failure = "timed out"
+            failure = None if await send_whole(stream, data, writer_deadline) else "timed out"
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            failure = "failed"
         if failure is not None:
             # The frames may be partly on the wire: the stream is unusable from here on.
             await self._close(stream)

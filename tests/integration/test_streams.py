@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from proxy.streams import send_now
+from proxy.streams import send_now, send_whole
 
 SMALL_BUFFER = 4096
 
@@ -58,6 +58,19 @@ async def test_a_full_socket_takes_part_and_the_rest_follows_with_send_all() -> 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer.send_all, memoryview(data)[sent:])
             assert await _receive_exactly(reader, len(data)) == data
+
+
+async def test_send_whole_sends_past_a_full_socket_and_stops_at_its_deadline() -> None:
+    data = bytes(range(256)) * 4096  # 1 MiB: far more than both buffers hold
+    writer, reader = await _connected_pair(sender_buffer=SMALL_BUFFER)
+    async with writer, reader, trio.open_nursery() as nursery:
+        nursery.start_soon(_receive_exactly, reader, len(data))
+        assert await send_whole(writer, data, trio.current_time() + 30)
+    writer, reader = await _connected_pair(sender_buffer=SMALL_BUFFER)
+    async with writer, reader:  # the peer never reads
+        started = trio.current_time()
+        assert not await send_whole(writer, data, started + 0.2)
+        assert trio.current_time() - started >= 0.2
 
 
 async def test_a_socket_that_takes_nothing_more_gets_nothing() -> None:
