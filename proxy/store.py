@@ -541,24 +541,7 @@ class Store:
         first: dict[str, Claim] = {}
         for claim in claims:
             first.setdefault(claim.key, claim)
-        unique = list(first.values())
-        rows = await self._query(
-            _CLAIM,
-            [
-                [c.key for c in unique],
-                [c.mti for c in unique],
-                [c.terminal for c in unique],
-                [c.stan for c in unique],
-                [c.acquirer for c in unique],
-                [c.rrn for c in unique],
-                [c.tx_date for c in unique],
-                [c.fingerprint for c in unique],
-                [c.pan_masked for c in unique],
-                [c.pan_hash for c in unique],
-                [json.dumps(dict(c.fields)) for c in unique],
-                self._settings.instance,
-            ],
-        )
+        rows = await self._query(_CLAIM, claim_args(list(first.values()), self._settings.instance))
         won = {row["tx_key"] for row in rows if row["claimed"]}
         held = {row["tx_key"]: _recorded(row) for row in rows if row["state"] is not None}
         unseen = [key for key in first if key not in won and key not in held]
@@ -596,23 +579,7 @@ class Store:
         return results
 
     async def _flush_outcomes(self, outcomes: list[Outcome]) -> list[bool]:
-        rows = await self._query(
-            _COMPLETE,
-            [
-                [o.key for o in outcomes],
-                [o.state for o in outcomes],
-                [o.rc for o in outcomes],
-                [o.response_mti for o in outcomes],
-                [o.auth_code for o in outcomes],
-                [json.dumps(dict(o.fields)) for o in outcomes],
-                [",".join(o.field_names) for o in outcomes],
-                [o.switch for o in outcomes],
-                [o.link for o in outcomes],
-                [o.latency_ms for o in outcomes],
-                [o.reversal.mti.code if o.reversal else None for o in outcomes],
-                [json.dumps(dict(o.reversal.fields)) if o.reversal else None for o in outcomes],
-            ],
-        )
+        rows = await self._query(_COMPLETE, outcome_args(outcomes))
         written = {row["tx_key"] for row in rows}
         return [o.key in written for o in outcomes]
 
@@ -749,6 +716,42 @@ async def _migrate(connection: asyncpg.Connection, schema: str | None) -> None:
             await connection.execute(file.read_text(encoding="utf-8"))
             await connection.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
             log.info("store: applied migration %s", version)
+
+
+def claim_args(claims: Sequence[Claim], instance: str) -> list[Any]:
+    """`_CLAIM`'s parameters for `claims` (distinct keys): a column array each."""
+    return [
+        [c.key for c in claims],
+        [c.mti for c in claims],
+        [c.terminal for c in claims],
+        [c.stan for c in claims],
+        [c.acquirer for c in claims],
+        [c.rrn for c in claims],
+        [c.tx_date for c in claims],
+        [c.fingerprint for c in claims],
+        [c.pan_masked for c in claims],
+        [c.pan_hash for c in claims],
+        [json.dumps(dict(c.fields)) for c in claims],
+        instance,
+    ]
+
+
+def outcome_args(outcomes: Sequence[Outcome]) -> list[Any]:
+    """`_COMPLETE`'s parameters for `outcomes`: a column array each."""
+    return [
+        [o.key for o in outcomes],
+        [o.state for o in outcomes],
+        [o.rc for o in outcomes],
+        [o.response_mti for o in outcomes],
+        [o.auth_code for o in outcomes],
+        [json.dumps(dict(o.fields)) for o in outcomes],
+        [",".join(o.field_names) for o in outcomes],
+        [o.switch for o in outcomes],
+        [o.link for o in outcomes],
+        [o.latency_ms for o in outcomes],
+        [o.reversal.mti.code if o.reversal else None for o in outcomes],
+        [json.dumps(dict(o.reversal.fields)) if o.reversal else None for o in outcomes],
+    ]
 
 
 def _recorded(row: asyncpg.Record) -> Recorded:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from typing import Any
 
 import asyncpg
 import trio
@@ -14,35 +13,12 @@ import trio
 from codec import Message
 from fixtures.messages import financial
 from proxy.responses import answer
-from proxy.store import _CLAIM, _COMPLETE, _migrate, session_settings
+from proxy.store import _CLAIM, _COMPLETE, _migrate, claim_args, outcome_args, session_settings
 from proxy.transactions import Claim, Outcome, TransactionIdentity, outcome_of
 from tests.conftest import Database
 
 IDENTITY = TransactionIdentity(("32", "41", "11", "37", "7"), b"plans-test-key")
 SMALL, GROWN = 10, 20_000
-
-
-def _claim_args(claims: list[Claim]) -> list[Any]:
-    columns = ("key", "mti", "terminal", "stan", "acquirer", "rrn", "tx_date", "fingerprint")
-    return [
-        *([getattr(c, name) for c in claims] for name in columns),
-        [c.pan_masked for c in claims],
-        [c.pan_hash for c in claims],
-        ['{"3": "000000"}' for _ in claims],
-        "plans-test",
-    ]
-
-
-def _complete_args(outcomes: list[Outcome]) -> list[Any]:
-    columns = ("key", "state", "rc", "response_mti", "auth_code")
-    return [
-        *([getattr(o, name) for o in outcomes] for name in columns),
-        ['{"39": "00"}' for _ in outcomes],
-        ["39" for _ in outcomes],
-        *([getattr(o, name) for o in outcomes] for name in ("switch", "link", "latency_ms")),
-        [None for _ in outcomes],
-        [None for _ in outcomes],
-    ]
 
 
 async def _plans_on_a_grown_table(dsn: str, schema: str) -> list[str]:
@@ -57,8 +33,8 @@ async def _plans_on_a_grown_table(dsn: str, schema: str) -> list[str]:
         for n in range(SMALL):  # PostgreSQL picks a plan to cache after five runs
             request = financial(n, "PLANS001", when=now)
             claimed = IDENTITY.claim(request, now)
-            await claim.fetch(*_claim_args([claimed]))
-            await complete.fetch(*_complete_args([_answered(claimed, request)]))
+            await claim.fetch(*claim_args([claimed], "plans-test"))
+            await complete.fetch(*outcome_args([_answered(claimed, request)]))
         await connection.execute(
             "INSERT INTO transactions (tx_key, mti, terminal, stan, tx_date, fingerprint,"
             " request, state, instance)"
@@ -69,8 +45,8 @@ async def _plans_on_a_grown_table(dsn: str, schema: str) -> list[str]:
         claimed = IDENTITY.claim(request, now)
         plans = []
         for statement, args in (
-            (claim, _claim_args([claimed])),
-            (complete, _complete_args([_answered(claimed, request)])),
+            (claim, claim_args([claimed], "plans-test")),
+            (complete, outcome_args([_answered(claimed, request)])),
         ):
             literals = [  # EXPLAIN EXECUTE takes values written out, not parameters
                 await connection.fetchval(f"SELECT quote_nullable($1::{kind.name}::text)", value)
