@@ -17,7 +17,7 @@ from codec.framing import (
     encode_frame,
     swap_tpdu,
 )
-from codec.message import Message, Salvage, decode, encode
+from codec.message import Message, Salvage, decode, encode, field_order
 from codec.mti import Mti
 from codec.redact import LOGGABLE_FIELDS, SENSITIVE_FIELDS, loggable, mask_pan
 from codec.spec import BUILTIN_SPECS, Spec, load_spec
@@ -44,6 +44,7 @@ __all__ = [
     "decode",
     "encode",
     "encode_frame",
+    "field_order",
     "load_spec",
     "loggable",
     "mask_pan",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -13,7 +13,7 @@ from codec.errors import DecodeError, EncodeError
 from codec.mti import Mti
 from codec.spec import Spec
 
-__all__ = ["Message", "Salvage", "decode", "encode"]
+__all__ = ["Message", "Salvage", "decode", "encode", "field_order"]
 
 _BITMAPS = ("p", "1")
 _RESERVED = frozenset({"t", "p", "1", "65"})
@@ -67,7 +67,7 @@ class Message:
         return Message(self.mti if mti is None else mti, fields)
 
     def __repr__(self) -> str:
-        names = ", ".join(sorted(self.fields, key=_field_order))
+        names = ", ".join(sorted(self.fields, key=field_order))
         return f"Message({self.mti.code}, fields=[{names}])"
 
 
@@ -162,5 +162,13 @@ def _safe_field(field: object) -> str | None:
     return field if isinstance(field, str) and _SAFE_FIELD.fullmatch(field) else None
 
 
-def _field_order(name: str) -> tuple[int, str]:
-    return (int(name), "") if name.isdigit() else (-1, name)
+class _FieldOrder(dict[str, tuple[int, str]]):
+    def __missing__(self, name: str) -> tuple[int, str]:
+        return (int(name), "") if name.isdigit() else (-1, name)
+
+
+# The sort key for field names: named ones ("h") first, then data fields by number, which
+# is looked up rather than parsed (a sort calls it once a field, with no Python frame).
+field_order: Callable[[str], tuple[int, str]] = _FieldOrder(
+    {str(number): (number, "") for number in range(129)}
+).__getitem__

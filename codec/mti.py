@@ -22,7 +22,13 @@ class Mti:
 
     @classmethod
     def parse(cls, text: str) -> Mti:
-        return cls(text)
+        """The MTI `text` names; the same object for the same text (MTIs are immutable, and
+        at most 10 000 are valid), so parsing a known one costs a dict lookup."""
+        known = _PARSED.get(text) if type(text) is str else None
+        if known is None:
+            known = cls(text)  # validates
+            _PARSED[text] = known
+        return known
 
     @property
     def version(self) -> int:
@@ -42,7 +48,7 @@ class Mti:
 
     @property
     def is_response(self) -> bool:
-        return self.function % 2 == 1
+        return self.code[2] in "13579"  # an odd function digit
 
     @property
     def is_request(self) -> bool:
@@ -60,17 +66,27 @@ class Mti:
         """The response MTI (function + 1, repeat digit cleared); a response returns itself."""
         if self.is_response:
             return self
-        return Mti(f"{self.code[:2]}{self.function + 1}{self.origin & ~1}")
+        return Mti.parse(f"{self.code[:2]}{self.function + 1}{self.origin & ~1}")
 
     def original(self) -> Mti:
         """This MTI with the repeat digit cleared: 0201 -> 0200."""
         if not self.is_repeat:
             return self
-        return Mti(f"{self.code[:3]}{self.origin & ~1}")
+        return Mti.parse(f"{self.code[:3]}{self.origin & ~1}")
 
     def match_code(self) -> str:
         """The code a request and its response share: 0200, 0201 and 0210 all give 0200."""
-        return f"{self.code[:2]}{self.function & ~1}{self.origin & ~1}"
+        shared = _MATCH_CODES.get(self.code)
+        if shared is None:
+            shared = _MATCH_CODES[self.code] = (
+                f"{self.code[:2]}{self.function & ~1}{self.origin & ~1}"
+            )
+        return shared
 
     def __str__(self) -> str:
         return self.code
+
+
+# Each keyed by a valid code, so neither holds more than 10 000 entries.
+_PARSED: dict[str, Mti] = {}
+_MATCH_CODES: dict[str, str] = {}

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
-from codec import LOGGABLE_FIELDS, CodecError, Message, Mti, mask_pan
+from codec import LOGGABLE_FIELDS, CodecError, Message, Mti, field_order, mask_pan
 
 DATE_FIELD = "7"
 FINGERPRINT_FIELDS = ("2", "3", "4", "5", "6", "14", "22", "25", "42", "49", "50", "51")
@@ -114,11 +114,12 @@ class TransactionIdentity:
 
     def key(self, request: Message, tx_date: date) -> str:
         parts = [request.mti.original().code]
+        value = request.fields.get
         for name in self._key_fields:
             if name == DATE_FIELD:
                 parts.append(tx_date.isoformat())
             else:
-                parts.append(f"{name}={request.get(name) or ''}")
+                parts.append(f"{name}={value(name) or ''}")
         return _SEPARATOR.join(parts)
 
     def original_key(self, reversal: Message, received_at: datetime) -> str | None:
@@ -137,7 +138,8 @@ class TransactionIdentity:
     def fingerprint(self, request: Message) -> bytes:
         """HMAC of the financial fields; without a secret, the PAN is left out of it."""
         names = FINGERPRINT_FIELDS if self._secret else FINGERPRINT_FIELDS[1:]
-        text = _SEPARATOR.join(f"{n}={request.get(n) or ''}" for n in names)
+        value = request.fields.get
+        text = _SEPARATOR.join([f"{n}={value(n) or ''}" for n in names])
         return self._hmac(text) if self._secret else hashlib.sha256(text.encode()).digest()
 
     def _hmac(self, text: str) -> bytes:
@@ -173,8 +175,10 @@ def transaction_date(field7: str | None, received_at: datetime) -> date:
 
 def safe_fields(message: Message) -> dict[str, str]:
     """The fields that may be stored: the whitelist only (no PAN, track, PIN, chip data)."""
-    return {
-        name: storable(value) for name, value in message.fields.items() if name in LOGGABLE_FIELDS
+    return {  # storable() only where it changes something: no call a field on the hot path
+        name: storable(value) if "\x00" in value else value
+        for name, value in message.fields.items()
+        if name in LOGGABLE_FIELDS
     }
 
 
@@ -203,7 +207,7 @@ def outcome_of(
         response_mti=response.mti.code,
         auth_code=storable(auth_code) if auth_code is not None else None,
         fields=safe_fields(response),
-        field_names=tuple(sorted(response.fields, key=_field_order)),
+        field_names=tuple(sorted(response.fields, key=field_order)),
         switch=switch,
         link=link,
         latency_ms=latency_ms,
@@ -225,10 +229,6 @@ def replay(request: Message, recorded: Recorded) -> Message:
             fields[name] = value
     mti = Mti.parse(recorded.response_mti) if recorded.response_mti else request.mti.response()
     return Message(mti, fields)
-
-
-def _field_order(name: str) -> tuple[int, str]:
-    return (int(name), "") if name.isdigit() else (-1, name)
 
 
 # What a reversal carries of its original (never card data: the switch finds the original

@@ -13,7 +13,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from codec import DecodeError, EncodeError, Message, Mti, Salvage, Spec, decode, encode, load_spec
+from codec import (
+    DecodeError,
+    EncodeError,
+    Message,
+    Mti,
+    Salvage,
+    Spec,
+    decode,
+    encode,
+    field_order,
+    load_spec,
+)
 
 PAN = "4111111111111111"
 SPECS = {name: load_spec(name) for name in ("default", "default_ascii")}
@@ -461,3 +472,9 @@ def test_only_decode_gives_a_message_its_bytes() -> None:
     moved = dataclasses.replace(message, mti=Mti.parse("0200"))
     assert moved.wire is None
     assert encode(moved, spec)[:4] == b"0200"
+
+
+def test_field_order_puts_named_fields_first_then_numbers() -> None:
+    names = ["39", "h", "2", "128", "11", "1", "007", "64"]
+    assert sorted(names, key=field_order) == ["h", "1", "2", "007", "11", "39", "64", "128"]
+    assert field_order("12") == (12, "") and field_order("h") == (-1, "h")

@@ -83,3 +83,20 @@ def test_mti_is_frozen_and_hashable() -> None:
     with pytest.raises(AttributeError):
         mti.code = "0210"  # type: ignore[misc]
     assert {Mti("0200"): 1}[mti] == 1
+
+
+def test_parse_shares_one_object_per_code_and_still_validates() -> None:
+    assert Mti.parse("0200") is Mti.parse("0200") == Mti("0200")
+    assert Mti.parse("0201").original() is Mti.parse("0200")
+    assert Mti.parse("0200").response() is Mti.parse("0210")
+    for bad in ("02000", "020", 200, None):
+        with pytest.raises(DecodeError):
+            Mti.parse(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("code", "shared"), [("0200", "0200"), ("0201", "0200"), ("0210", "0200"), ("0431", "0420")]
+)
+def test_match_code_is_the_same_on_every_call(code: str, shared: str) -> None:
+    assert Mti.parse(code).match_code() == shared
+    assert Mti(code).match_code() == shared
