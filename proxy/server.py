@@ -45,7 +45,7 @@ from proxy.config import ClientProfile, ListenConfig
 from proxy.decisions import FORMAT_ERROR, SYSTEM_MALFUNCTION
 from proxy.forwarder import Forwarder, Reply
 from proxy.responses import answer, answer_salvaged
-from proxy.streams import close, send_whole
+from proxy.streams import close, receive, send_whole
 from proxy.tls import cert_names
 from proxy.watch import Watch
 
@@ -259,6 +259,7 @@ class _Connection:
         self._write_lock = trio.Lock()
         self._in_flight = trio.Semaphore(listen.max_inflight_per_connection)
         self._waiting: trio.CancelScope | None = None  # the reader, waiting for bytes
+        self._read_full = False  # the last read filled its buffer: more may be waiting
         self._ciphertext_since: float | None = None  # TLS bytes came, no plaintext yet
 
     def ciphertext_arrived(self) -> None:
@@ -320,7 +321,9 @@ class _Connection:
             waiting = self._waiting = trio.CancelScope(deadline=deadline)
             with waiting:
                 try:
-                    return await self._stream.receive_some(READ_SIZE)
+                    data = await receive(self._stream, READ_SIZE, more_waiting=self._read_full)
+                    self._read_full = len(data) == READ_SIZE
+                    return data
                 finally:
                     self._waiting = None
             if partial_since is not None or self._ciphertext_since is not None:

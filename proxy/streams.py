@@ -1,10 +1,15 @@
-"""Writing to and closing the proxy's byte streams (terminals' and switches').
+"""Reading, writing and closing the proxy's byte streams (terminals' and switches').
 
 `send_now` is the hot path's write: most frames fit in the socket's send buffer, and one
 system call sends them without the trio machinery around `send_all` (a lock, a cancel
 scope and two scheduler passes). `send_whole`, what both sides call, sends what it could
 not with `send_all` as before. With it, the proxy spent up to a quarter less CPU a transaction
 (1-25 % in two stretches of runs; BENCHMARKS.md, "Done so far").
+
+`receive` is the hot path's read. `receive_some` tries the socket first and waits only
+when it has nothing; a terminal with one request in flight has sent nothing more when
+its frame has been read, so that first try is a wasted system call almost every time.
+`receive` waits for the socket to be readable first, then reads it once.
 """
 
 from __future__ import annotations
@@ -38,6 +43,31 @@ def send_now(stream: trio.abc.Stream, data: bytes | bytearray | memoryview) -> i
         if error.errno == errno.EBADF:
             raise trio.ClosedResourceError("stream closed") from error
         raise trio.BrokenResourceError(f"connection lost: {error.strerror}") from error
+
+
+async def receive(
+    stream: trio.abc.Stream, max_bytes: int, *, more_waiting: bool = False
+) -> bytes | bytearray:
+    """The next bytes of `stream`, at most `max_bytes`; b"" at its end. A plain TCP stream
+    is read once it is readable; with `more_waiting` (the last read filled its buffer, so
+    more is likely there already), and for any other stream, as `receive_some` reads.
+    BrokenResourceError and ClosedResourceError as `receive_some` raises them."""
+    if more_waiting or type(stream) is not trio.SocketStream:
+        return await stream.receive_some(max_bytes)
+    socket = stream.socket
+    while True:
+        if socket.fileno() < 0:
+            raise trio.ClosedResourceError("stream closed")
+        await trio.lowlevel.wait_readable(socket)  # ClosedResourceError if closed meanwhile
+        fd = socket.fileno()  # no await since: the same descriptor, still open
+        try:
+            return os.read(fd, max_bytes)
+        except BlockingIOError:  # readable, then not: wait again
+            continue
+        except OSError as error:
+            if error.errno == errno.EBADF:
+                raise trio.ClosedResourceError("stream closed") from error
+            raise trio.BrokenResourceError(f"connection lost: {error.strerror}") from error
 
 
 async def send_whole(stream: trio.abc.Stream, data: bytes | bytearray, deadline: float) -> bool:

@@ -20,7 +20,7 @@ from proxy.health import Echo, LinkHealth, LinkState, Verdict
 from proxy.latency import Histogram, PeakEwma
 from proxy.network import ECHO, SIGN_OFF, SIGN_ON, network_request
 from proxy.responses import answer
-from proxy.streams import close, send_whole
+from proxy.streams import close, receive, send_whole
 from proxy.tls import client_context
 
 log = logging.getLogger("iso_proxy.upstream")
@@ -379,11 +379,13 @@ class Link:
         async with trio.open_nursery() as tasks:
             tasks.start_soon(self._probe, stream)
             framer = Framer(self.switch.endpoint.framing)
+            read_full = False  # the last read filled its buffer: more may be waiting
             try:
                 while True:
                     frame = framer.next_frame()
                     if frame is None:
-                        data = await stream.receive_some(READ_SIZE)
+                        data = await receive(stream, READ_SIZE, more_waiting=read_full)
+                        read_full = len(data) == READ_SIZE
                         if not data:
                             log.warning("link %s: closed by the switch", self.name)
                             break

@@ -1,6 +1,7 @@
-"""`send_now`, the hot path's write, over real TCP sockets: what it reports is what the
-peer receives, a full socket makes it stop short (the caller sends the rest), and a
-broken or closed stream is told apart the way trio's `send_all` tells them."""
+"""`send_now` and `receive`, the hot path's write and read, over real TCP sockets: what
+`send_now` reports is what the peer receives, a full socket makes it stop short (the
+caller sends the rest); `receive` returns what arrives, b"" at the end; and a broken or
+closed stream is told apart the way trio's `send_all` and `receive_some` tell them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from proxy.streams import send_now, send_whole
+from proxy.streams import receive, send_now, send_whole
 
 SMALL_BUFFER = 4096
 
@@ -117,3 +118,63 @@ async def test_a_closed_stream_and_a_reset_connection_are_told_apart() -> None:
     async with writer:
         with pytest.raises(trio.BrokenResourceError):
             send_now(writer, b"frame")
+
+
+async def test_receive_waits_for_bytes_and_returns_them_then_the_end() -> None:
+    writer, reader = await _connected_pair()
+    async with writer, reader, trio.open_nursery() as nursery:
+
+        async def later() -> None:
+            await trio.testing.wait_all_tasks_blocked()  # the reader is waiting by then
+            await writer.send_all(b"\x00\x040800")
+            await writer.send_eof()
+
+        nursery.start_soon(later)
+        assert await receive(reader, 1024) == b"\x00\x040800"
+        assert await receive(reader, 1024) == b""
+
+
+async def test_receive_reads_what_is_there_with_more_waiting_too() -> None:
+    writer, reader = await _connected_pair()
+    async with writer, reader:
+        await writer.send_all(b"abcdef")
+        assert await _receive_some_bytes(reader, 4, more_waiting=True) == b"abcd"
+        assert await receive(reader, 4) == b"ef"
+
+
+async def _receive_some_bytes(stream: trio.SocketStream, size: int, more_waiting: bool) -> bytes:
+    with trio.fail_after(5):
+        while not (data := await receive(stream, size, more_waiting=more_waiting)):
+            pass  # the bytes are in flight on loopback
+    return bytes(data)
+
+
+async def test_receive_on_a_stream_closed_while_waiting_is_closed() -> None:
+    writer, reader = await _connected_pair()
+    async with writer:
+        async with trio.open_nursery() as nursery:
+
+            async def close_it() -> None:
+                await trio.testing.wait_all_tasks_blocked()
+                await reader.aclose()
+
+            nursery.start_soon(close_it)
+            with pytest.raises(trio.ClosedResourceError):
+                await receive(reader, 1024)
+        with pytest.raises(trio.ClosedResourceError):
+            await receive(reader, 1024)
+
+
+async def test_receive_on_a_reset_connection_is_broken() -> None:
+    writer, reader = await _connected_pair()
+    async with reader:
+        writer.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await writer.aclose()  # RST
+        with pytest.raises(trio.BrokenResourceError):
+            await receive(reader, 1024)
+
+
+async def test_receive_from_a_stream_other_than_tcp_reads_as_receive_some() -> None:
+    left, right = trio.testing.memory_stream_pair()
+    await left.send_all(b"tls or in-memory")
+    assert await receive(right, 1024) == b"tls or in-memory"
