@@ -24,10 +24,11 @@ class Mti:
     def parse(cls, text: str) -> Mti:
         """The MTI `text` names; the same object for the same text (MTIs are immutable, and
         at most 10 000 are valid), so parsing a known one costs a dict lookup."""
-        known = _PARSED.get(text) if type(text) is str else None
+        if type(text) is not str:  # a str subclass is parsed, not shared; others fail
+            return cls(text)
+        known = _PARSED.get(text)
         if known is None:
-            known = cls(text)  # validates
-            _PARSED[text] = known
+            known = _PARSED[text] = cls(text)  # validates first
         return known
 
     @property

@@ -52,19 +52,21 @@ async def receive(
     is read once it is readable; with `more_waiting` (the last read filled its buffer, so
     more is likely there already), and for any other stream, as `receive_some` reads.
     BrokenResourceError and ClosedResourceError as `receive_some` raises them."""
+    if max_bytes < 1:
+        raise ValueError("max_bytes must be >= 1")  # 0 would read as the stream's end
     if more_waiting or type(stream) is not trio.SocketStream:
         return await stream.receive_some(max_bytes)
     socket = stream.socket
     while True:
         if socket.fileno() < 0:
             raise trio.ClosedResourceError("stream closed")
-        await trio.lowlevel.wait_readable(socket)  # ClosedResourceError if closed meanwhile
-        fd = socket.fileno()  # no await since: the same descriptor, still open
-        try:
+        try:  # ClosedResourceError if closed meanwhile; OSError if epoll cannot watch it
+            await trio.lowlevel.wait_readable(socket)
+            fd = socket.fileno()  # no await since: the same descriptor, still open
             return os.read(fd, max_bytes)
         except BlockingIOError:  # readable, then not: wait again
             continue
-        except OSError as error:
+        except OSError as error:  # as receive_some translates them
             if error.errno == errno.EBADF:
                 raise trio.ClosedResourceError("stream closed") from error
             raise trio.BrokenResourceError(f"connection lost: {error.strerror}") from error

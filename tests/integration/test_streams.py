@@ -5,6 +5,7 @@ closed stream is told apart the way trio's `send_all` and `receive_some` tell th
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 
@@ -178,3 +179,26 @@ async def test_receive_from_a_stream_other_than_tcp_reads_as_receive_some() -> N
     left, right = trio.testing.memory_stream_pair()
     await left.send_all(b"tls or in-memory")
     assert await receive(right, 1024) == b"tls or in-memory"
+
+
+async def test_receive_of_nothing_is_refused_not_read_as_the_end() -> None:
+    writer, reader = await _connected_pair()
+    async with writer, reader:
+        with pytest.raises(ValueError):
+            await receive(reader, 0)
+
+
+async def test_receive_when_the_socket_cannot_be_watched_is_broken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """epoll refusing the descriptor (no watches left) ends this connection, as
+    receive_some reports it, rather than escaping as an OSError."""
+
+    async def no_watches_left(_: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer, reader = await _connected_pair()
+    async with writer, reader:
+        monkeypatch.setattr(trio.lowlevel, "wait_readable", no_watches_left)
+        with pytest.raises(trio.BrokenResourceError):
+            await receive(reader, 1024)
