@@ -542,11 +542,11 @@ class Store:
         for claim in claims:
             first.setdefault(claim.key, claim)
         rows = await self._query(_CLAIM, claim_args(list(first.values()), self._settings.instance))
-        won = {row["tx_key"] for row in rows if row["claimed"]}
-        held = {row["tx_key"]: _recorded(row) for row in rows if row["state"] is not None}
-        unseen = [key for key in first if key not in won and key not in held]
-        if unseen:  # claimed by another instance after this statement's snapshot
-            for row in await self._query(_SELECT_RECORDED, [unseen]):
+        won = {row["tx_key"] for row in rows}
+        held: dict[str, Recorded] = {}
+        taken = [key for key in first if key not in won]
+        if taken:  # already claimed (a repeat, a duplicate): what the journal holds now
+            for row in await self._query(_SELECT_RECORDED, [taken]):
                 held[row["tx_key"]] = _recorded(row)
         again = [
             (claim, held[key].state)
@@ -579,7 +579,7 @@ class Store:
         return results
 
     async def _flush_outcomes(self, outcomes: list[Outcome]) -> list[bool]:
-        rows = await self._query(_COMPLETE, outcome_args(outcomes))
+        rows = await self._query(*outcome_statement(outcomes))
         written = {row["tx_key"] for row in rows}
         return [o.key in written for o in outcomes]
 
@@ -736,9 +736,11 @@ def claim_args(claims: Sequence[Claim], instance: str) -> list[Any]:
     ]
 
 
-def outcome_args(outcomes: Sequence[Outcome]) -> list[Any]:
-    """`_COMPLETE`'s parameters for `outcomes`: a column array each."""
-    return [
+def outcome_statement(outcomes: Sequence[Outcome]) -> tuple[str, list[Any]]:
+    """The statement that writes `outcomes`, and its parameters (a column array each):
+    with their reversals queued in the same statement when any has one (a timeout), else
+    the plain update, which costs PostgreSQL about a quarter less a row."""
+    args: list[Any] = [
         [o.key for o in outcomes],
         [o.state for o in outcomes],
         [o.rc for o in outcomes],
@@ -749,9 +751,12 @@ def outcome_args(outcomes: Sequence[Outcome]) -> list[Any]:
         [o.switch for o in outcomes],
         [o.link for o in outcomes],
         [o.latency_ms for o in outcomes],
-        [o.reversal.mti.code if o.reversal else None for o in outcomes],
-        [json.dumps(dict(o.reversal.fields)) if o.reversal else None for o in outcomes],
     ]
+    if not any(o.reversal for o in outcomes):
+        return _COMPLETE, args
+    args.append([o.reversal.mti.code if o.reversal else None for o in outcomes])
+    args.append([json.dumps(dict(o.reversal.fields)) if o.reversal else None for o in outcomes])
+    return _COMPLETE_REVERSING, args
 
 
 def _recorded(row: asyncpg.Record) -> Recorded:
@@ -771,27 +776,19 @@ def _in_flight(claim: Claim) -> Recorded:
     return Recorded(claim.fingerprint, "claimed", None, None, {}, ())
 
 
+# Claims: what is already taken is looked up afterwards, only when something was.
 _CLAIM = """
-WITH input AS (
-    SELECT * FROM unnest(
-        $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::date[],
-        $8::bytea[], $9::text[], $10::bytea[], $11::text[]
-    ) AS t(tx_key, mti, terminal, stan, acquirer, rrn, tx_date, fingerprint, pan_masked,
-           pan_hash, request)
-), inserted AS (
-    INSERT INTO transactions (tx_key, mti, terminal, stan, acquirer, rrn, tx_date, fingerprint,
-                              pan_masked, pan_hash, request, state, instance)
-    SELECT tx_key, mti, terminal, stan, acquirer, rrn, tx_date, fingerprint, pan_masked,
-           pan_hash, request::jsonb, 'claimed', $12
-    FROM input
-    ON CONFLICT (tx_key) DO NOTHING
-    RETURNING tx_key
-)
-SELECT i.tx_key, ins.tx_key IS NOT NULL AS claimed,
-       t.fingerprint, t.state, t.rc, t.response_mti, t.response, t.response_fields, t.switch
-FROM input i
-LEFT JOIN inserted ins ON ins.tx_key = i.tx_key
-LEFT JOIN transactions t ON t.tx_key = i.tx_key AND ins.tx_key IS NULL
+INSERT INTO transactions (tx_key, mti, terminal, stan, acquirer, rrn, tx_date, fingerprint,
+                          pan_masked, pan_hash, request, state, instance)
+SELECT tx_key, mti, terminal, stan, acquirer, rrn, tx_date, fingerprint, pan_masked,
+       pan_hash, request::jsonb, 'claimed', $12
+FROM unnest(
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::date[],
+    $8::bytea[], $9::text[], $10::bytea[], $11::text[]
+) AS t(tx_key, mti, terminal, stan, acquirer, rrn, tx_date, fingerprint, pan_masked,
+       pan_hash, request)
+ON CONFLICT (tx_key) DO NOTHING
+RETURNING tx_key
 """
 
 _RECLAIM = """
@@ -809,21 +806,29 @@ SELECT tx_key, fingerprint, state, rc, response_mti, response, response_fields, 
 FROM transactions WHERE tx_key = ANY($1::text[])
 """
 
-_COMPLETE = """
-WITH u AS (
-    SELECT * FROM unnest(
-        $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-        $8::text[], $9::text[], $10::float8[], $11::text[], $12::text[]
-    ) AS u(tx_key, state, rc, response_mti, auth_code, response, response_fields, switch, link,
-           latency_ms, reversal_mti, reversal)
-), done AS (
+# Outcomes: only a row still claimed takes one. The two statements share their update.
+_OUTCOME_COLUMNS = """
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+    $8::text[], $9::text[], $10::float8[]"""
+_OUTCOME_NAMES = """tx_key, state, rc, response_mti, auth_code, response, response_fields,
+    switch, link, latency_ms"""
+_OUTCOME_UPDATE = """
     UPDATE transactions t
     SET state = u.state, rc = u.rc, response_mti = u.response_mti, auth_code = u.auth_code,
         response = u.response::jsonb, response_fields = string_to_array(u.response_fields, ','),
         switch = u.switch, link = u.link, latency_ms = u.latency_ms, completed_at = now()
-    FROM u
+    FROM {source}
     WHERE t.tx_key = u.tx_key AND t.state = 'claimed'
-    RETURNING t.tx_key
+    RETURNING t.tx_key"""
+
+# Built from the constants above only: no value ever reaches the text.
+_COMPLETE = _OUTCOME_UPDATE.format(source=f"unnest({_OUTCOME_COLUMNS}) AS u({_OUTCOME_NAMES})")
+
+_COMPLETE_REVERSING = f"""
+WITH u AS (
+    SELECT * FROM unnest({_OUTCOME_COLUMNS}, $11::text[], $12::text[]
+    ) AS u({_OUTCOME_NAMES}, reversal_mti, reversal)
+), done AS ({_OUTCOME_UPDATE.format(source="u")}
 ), queued AS (
     INSERT INTO reversals (tx_key, switch, mti, message, state, reason)
     SELECT u.tx_key, u.switch, u.reversal_mti, u.reversal::jsonb, 'queued', u.state
@@ -832,7 +837,7 @@ WITH u AS (
     ON CONFLICT (tx_key) DO NOTHING
 )
 SELECT tx_key FROM done
-"""
+"""  # noqa: S608 - constants only
 
 _RECORD_LATE = """
 UPDATE transactions SET late_rc = $2, late_latency_ms = $3 WHERE tx_key = $1 RETURNING tx_key
