@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from bench.cast import Cast, database, journal_rows, running_cast
+from bench.cast import Cast, database, journal_rows, running_cast, wait_admitted
 from bench.processes import machine, measured, rss_bytes, until_signalled
 from bench.report import plot, summarize, table
 
@@ -93,6 +93,7 @@ async def run_idle(cast: Cast, plan: Plan) -> dict[str, Any]:
                     raise RuntimeError("the idle connections' holder ended before it reported")
                 line += chunk
         held = json.loads(line)
+        await wait_admitted(cast, held["opened"])  # opened is not yet admitted by the proxy
         rss_idle = rss_bytes(cast.proxy.pid)
         active = await cast.load(cast.proxy.port, plan.connections, plan.duration, IDLE_ACTIVE_RATE)
         rss_active = rss_bytes(cast.proxy.pid)

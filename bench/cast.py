@@ -31,6 +31,7 @@ SWITCHES = ("alpha", "beta")
 class Cast:
     switches: tuple[Service, ...]  # direct runs go to the first
     proxy: Service
+    admin_port: int  # the proxy's
     dsn: str
     schema: str
     runs: int = 0
@@ -129,6 +130,29 @@ async def wait_ready(admin_port: int) -> None:
             await trio.sleep(0.1)  # nothing to wait on but the proxy's own answer
 
 
+async def client_connections(cast: Cast) -> int:
+    """Terminal connections the proxy holds now (its isoproxy_client_connections gauge)."""
+    async with await trio.open_tcp_stream("127.0.0.1", cast.admin_port) as stream:
+        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
+        answer = bytearray()
+        while chunk := await stream.receive_some(65536):  # one answer, then it closes
+            answer += chunk
+    for line in answer.decode(errors="replace").splitlines():
+        if line.startswith("isoproxy_client_connections "):
+            return int(float(line.split()[1]))
+    raise RuntimeError("the proxy's metrics have no isoproxy_client_connections")
+
+
+async def wait_admitted(cast: Cast, count: int) -> None:
+    """Wait until the proxy holds `count` terminal connections (a client counts one as
+    open before the proxy has accepted it)."""
+    with trio.fail_after(300):
+        while True:
+            if await client_connections(cast) >= count:
+                return
+            await trio.sleep(0.2)  # nothing to wait on but the proxy's own count
+
+
 @asynccontextmanager
 async def running_cast(dsn: str) -> AsyncIterator[Cast]:
     """Switches and proxy up (the proxy's links too); everything stopped afterwards."""
@@ -157,7 +181,7 @@ async def running_cast(dsn: str) -> AsyncIterator[Cast]:
                     log=folder / "proxy.log",
                 )
                 await wait_ready(ports["admin"])
-                yield Cast(tuple(switches), proxy, dsn, schema)
+                yield Cast(tuple(switches), proxy, ports["admin"], dsn, schema)
                 nursery.cancel_scope.cancel()
         finally:
             await sql(dsn, "public", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
