@@ -12,10 +12,12 @@ writes it in one statement, one round trip. No caller stays queued past `store.t
 (the batcher drops it, unwritten): a slow or dead database costs an RC 96, never an
 unbounded backlog.
 
-A claim is one `INSERT ... ON CONFLICT DO NOTHING` that also returns, for a key already
-taken, what the journal holds for it: the unique key in the database, not memory, decides
-who owns a transaction, so several proxy instances can share one database. An outcome is
-written once: only a row still `claimed` takes one.
+A claim is one `INSERT ... ON CONFLICT DO NOTHING` for the batch: the unique key in the
+database, not memory, decides who owns a transaction, so several proxy instances can share
+one database. For a key already taken (a repeat, a duplicate, another instance's), its
+caller alone then looks up what the journal holds, and reclaims it when it ended without a
+switch's answer and may go again: so neither that lookup nor its failure touches the
+claims written beside it. An outcome is written once: only a row still `claimed` takes one.
 
 The schema is created and migrated at startup from the versioned SQL files beside this
 module, under a transaction-scoped advisory lock, so instances starting together take
@@ -29,6 +31,7 @@ passes.
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
 import math
@@ -394,7 +397,7 @@ class Store:
         self._pool: asyncpg.Pool | None = None
         self._ready = trio.Event()
         self._broken = trio.Event()
-        self._claims: _Batcher[Claim, Recorded | None] = _Batcher(
+        self._claims: _Batcher[Claim, Recorded | _Taken | None] = _Batcher(
             self._flush_claims, settings.batch_max, settings.batch_wait, settings.timeout
         )
         self._outcomes: _Batcher[Outcome, bool] = _Batcher(
@@ -441,7 +444,11 @@ class Store:
 
     async def claim(self, claim: Claim) -> Recorded | None:
         """Claim `claim.key`: None when it is ours now, else what the journal holds."""
-        return await self._guarded(partial(self._claims.submit, claim))
+        return await self._guarded(partial(self._claim, claim))
+
+    async def _claim(self, claim: Claim, deadline: float) -> Recorded | None:
+        claimed = await self._claims.submit(claim, deadline)
+        return await self._taken(claim, deadline) if claimed is TAKEN else claimed
 
     async def complete(self, outcome: Outcome) -> bool:
         """Record how a claimed transaction ended. False when it already had an outcome."""
@@ -537,46 +544,39 @@ class Store:
         rows: list[asyncpg.Record] = await bridge.call(pool.fetch(sql, *args))
         return rows
 
-    async def _flush_claims(self, claims: list[Claim]) -> list[Recorded | None]:
+    async def _flush_claims(self, claims: list[Claim]) -> list[Recorded | _Taken | None]:
+        """One INSERT for the batch; a key it could not claim comes back `TAKEN`, for its
+        caller to look up (`_taken`): so that looking up a repeat's row, or its failure,
+        never touches the claims written beside it."""
         first: dict[str, Claim] = {}
         for claim in claims:
             first.setdefault(claim.key, claim)
         rows = await self._query(_CLAIM, claim_args(list(first.values()), self._settings.instance))
         won = {row["tx_key"] for row in rows}
-        held: dict[str, Recorded] = {}
-        taken = [key for key in first if key not in won]
-        if taken:  # already claimed (a repeat, a duplicate): what the journal holds now
-            for row in await self._query(_SELECT_RECORDED, [taken]):
-                held[row["tx_key"]] = _recorded(row)
-        again = [
-            (claim, held[key].state)
-            for key, claim in first.items()
-            if key in held
-            and held[key].fingerprint == claim.fingerprint
-            and may_reclaim(held[key].state, Mti.parse(claim.mti))
+        return [
+            (None if first[claim.key] is claim else _in_flight(first[claim.key]))
+            if claim.key in won  # else: a twin in this very batch won, and is in flight
+            else TAKEN
+            for claim in claims
         ]
-        if again:  # ended without a switch's answer, and may go again: reclaim, atomically
-            rows = await self._query(
-                _RECLAIM,
-                [
-                    [c.key for c, _ in again],
-                    [c.mti for c, _ in again],
-                    [state for _, state in again],
-                    self._settings.instance,
-                ],
-            )
-            for row in rows:
-                won.add(row["tx_key"])
-                del held[row["tx_key"]]
-        results: list[Recorded | None] = []
-        for claim in claims:
-            if claim.key in won and first[claim.key] is claim:
-                results.append(None)
-            elif claim.key in held:
-                results.append(held[claim.key])
-            else:  # a twin in this very batch won: it is in flight
-                results.append(_in_flight(first[claim.key]))
-        return results
+
+    async def _taken(self, claim: Claim, deadline: float) -> Recorded | None:
+        """For a key already claimed (a repeat, a duplicate, another instance's): what the
+        journal holds for it; None when it had ended without a switch's answer and may go
+        again, and this call reclaimed it (atomically: one claimant wins)."""
+        with trio.move_on_at(deadline):
+            rows = await self._query(_SELECT_RECORDED, [[claim.key]])
+            if not rows:  # no key is ever deleted: not reached
+                return _in_flight(claim)
+            held = _recorded(rows[0])
+            if held.fingerprint == claim.fingerprint and may_reclaim(
+                held.state, Mti.parse(claim.mti)
+            ):
+                args = [[claim.key], [claim.mti], [held.state], self._settings.instance]
+                if await self._query(_RECLAIM, args):
+                    return None
+            return held
+        raise trio.TooSlowError
 
     async def _flush_outcomes(self, outcomes: list[Outcome]) -> list[bool]:
         rows = await self._query(*outcome_statement(outcomes))
@@ -770,6 +770,15 @@ def _recorded(row: asyncpg.Record) -> Recorded:
         field_names=tuple(names) if names else (),
         switch=row["switch"],
     )
+
+
+class _Taken(enum.Enum):
+    """A claim's key was already in the journal: its caller looks up what is there."""
+
+    TAKEN = "taken"
+
+
+TAKEN = _Taken.TAKEN
 
 
 def _in_flight(claim: Claim) -> Recorded:

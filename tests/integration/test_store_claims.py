@@ -1,0 +1,49 @@
+"""Claims written together stand or fail together only by what the database did with them:
+a repeat in the same batch, whose row the store must then look up, cannot take its
+neighbours down with it when that lookup fails."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+import trio
+
+import proxy.store
+from fixtures.messages import financial
+from proxy.store import Store, StoreSettings, StoreUnavailable
+from proxy.transactions import Claim, TransactionIdentity
+from tests.conftest import Database
+
+IDENTITY = TransactionIdentity(("32", "41", "11", "37", "7"), b"claims-test-key")
+
+
+async def test_a_repeat_whose_lookup_fails_leaves_the_claim_beside_it_won(
+    nursery: trio.Nursery, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two at a time, gathered for up to a second: both claims below go in one batch.
+    settings = StoreSettings(database.dsn, database.schema, 5.0, 2, 2, 1.0, "claims-test")
+    store = Store(settings)
+    await nursery.start(store.run)
+    await store.wait_ready()
+    now = datetime.now(UTC)
+    repeat = IDENTITY.claim(financial(1, "CLAIMS01", when=now), now)
+    fresh = IDENTITY.claim(financial(2, "CLAIMS01", when=now), now)
+    assert await store.claim(repeat) is None  # claimed once: the next is a repeat
+    # The repeat's row cannot be read (as if the connection broke just then).
+    monkeypatch.setattr(proxy.store, "_SELECT_RECORDED", "SELECT broken(")
+    results: dict[str, object] = {}
+
+    async def claim(name: str, claim: Claim) -> None:
+        try:
+            results[name] = await store.claim(claim)
+        except StoreUnavailable as error:
+            results[name] = error
+
+    async with trio.open_nursery() as both:
+        both.start_soon(claim, "repeat", repeat)
+        both.start_soon(claim, "fresh", fresh)
+    assert isinstance(results["repeat"], StoreUnavailable)
+    assert results["fresh"] is None  # its row is written: it is this caller's to forward
+    rows = await database.fetch("SELECT stan, state FROM transactions ORDER BY stan")
+    assert rows == [{"stan": "000001", "state": "claimed"}, {"stan": "000002", "state": "claimed"}]
