@@ -1,6 +1,7 @@
-"""Claims written together stand or fail together only by what the database did with them:
-a repeat in the same batch, whose row the store must then look up, cannot take its
-neighbours down with it when that lookup fails."""
+"""The journal's batched writes: claims written together stand or fail together only by
+what the database did with them (a repeat in the same batch, whose row the store must
+then look up, cannot take its neighbours down with it when that lookup fails); and the
+connections the batchers keep between writes never hold up the store's closing."""
 
 from __future__ import annotations
 
@@ -47,3 +48,20 @@ async def test_a_repeat_whose_lookup_fails_leaves_the_claim_beside_it_won(
     assert results["fresh"] is None  # its row is written: it is this caller's to forward
     rows = await database.fetch("SELECT stan, state FROM transactions ORDER BY stan")
     assert rows == [{"stan": "000001", "state": "claimed"}, {"stan": "000002", "state": "claimed"}]
+
+
+async def test_the_store_closes_promptly_with_its_batchers_connections_kept(
+    database: Database,
+) -> None:
+    """Each batcher keeps a pool connection between writes; closing the pool waits for
+    every connection to come back (5 s at most), so the store gives them back first."""
+    store = Store(StoreSettings(database.dsn, database.schema, 5.0, 8, 16, 0.0, "claims-test"))
+    now = datetime.now(UTC)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        await store.wait_ready()
+        claim = IDENTITY.claim(financial(3, "CLAIMS02", when=now), now)
+        assert await store.claim(claim) is None
+        started = trio.current_time()
+        nursery.cancel_scope.cancel()
+    assert trio.current_time() - started < 3  # not the pool's 5 s wait for its connections
