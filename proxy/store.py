@@ -63,7 +63,9 @@ T = TypeVar("T")
 I = TypeVar("I")  # noqa: E741 - item type of a batch
 R = TypeVar("R")
 
-LEASE_POOL_SIZE = 3  # the smallest pool whose batchers keep a connection each
+LEASE_POOL_SIZE = 4  # the smallest pool whose batchers keep a connection each (2 left)
+LEASE_IDLE = 30.0  # seconds a batcher keeps a connection it does not use
+LEASE_STATEMENTS = 10_000  # statements on one kept connection before it goes back
 MIGRATION_LOCK = 0x150_8583  # pg_advisory_xact_lock key shared by all instances
 # Database errors, and the OS errors of a lost connection: all mean "store unavailable".
 _DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
@@ -232,30 +234,76 @@ class _Lease:
     at a time): no acquire and release for every batch, which cost the proxy about a
     tenth of its time at 1 000 TPS (asyncpg releases through an `asyncio.shield` task).
     Given back when a write fails or it is found closed (the pool replaces a broken
-    connection), and when the store closes. Its methods run on the bridge's loop."""
+    connection), when the store closes, after `LEASE_STATEMENTS` statements, and once
+    unused for `LEASE_IDLE` seconds: an idle connection must be the pool's, which closes it
+    after a while, or one that a firewall dropped silently at night would be kept for
+    hours and cost the morning's first batch its timeout. Runs on the bridge's loop."""
 
     def __init__(self) -> None:
         self._connection: asyncpg.Connection | None = None
+        self._statements = 0
+        self._busy = False
+        self._used_at = 0.0  # on the bridge loop's clock
+        self._idle_check: asyncio.TimerHandle | None = None
+        self._releasing: asyncio.Task[None] | None = None
 
     async def fetch(
         self, pool: asyncpg.Pool, sql: str, args: Sequence[Any]
     ) -> list[asyncpg.Record]:
-        if self._connection is not None and _closed(self._connection):
-            await self.release(pool)  # lost while kept (the database restarted, say)
+        if self._connection is not None and (
+            _closed(self._connection)  # lost while kept (the database restarted, say)
+            or self._statements >= LEASE_STATEMENTS
+        ):
+            await self.release(pool)
         if self._connection is None:
             self._connection = await pool.acquire()
+            self._statements = 0
+            self._watch_idle(pool)
+        self._busy = True
         try:
             rows: list[asyncpg.Record] = await self._connection.fetch(sql, *args)
         except BaseException:
             await self.release(pool)
             raise
+        finally:
+            self._busy = False
+            self._used_at = asyncio.get_running_loop().time()
+        self._statements += 1
         return rows
 
     async def release(self, pool: asyncpg.Pool) -> None:
+        await _give_back(pool, self._take())
+
+    def _take(self) -> asyncpg.Connection | None:
+        """The kept connection, no longer kept (at once: the next write takes another)."""
         connection, self._connection = self._connection, None
-        if connection is not None:
-            with contextlib.suppress(asyncpg.InterfaceError):  # the pool took it back
-                await pool.release(connection)
+        if self._idle_check is not None:
+            self._idle_check.cancel()
+            self._idle_check = None
+        return connection
+
+    def _watch_idle(self, pool: asyncpg.Pool) -> None:
+        """Check, `LEASE_IDLE` after the last use, whether the connection is still unused."""
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            self._idle_check = None
+            if self._connection is None:
+                return
+            unused = 0.0 if self._busy else loop.time() - self._used_at
+            if unused < LEASE_IDLE:
+                self._idle_check = loop.call_later(LEASE_IDLE - unused, check)
+            else:  # unused all along: the pool's again (a task kept, or it may be collected)
+                self._releasing = loop.create_task(_give_back(pool, self._take()))
+
+        self._used_at = loop.time()
+        self._idle_check = loop.call_later(LEASE_IDLE, check)
+
+
+async def _give_back(pool: asyncpg.Pool, connection: asyncpg.Connection | None) -> None:
+    if connection is not None:
+        with contextlib.suppress(asyncpg.InterfaceError):  # the pool took it back already
+            await pool.release(connection)
 
 
 def _closed(connection: asyncpg.Connection) -> bool:
@@ -487,7 +535,10 @@ class Store:
                             pool = self._pool
                             with trio.move_on_after(5):
                                 for lease in self._leases.values():  # else close waits
-                                    await bridge.call(lease.release(pool))
+                                    try:
+                                        await bridge.call(lease.release(pool))
+                                    except Exception as error:  # the others all the same
+                                        log.warning("store: closing: %s", type(error).__name__)
                                 await bridge.call(pool.close())
                     except Exception as error:
                         log.warning("store: closing: %s", type(error).__name__)

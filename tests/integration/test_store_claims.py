@@ -65,3 +65,27 @@ async def test_the_store_closes_promptly_with_its_batchers_connections_kept(
         started = trio.current_time()
         nursery.cancel_scope.cancel()
     assert trio.current_time() - started < 3  # not the pool's 5 s wait for its connections
+
+
+async def test_a_kept_connection_unused_for_a_while_goes_back_to_the_pool(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Else a connection a firewall dropped silently overnight would be the morning's first
+    write's, and cost it the store's timeout; in the pool it is closed when idle long."""
+    monkeypatch.setattr(proxy.store, "LEASE_IDLE", 0.2)
+    store = Store(StoreSettings(database.dsn, database.schema, 5.0, 8, 16, 0.0, "claims-test"))
+    now = datetime.now(UTC)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        await store.wait_ready()
+        pool = store._pool
+        assert pool is not None
+        assert await store.claim(IDENTITY.claim(financial(4, "CLAIMS03", when=now), now)) is None
+        assert pool.get_idle_size() < pool.get_size()  # kept by the claims' batcher
+        with trio.fail_after(5):  # the lease's own timer, on the store's loop
+            while True:
+                if pool.get_idle_size() == pool.get_size():
+                    break
+                await trio.sleep(0.05)
+        assert await store.claim(IDENTITY.claim(financial(5, "CLAIMS03", when=now), now)) is None
+        nursery.cancel_scope.cancel()
