@@ -1,12 +1,11 @@
 """The store: the Postgres journal, reached from trio through an asyncio loop run inside trio.
 
-asyncpg speaks asyncio only. This module runs an asyncio event loop inside trio, in trio's
-own thread, a step at a time (`_Bridge`), and hands it coroutines; the trio side waits on
-an event, so the trio loop is never blocked, and cancelling the trio task cancels the
-asyncio task, which cancels the query. Nothing outside this module knows asyncio exists:
-every database failure is translated here, once, into `StoreUnavailable`.
+asyncpg speaks asyncio only: its coroutines run on an asyncio loop stepped inside trio
+(`proxy.bridge`). Every database failure is translated here, once, into
+`StoreUnavailable`.
 
-Writes are group-committed. Claims and outcomes each queue for a batcher, which takes
+Writes are group-committed (`proxy.batcher`). Claims and outcomes each queue for a
+batcher, which takes
 what has gathered (up to `batch_max`, waiting at most `batch_wait_ms` for more) and
 writes it in one statement, one round trip. No caller stays queued past `store.timeout`
 (the batcher drops it, unwritten): a slow or dead database costs an RC 96, never an
@@ -35,16 +34,13 @@ import contextlib
 import enum
 import json
 import logging
-import math
 import random
-import selectors
-from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from importlib import resources
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import asyncpg
@@ -52,7 +48,8 @@ import trio
 
 from codec import Message, Mti
 from proxy.backoff import Backoff
-from proxy.deadlines import Deadlines
+from proxy.batcher import Batcher
+from proxy.bridge import Bridge, Stopped
 from proxy.decisions import may_reclaim, reverse_after_timeout
 from proxy.errors import ProxyError
 from proxy.transactions import Claim, Outcome, Recorded, reversal_for, storable
@@ -60,8 +57,6 @@ from proxy.transactions import Claim, Outcome, Recorded, reversal_for, storable
 log = logging.getLogger("iso_proxy.store")
 
 T = TypeVar("T")
-I = TypeVar("I")  # noqa: E741 - item type of a batch
-R = TypeVar("R")
 
 LEASE_POOL_SIZE = 4  # the smallest pool whose batchers keep a connection each (2 left)
 LEASE_IDLE = 30.0  # seconds a batcher keeps a connection it does not use
@@ -75,10 +70,6 @@ _DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 
 class StoreUnavailable(ProxyError):
     """The journal could not be reached or answered too slowly; nothing was forwarded."""
-
-
-class _Stopped(ConnectionError):
-    """The store is stopping: a call or a write it cut short (not a fault of the database)."""
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:
@@ -126,107 +117,6 @@ class StoreSettings:
     batch_max: int
     batch_wait: float
     instance: str
-
-
-class _Bridge:
-    """An asyncio event loop run by a trio task in trio's own thread, and a way for trio
-    tasks to await coroutines on it.
-
-    The loop is never left running: `drive` turns it one step at a time (`stop()` then
-    `run_forever()`, asyncio's documented way to run one pass: I/O polled without waiting,
-    the ready callbacks run) and between steps sleeps in trio until the loop has work: its
-    selector's descriptor (an epoll or kqueue, itself pollable) turns readable, its next
-    timer falls due, or a trio task hands it a coroutine. Callbacks therefore run inside a
-    trio task, and a finished call wakes its trio caller directly. An earlier design gave
-    the loop a thread of its own; the hand-offs between the threads, and their fight over
-    the GIL, cost more CPU than the queries did (BENCHMARKS.md).
-    """
-
-    def __init__(self) -> None:
-        self._selector = selectors.DefaultSelector()
-        self._loop = asyncio.SelectorEventLoop(self._selector)
-        self._idle: trio.CancelScope | None = None  # the driver's wait between steps
-        self._closing = False  # every task cancelled: end once they have finished
-        self._abandon = False  # end now, finished or not
-        self._ended = trio.Event()
-        self._waiting: set[trio.Event] = set()  # the calls' wake-ups, woken at the end
-
-    async def drive(self) -> None:
-        """Run the loop until `close` ends it. Cancellation does not stop it: what the
-        store closes on its way out (the pool's connections) still needs the loop."""
-        loop = self._loop
-        fd = self._selector.fileno()
-        try:
-            with trio.CancelScope(shield=True):
-                while not self._abandon:
-                    loop.stop()
-                    loop.run_forever()  # one step
-                    pending = bool(loop._ready)  # type: ignore[attr-defined]  # next step's
-                    if self._closing and not pending and not asyncio.all_tasks(loop):
-                        break
-                    if pending:
-                        await trio.lowlevel.checkpoint()
-                        continue
-                    with trio.CancelScope(deadline=self._next_timer()) as self._idle:
-                        await trio.lowlevel.wait_readable(fd)
-                    self._idle = None
-        finally:
-            trio.lowlevel.notify_closing(fd)
-            loop.close()
-            self._ended.set()
-            for done in self._waiting:  # calls abandoned unfinished: their callers get an error
-                done.set()
-
-    def _next_timer(self) -> float:
-        """When the loop's earliest timer falls due, on trio's clock."""
-        scheduled = self._loop._scheduled  # type: ignore[attr-defined]
-        if not scheduled:
-            return math.inf
-        when: float = scheduled[0].when()
-        return trio.current_time() + when - self._loop.time()
-
-    def _wake(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-
-    async def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        """Run `coroutine` on the loop. ConnectionError when the loop closed under it (the
-        store is stopping); a cancelled caller cancels it, and waits briefly for it."""
-        if self._closing:
-            coroutine.close()
-            raise _Stopped("the store is closing")
-        task = self._loop.create_task(coroutine)
-        done = trio.Event()
-        task.add_done_callback(lambda _: done.set())
-        self._waiting.add(done)
-        self._wake()
-        try:
-            await done.wait()
-        except BaseException:
-            if not self._loop.is_closed():
-                task.cancel()  # cancels the query
-                self._wake()
-                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                    await done.wait()  # let it clean up (close what it opened)
-            raise
-        finally:
-            self._waiting.discard(done)
-        if not task.done() or task.cancelled():  # abandoned, or cancelled by `close`
-            raise _Stopped("the store stopped before this call was done")
-        return task.result()
-
-    async def close(self, grace: float = 5.0) -> None:
-        """Cancel the loop's tasks, let them finish (for at most `grace` seconds), end
-        `drive`; a call still unfinished then gets ConnectionError."""
-        self._closing = True
-        for task in asyncio.all_tasks(self._loop):
-            task.cancel()
-        self._wake()
-        with trio.move_on_after(grace):
-            await self._ended.wait()
-        self._abandon = True
-        self._wake()
-        await self._ended.wait()
 
 
 class _Lease:
@@ -316,178 +206,17 @@ def _closed(connection: asyncpg.Connection) -> bool:
     return closed
 
 
-class _Slot(Generic[R]):
-    __slots__ = ("abandoned", "deadline", "done", "error", "result", "taken")
-
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline  # to be taken into a write by then, or dropped
-        self.done = trio.Event()
-        self.taken = False  # in a write under way: its outcome is no longer ours to drop
-        self.abandoned = False  # dropped while still queued (late, or its caller gave up)
-        self.result: R | None = None
-        self.error: BaseException | None = None
-
-
-class _Batcher(Generic[I, R]):
-    """Gathers concurrent submissions and writes each gathering with one `flush` call.
-
-    A submission not taken into a write by its deadline, or whose caller gives up while it
-    is still queued, is dropped, never written (a late one's caller gets TooSlowError). The batcher
-    keeps those deadlines itself, one timer for its whole queue (`proxy.deadlines`), rather
-    than each caller a cancel scope of its own: a scope per journal stage cost the proxy
-    about 5 % of its CPU. The queue holds only callers still waiting, each until its
-    deadline at most, and they are taken in the order they came. One already being written is waited
-    for (the write is bounded by `flush_timeout`), so the caller always learns what the
-    database really holds. If a batch fails for a reason of its data (not the connection),
-    its items are written one by one, so one bad item cannot fail its neighbours.
-    """
-
-    def __init__(
-        self,
-        flush: Callable[[list[I]], Awaitable[list[R]]],
-        max_size: int,
-        max_wait: float,
-        flush_timeout: float,
-    ) -> None:
-        self._flush = flush
-        self._max_size = max_size
-        self._max_wait = max_wait
-        self._flush_timeout = flush_timeout
-        self._queue: deque[tuple[I, _Slot[R]]] = deque()
-        self._arrived = trio.Event()  # something was queued since the batcher last looked
-        self._deadlines: Deadlines[_Slot[R]] = Deadlines(self._late)
-        self._stopped = False
-
-    async def submit(self, item: I, deadline: float) -> R:
-        """The write's result; TooSlowError when it was not taken into a write by
-        `deadline`; ConnectionError when the batcher has stopped."""
-        if self._stopped:
-            raise _Stopped("the store stopped before this write")
-        slot: _Slot[R] = _Slot(deadline)
-        try:
-            self._queue.append((item, slot))
-            self._deadlines.add(slot, deadline)
-            self._arrived.set()
-            await slot.done.wait()
-        finally:
-            if not slot.done.is_set() and not slot.taken:
-                slot.abandoned = True  # given up while queued: never written
-                self._deadlines.discard(slot)
-        if slot.error is not None:  # one error for a whole batch: a fresh traceback each
-            raise slot.error.with_traceback(None)
-        return slot.result  # type: ignore[return-value]
-
-    async def run(self) -> None:
-        batch: list[tuple[I, _Slot[R]]] = []
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._expire)
-                while True:
-                    await self._gathered()
-                    batch = self._take()  # from here to the write, no checkpoint
-                    if batch:
-                        await self._write(batch)
-                    batch = []
-        finally:
-            self._stop(batch)
-
-    def _stop(self, batch: Sequence[tuple[I, _Slot[R]]] = ()) -> None:
-        """Stopped: what was gathered or is still queued is never written, and its callers
-        hear so at once; later submissions fail at once."""
-        self._stopped = True
-        for _, slot in [*batch, *self._queue]:
-            if not slot.done.is_set():
-                _settle(slot, error=_Stopped("the store stopped before this write"))
-        self._queue.clear()
-
-    async def _gathered(self) -> None:
-        """Wait until something is queued; with `max_wait`, until `max_size` are, or
-        `max_wait` has passed. What is gathered stays queued (and its deadlines kept)."""
-        while not self._queue:
-            self._arrived = trio.Event()
-            await self._arrived.wait()
-        if self._max_wait:
-            with trio.move_on_after(self._max_wait):
-                while len(self._queue) < self._max_size:
-                    self._arrived = trio.Event()
-                    await self._arrived.wait()
-
-    def _take(self) -> list[tuple[I, _Slot[R]]]:
-        """The next batch: up to `max_size` of the queue, in order, leaving out whoever
-        gave up and whoever is already late (the expiry timer may not have run yet)."""
-        now = trio.current_time()
-        batch: list[tuple[I, _Slot[R]]] = []
-        queue = self._queue
-        while queue and len(batch) < self._max_size:
-            item, slot = queue.popleft()
-            if slot.abandoned:
-                continue
-            self._deadlines.discard(slot)
-            if slot.deadline <= now:
-                self._late(slot)
-                continue
-            slot.taken = True
-            batch.append((item, slot))
-        return batch
-
-    def _late(self, slot: _Slot[R]) -> None:
-        """A queued submission's deadline passed: dropped, its caller told."""
-        slot.abandoned = True
-        _settle(slot, error=trio.TooSlowError())
-
-    async def _expire(self) -> None:
-        try:
-            await self._deadlines.run()
-        finally:  # the store is stopping: the queued hear it now, not after the write
-            self._stop()
-
-    async def _write(self, batch: list[tuple[I, _Slot[R]]]) -> None:
-        try:
-            await self._write_settled(batch)
-        finally:  # cancelled (the store is stopping): no caller is left waiting for ever
-            for _, slot in batch:
-                if not slot.done.is_set():
-                    _settle(slot, error=_Stopped("the store stopped during this write"))
-
-    async def _write_settled(self, batch: list[tuple[I, _Slot[R]]]) -> None:
-        try:
-            results = await self._bounded_flush([item for item, _ in batch])
-        except _DATA_ERRORS as error:
-            if len(batch) == 1:
-                _settle(batch[0][1], error=error)
-                return
-            for one in batch:
-                await self._write([one])
-            return
-        except Exception as error:  # delivered to every waiter of the batch
-            for _, slot in batch:
-                _settle(slot, error=error)
-            return
-        for (_, slot), result in zip(batch, results, strict=True):
-            _settle(slot, result=result)
-
-    async def _bounded_flush(self, items: list[I]) -> list[R]:
-        with trio.move_on_after(self._flush_timeout):
-            return await self._flush(items)
-        raise TimeoutError(f"write slower than {self._flush_timeout:g} s")
-
-
-def _settle(slot: _Slot[R], *, result: R | None = None, error: BaseException | None = None) -> None:
-    slot.result = result
-    slot.error = error
-    slot.done.set()
-
-
 class Store:
     """The journal. `run` keeps it connected; `claim`, `complete` and `recorded` use it."""
 
     def __init__(self, settings: StoreSettings) -> None:
         self._settings = settings
         self._rng = random.Random()
-        self._bridge: _Bridge | None = None
+        self._bridge: Bridge | None = None
         self._pool: asyncpg.Pool | None = None
         self._ready = trio.Event()
         self._broken = trio.Event()
+        batching = (settings.batch_max, settings.batch_wait, settings.timeout)
         # One connection kept by each batcher, where the pool has room for the other
         # queries beside them.
         self._leases: dict[str, _Lease] = (
@@ -495,11 +224,11 @@ class Store:
             if settings.pool_size >= LEASE_POOL_SIZE
             else {}
         )
-        self._claims: _Batcher[Claim, Recorded | _Taken | None] = _Batcher(
-            self._flush_claims, settings.batch_max, settings.batch_wait, settings.timeout
+        self._claims: Batcher[Claim, Recorded | _Taken | None] = Batcher(
+            self._flush_claims, *batching, item_errors=_DATA_ERRORS
         )
-        self._outcomes: _Batcher[Outcome, bool] = _Batcher(
-            self._flush_outcomes, settings.batch_max, settings.batch_wait, settings.timeout
+        self._outcomes: Batcher[Outcome, bool] = Batcher(
+            self._flush_outcomes, *batching, item_errors=_DATA_ERRORS
         )
 
     @property
@@ -511,7 +240,7 @@ class Store:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect (retrying with backoff while Postgres is down), migrate, write batches."""
-        bridge = self._bridge = _Bridge()
+        bridge = self._bridge = Bridge()
         async with trio.open_nursery() as loop_nursery:
             loop_nursery.start_soon(bridge.drive)
             try:
@@ -570,7 +299,7 @@ class Store:
             return await work(trio.current_time() + self._settings.timeout)
         except trio.TooSlowError:
             raise StoreUnavailable(f"store slower than {self._settings.timeout:g} s") from None
-        except _Stopped:
+        except Stopped:
             raise StoreUnavailable("store stopping") from None
         except _DATA_ERRORS as error:  # this write's data; the store itself is fine
             raise StoreUnavailable(f"store refused the data: {type(error).__name__}") from None
@@ -717,7 +446,7 @@ class Store:
                 return await bridge.call(_recover(pool, older_than, reversal_mti))
         except trio.TooSlowError:
             raise StoreUnavailable("recovery slower than expected") from None
-        except _Stopped:
+        except Stopped:
             raise StoreUnavailable("store stopping") from None
         except _DATABASE_ERRORS as error:
             raise StoreUnavailable(f"store error: {type(error).__name__}") from None

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from functools import partial
 
-import asyncpg
 import pytest
 import trio
 import trio.testing
 
-from proxy.store import _Batcher
+from proxy.batcher import Batcher
+
+
+class _BadItem(Exception):
+    """A fault of one item's data (as asyncpg's DataError is for the journal)."""
 
 
 class _Database:
@@ -24,11 +27,11 @@ class _Database:
         self.batches.append(items)
         await self.gate.wait()
         if "bad" in items:
-            raise asyncpg.DataError("invalid byte sequence")
+            raise _BadItem("invalid byte sequence")
         return [f"ok:{item}" for item in items]
 
 
-async def _hears_stopped(batcher: _Batcher[str, str], heard: dict[str, float], item: str) -> None:
+async def _hears_stopped(batcher: Batcher[str, str], heard: dict[str, float], item: str) -> None:
     """Submit `item` and expect the batcher to stop first; `heard`: how long that took."""
     started = trio.current_time()
     with pytest.raises(ConnectionError):
@@ -40,7 +43,7 @@ async def test_concurrent_submissions_share_one_write(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     db = _Database()
-    batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=10, max_wait=0.001, flush_timeout=1)
+    batcher: Batcher[str, str] = Batcher(db.flush, max_size=10, max_wait=0.001, flush_timeout=1)
     results: dict[str, str] = {}
     async with trio.open_nursery() as nursery:
         nursery.start_soon(batcher.run)
@@ -63,7 +66,7 @@ async def test_without_a_wait_what_queues_during_a_write_goes_in_the_next_one(
     while it was being written share the next write."""
     db = _Database()
     db.gate = trio.Event()  # the first write holds until released
-    batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=10, max_wait=0, flush_timeout=5)
+    batcher: Batcher[str, str] = Batcher(db.flush, max_size=10, max_wait=0, flush_timeout=5)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(batcher.run)
         nursery.start_soon(batcher.submit, "first", trio.current_time() + 5)
@@ -82,7 +85,9 @@ async def test_one_bad_item_does_not_fail_its_neighbours(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     db = _Database()
-    batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=10, max_wait=0.01, flush_timeout=1)
+    batcher: Batcher[str, str] = Batcher(
+        db.flush, max_size=10, max_wait=0.01, flush_timeout=1, item_errors=(_BadItem,)
+    )
     outcomes: dict[str, str] = {}
     async with trio.open_nursery() as nursery:
         nursery.start_soon(batcher.run)
@@ -90,7 +95,7 @@ async def test_one_bad_item_does_not_fail_its_neighbours(
         async def submit(item: str) -> None:
             try:
                 outcomes[item] = await batcher.submit(item, trio.current_time() + 5)
-            except asyncpg.DataError:
+            except _BadItem:
                 outcomes[item] = "refused"
 
         async with trio.open_nursery() as submitters:
@@ -107,7 +112,7 @@ async def test_a_submission_given_up_while_queued_is_never_written(
 ) -> None:
     db = _Database()
     db.gate = trio.Event()  # the first write hangs for a while
-    batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=1, max_wait=0.001, flush_timeout=10)
+    batcher: Batcher[str, str] = Batcher(db.flush, max_size=1, max_wait=0.001, flush_timeout=10)
     outcomes: dict[str, str] = {}
     async with trio.open_nursery() as nursery:
         nursery.start_soon(batcher.run)
@@ -136,7 +141,7 @@ async def test_a_hung_write_is_cut_at_the_flush_timeout(
 ) -> None:
     db = _Database()
     db.gate = trio.Event()  # never opens
-    batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=1, max_wait=0.001, flush_timeout=2)
+    batcher: Batcher[str, str] = Batcher(db.flush, max_size=1, max_wait=0.001, flush_timeout=2)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(batcher.run)
         started = trio.current_time()
@@ -153,7 +158,7 @@ async def test_stopping_settles_what_is_being_written_gathered_or_queued_at_once
     ConnectionError, the store's 'unavailable'), not after its own timeout."""
     db = _Database()
     db.gate = trio.Event()  # the first write hangs
-    batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=2, max_wait=0, flush_timeout=60)
+    batcher: Batcher[str, str] = Batcher(db.flush, max_size=2, max_wait=0, flush_timeout=60)
     heard: dict[str, float] = {}
     submit = partial(_hears_stopped, batcher, heard)
 
@@ -172,9 +177,7 @@ async def test_stopping_settles_what_is_being_written_gathered_or_queued_at_once
 async def test_a_submission_after_the_batcher_stopped_fails_at_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    batcher: _Batcher[str, str] = _Batcher(
-        _Database().flush, max_size=2, max_wait=0, flush_timeout=1
-    )
+    batcher: Batcher[str, str] = Batcher(_Database().flush, max_size=2, max_wait=0, flush_timeout=1)
     with trio.move_on_after(1):
         await batcher.run()  # runs until stopped
     started = trio.current_time()
@@ -190,7 +193,7 @@ async def test_a_queued_submission_hears_at_its_own_deadline_behind_a_hung_write
     its own deadline (earlier ones first), while the write before them still hangs."""
     db = _Database()
     db.gate = trio.Event()
-    batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=1, max_wait=0, flush_timeout=60)
+    batcher: Batcher[str, str] = Batcher(db.flush, max_size=1, max_wait=0, flush_timeout=60)
     heard: dict[str, float] = {}
 
     async def submit(item: str, wait: float) -> None:
@@ -218,7 +221,7 @@ async def test_what_queues_behind_a_hung_write_is_written_in_the_order_it_came(
 ) -> None:
     db = _Database()
     db.gate = trio.Event()
-    batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=2, max_wait=0, flush_timeout=60)
+    batcher: Batcher[str, str] = Batcher(db.flush, max_size=2, max_wait=0, flush_timeout=60)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(batcher.run)
         async with trio.open_nursery() as submitters:
@@ -236,7 +239,7 @@ async def test_a_batcher_stopped_while_gathering_settles_what_it_gathered(
     """With `max_wait`, a batch gathers for a while: the store stopping then must still
     tell its callers at once (they have no deadline of their own to end the wait)."""
     db = _Database()
-    batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=10, max_wait=1, flush_timeout=5)
+    batcher: Batcher[str, str] = Batcher(db.flush, max_size=10, max_wait=1, flush_timeout=5)
     heard: dict[str, float] = {}
     submit = partial(_hears_stopped, batcher, heard)
 
@@ -254,7 +257,7 @@ async def test_a_submission_late_when_its_batch_is_taken_is_never_written(
 ) -> None:
     """`max_wait` gathers past a deadline: the late one is left out, its caller told."""
     db = _Database()
-    batcher: _Batcher[str, str] = _Batcher(db.flush, max_size=10, max_wait=1, flush_timeout=5)
+    batcher: Batcher[str, str] = Batcher(db.flush, max_size=10, max_wait=1, flush_timeout=5)
     outcomes: dict[str, str] = {}
 
     async def submit(item: str, wait: float) -> None:

@@ -12,13 +12,13 @@ import pytest
 import trio
 import trio.testing
 
-from proxy.store import _Bridge
+from proxy.bridge import Bridge
 
 
 async def test_timers_executor_threads_and_sockets_each_wake_the_loop(
     nursery: trio.Nursery,
 ) -> None:
-    bridge = _Bridge()
+    bridge = Bridge()
     nursery.start_soon(bridge.drive)
 
     async def timer() -> str:
@@ -56,7 +56,7 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 async def test_a_cancelled_caller_cancels_its_coroutine_and_waits_for_its_cleanup(
     nursery: trio.Nursery,
 ) -> None:
-    bridge = _Bridge()
+    bridge = Bridge()
     nursery.start_soon(bridge.drive)
     events: list[str] = []
 
@@ -76,7 +76,7 @@ async def test_a_cancelled_caller_cancels_its_coroutine_and_waits_for_its_cleanu
 
 
 async def test_closing_lets_what_runs_finish_and_tells_its_caller(nursery: trio.Nursery) -> None:
-    bridge = _Bridge()
+    bridge = Bridge()
     nursery.start_soon(bridge.drive)
     cleaned_up = trio.Event()
     told: list[str] = []
@@ -102,7 +102,7 @@ async def test_closing_lets_what_runs_finish_and_tells_its_caller(nursery: trio.
 async def test_a_call_that_will_not_end_is_abandoned_after_the_grace(
     nursery: trio.Nursery,
 ) -> None:
-    bridge = _Bridge()
+    bridge = Bridge()
     nursery.start_soon(bridge.drive)
     told: list[str] = []
 
@@ -122,7 +122,7 @@ async def test_a_call_that_will_not_end_is_abandoned_after_the_grace(
 
 
 async def _call_noting_error(
-    bridge: _Bridge, coroutine: Coroutine[Any, Any, None], told: list[str]
+    bridge: Bridge, coroutine: Coroutine[Any, Any, None], told: list[str]
 ) -> None:
     try:
         await bridge.call(coroutine)
