@@ -32,17 +32,12 @@ def send_now(stream: trio.abc.Stream, data: bytes | bytearray | memoryview) -> i
     ClosedResourceError when the stream was closed."""
     if type(stream) is not trio.SocketStream:
         return 0
-    fd = stream.socket.fileno()  # -1 once closed: never a descriptor reused since
-    if fd < 0:
-        raise trio.ClosedResourceError("stream closed")
     try:
-        return os.write(fd, data)
+        return os.write(_descriptor(stream.socket), data)
     except BlockingIOError:
         return 0
     except OSError as error:
-        if error.errno == errno.EBADF:
-            raise trio.ClosedResourceError("stream closed") from error
-        raise trio.BrokenResourceError(f"connection lost: {error.strerror}") from error
+        raise _stream_error(error) from error
 
 
 async def receive(
@@ -58,18 +53,31 @@ async def receive(
         return await stream.receive_some(max_bytes)
     socket = stream.socket
     while True:
-        if socket.fileno() < 0:
-            raise trio.ClosedResourceError("stream closed")
+        _descriptor(socket)  # closed already: ClosedResourceError (wait_readable would fail)
         try:  # ClosedResourceError if closed meanwhile; OSError if epoll cannot watch it
             await trio.lowlevel.wait_readable(socket)
-            fd = socket.fileno()  # no await since: the same descriptor, still open
-            return os.read(fd, max_bytes)
+            return os.read(_descriptor(socket), max_bytes)  # no await since: still open
         except BlockingIOError:  # readable, then not: wait again
             continue
-        except OSError as error:  # as receive_some translates them
-            if error.errno == errno.EBADF:
-                raise trio.ClosedResourceError("stream closed") from error
-            raise trio.BrokenResourceError(f"connection lost: {error.strerror}") from error
+        except OSError as error:
+            raise _stream_error(error) from error
+
+
+def _descriptor(socket: trio.socket.SocketType) -> int:
+    """The socket's descriptor; ClosedResourceError once it is closed (-1 then, so a
+    descriptor number reused since is never touched)."""
+    fd = socket.fileno()
+    if fd < 0:
+        raise trio.ClosedResourceError("stream closed")
+    return fd
+
+
+def _stream_error(error: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
+    """An OS error of a socket read or write, as trio's streams report it: closed for a
+    descriptor already closed here, broken for anything else."""
+    if error.errno == errno.EBADF:
+        return trio.ClosedResourceError("stream closed")
+    return trio.BrokenResourceError(f"connection lost: {error.strerror}")
 
 
 async def send_whole(stream: trio.abc.Stream, data: bytes | bytearray, deadline: float) -> bool:
