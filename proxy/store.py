@@ -288,7 +288,10 @@ class Store:
 
     async def recorded(self, key: str) -> Recorded | None:
         """What the journal holds for `key`, if anything."""
-        rows = await self._guarded(partial(self._query_by, _SELECT_RECORDED, [[key]]))
+        return await self._guarded(partial(self._held, key))
+
+    async def _held(self, key: str, deadline: float) -> Recorded | None:
+        rows = await self._query_by(_SELECT_RECORDED, [[key]], deadline)
         return _recorded(rows[0]) if rows else None
 
     async def _guarded(self, work: Callable[[float], Awaitable[T]]) -> T:
@@ -402,19 +405,14 @@ class Store:
         """For a key already claimed (a repeat, a duplicate, another instance's): what the
         journal holds for it; None when it had ended without a switch's answer and may go
         again, and this call reclaimed it (atomically: one claimant wins)."""
-        with trio.move_on_at(deadline):
-            rows = await self._query(_SELECT_RECORDED, [[claim.key]])
-            if not rows:  # no key is ever deleted: not reached
-                return _in_flight(claim)
-            held = _recorded(rows[0])
-            if held.fingerprint == claim.fingerprint and may_reclaim(
-                held.state, Mti.parse(claim.mti)
-            ):
-                args = [[claim.key], [claim.mti], [held.state], self._settings.instance]
-                if await self._query(_RECLAIM, args):
-                    return None
-            return held
-        raise trio.TooSlowError
+        held = await self._held(claim.key, deadline)
+        if held is None:  # no key is ever deleted: not reached
+            return _in_flight(claim)
+        if held.fingerprint == claim.fingerprint and may_reclaim(held.state, Mti.parse(claim.mti)):
+            args = [[claim.key], [claim.mti], [held.state], self._settings.instance]
+            if await self._query_by(_RECLAIM, args, deadline):
+                return None
+        return held
 
     async def _flush_outcomes(self, outcomes: list[Outcome]) -> list[bool]:
         rows = await self._query(*outcome_statement(outcomes), lease="outcomes")
