@@ -122,21 +122,24 @@ async def wait_ready(admin_port: int) -> None:
     with trio.fail_after(STARTUP_TIMEOUT):
         while True:
             with contextlib.suppress(OSError):
-                stream = await trio.open_tcp_stream("127.0.0.1", admin_port)
-                async with stream:
-                    await stream.send_all(b"GET /readyz HTTP/1.1\r\nHost: bench\r\n\r\n")
-                    if (await stream.receive_some(64)).startswith(b"HTTP/1.1 200"):
-                        return
+                if (await admin_get(admin_port, "/readyz")).startswith(b"HTTP/1.1 200"):
+                    return
             await trio.sleep(0.1)  # nothing to wait on but the proxy's own answer
+
+
+async def admin_get(admin_port: int, path: str) -> bytes:
+    """The proxy's admin server's whole answer to `GET path`, status line first."""
+    async with await trio.open_tcp_stream("127.0.0.1", admin_port) as stream:
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+        answer = bytearray()
+        while chunk := await stream.receive_some(65536):  # one answer, then it closes
+            answer += chunk
+    return bytes(answer)
 
 
 async def client_connections(cast: Cast) -> int:
     """Terminal connections the proxy holds now (its isoproxy_client_connections gauge)."""
-    async with await trio.open_tcp_stream("127.0.0.1", cast.admin_port) as stream:
-        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
-        answer = bytearray()
-        while chunk := await stream.receive_some(65536):  # one answer, then it closes
-            answer += chunk
+    answer = await admin_get(cast.admin_port, "/metrics")
     for line in answer.decode(errors="replace").splitlines():
         if line.startswith("isoproxy_client_connections "):
             return int(float(line.split()[1]))
