@@ -11,6 +11,7 @@ import iso8583
 
 from codec.errors import DecodeError, EncodeError
 from codec.mti import Mti
+from codec.quick import quick_decode
 from codec.spec import Spec
 
 __all__ = ["Message", "Salvage", "decode", "encode", "field_order"]
@@ -103,22 +104,27 @@ def encode(message: Message, spec: Spec) -> bytes:
 
 
 def _run_decoder(data: bytes, spec: Spec) -> tuple[Message | None, DecodeError | None]:
+    quick = quick_decode(data, spec)
+    if quick is not None:
+        code, doc = quick
+    else:
+        try:
+            doc, _ = iso8583.decode(data, spec)
+        except iso8583.DecodeError as e:
+            # For "extra data" pyiso8583 names the last good field; the fault is not in it.
+            field = None if e.msg == _EXTRA_DATA else _safe_field(e.field)
+            return None, DecodeError(_safe_reason(e.msg), field=field, salvage=_salvage(e))
+        except KeyError:
+            return None, DecodeError("bitmap names a field the spec does not define")
+        except Exception:
+            return None, DecodeError("malformed message")
+        code = doc.pop("t")
+        for name in _BITMAPS:
+            doc.pop(name, None)
     try:
-        doc, _ = iso8583.decode(data, spec)
-    except iso8583.DecodeError as e:
-        # For "extra data" pyiso8583 names the last good field; the fault is not in it.
-        field = None if e.msg == _EXTRA_DATA else _safe_field(e.field)
-        return None, DecodeError(_safe_reason(e.msg), field=field, salvage=_salvage(e))
-    except KeyError:
-        return None, DecodeError("bitmap names a field the spec does not define")
-    except Exception:
-        return None, DecodeError("malformed message")
-    try:
-        mti = Mti.parse(doc.pop("t"))
+        mti = Mti.parse(code)
     except DecodeError as e:
         return None, DecodeError(e.reason)
-    for name in _BITMAPS:
-        doc.pop(name, None)
     message = Message(mti, doc)
     object.__setattr__(message, "wire", (bytes(data), spec))  # only decode sets it
     return message, None
