@@ -1,32 +1,35 @@
 """A faster decode for well-formed messages, with pyiso8583's results.
 
 pyiso8583 decodes a message field by field through generic code: several dictionary
-lookups, an encoded copy of every field and a few calls for each. On the proxy's hot path
-that was about a quarter of its decode-bound cost. `quick_decode` walks the same layout
-from a plan compiled once for a frozen spec (`codec.spec.load_spec`), doing only what a
-well-formed message needs, with the same operations pyiso8583 applies (the same
-`bytes.decode`, `int`, `bytes.hex` calls), so what it returns is what pyiso8583 returns.
+lookups, an encoded copy of every field and a few calls for each; the two decodes of a
+transaction were about a seventh of the proxy's CPU (BENCHMARKS.md). `quick_decode`
+walks the same layout from a plan compiled once for each spec `codec.spec.load_spec`
+makes (`adopt`), doing only what a well-formed message needs, with the operations
+pyiso8583 applies (the same `bytes.decode`, `int` and `bytes.hex` calls), so what it
+returns is what pyiso8583 returns. Encoding stays with pyiso8583.
 
 Anything else (a malformed message, a third bitmap, a length that needs pyiso8583's own
-handling, a spec that is not frozen) gives None, and the caller decodes with pyiso8583,
-which also says exactly what is wrong. The fast path never raises and never decides an
-error. `tests/unit/test_codec_quick.py` checks it against pyiso8583 on generated specs
-and messages, malformed ones included.
+handling, a spec not adopted) gives None, and the caller decodes with pyiso8583, which
+also says exactly what is wrong: the quick path never raises and never decides an error.
+`tests/unit/test_codec_quick.py` checks it against pyiso8583 on generated specs and
+messages, damaged ones included.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections import OrderedDict
 from collections.abc import Mapping
-from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from codec.spec import Spec
+if TYPE_CHECKING:
+    from codec.spec import Spec
 
-__all__ = ["quick_decode"]
+__all__ = ["MAX_PLANS", "adopt", "quick_decode"]
 
 # The numbers of the bits set in a byte, most significant first (bit 1 is 0x80).
 _BITS = tuple(tuple(bit for bit in range(1, 9) if byte >> (8 - bit) & 1) for byte in range(256))
-MAX_PLANS = 64  # frozen specs remembered (a process loads a handful)
+MAX_PLANS = 64  # the latest specs adopted keep their plans (a process loads a handful)
 
 
 class _Field(NamedTuple):
@@ -49,39 +52,36 @@ class _Plan(NamedTuple):
     fields: tuple[_Field | None, ...]  # by number; None: not in the spec (or 1, 65)
 
 
-_plans: dict[int, tuple[Spec, _Plan | None]] = {}
+# By id, oldest first; each entry holds its spec. Changed only by single calls of its C
+# methods (atomic under the GIL): threads may load specs at once.
+_plans: OrderedDict[int, tuple[Spec, _Plan | None]] = OrderedDict()
+
+
+def adopt(spec: Spec) -> None:
+    """Decode `spec`'s messages on the quick path from now on. The caller promises that
+    nothing can change `spec` (`load_spec`'s specs are copies no one else holds): a plan
+    is made once and must stay true. Only the `MAX_PLANS` latest keep their plans; an
+    older spec goes back to pyiso8583 alone."""
+    plan = _compile(spec)
+    while len(_plans) >= MAX_PLANS:
+        with contextlib.suppress(KeyError):  # another thread emptied it first
+            _plans.popitem(last=False)
+    _plans[id(spec)] = (spec, plan)
 
 
 def quick_decode(data: bytes | bytearray, spec: Spec) -> tuple[str, dict[str, str]] | None:
     """MTI and fields (header "h" first, then by number; no bitmaps) as pyiso8583 decodes
-    them; None when the message or spec is not one this path reads: use pyiso8583."""
-    plan = _plan_for(spec)
-    if plan is None or not isinstance(data, bytes | bytearray):
+    them; None when the message is not one this path reads or `spec` was not adopted:
+    then use pyiso8583."""
+    entry = _plans.get(id(spec))  # an entry holds its spec: no other object has that id
+    if entry is None or entry[1] is None:
+        return None
+    if not isinstance(data, bytes | bytearray):
         return None
     try:
-        return _decode(data, plan)
+        return _decode(data, entry[1])
     except Exception:  # pyiso8583 decodes it again and names the fault
         return None
-
-
-def _plan_for(spec: Spec) -> _Plan | None:
-    entry = _plans.get(id(spec))
-    if entry is not None and entry[0] is spec:  # the entry holds the spec: ids stay unique
-        return entry[1]
-    if not _frozen(spec):
-        return None
-    plan = _compile(spec)
-    while len(_plans) >= MAX_PLANS:
-        _plans.pop(next(iter(_plans)))
-    _plans[id(spec)] = (spec, plan)
-    return plan
-
-
-def _frozen(spec: Spec) -> bool:
-    """Whether nobody can change `spec` (what load_spec returns): a plan stays true."""
-    return type(spec) is MappingProxyType and all(
-        type(definition) is MappingProxyType for definition in spec.values()
-    )
 
 
 def _compile(spec: Spec) -> _Plan | None:
@@ -95,8 +95,8 @@ def _compile(spec: Spec) -> _Plan | None:
         header = _field("h", spec["h"]) if spec["h"]["max_len"] > 0 else None
         secondary = spec["1"]["data_enc"] if "1" in spec else None
         return _Plan(header, spec["t"]["data_enc"], spec["p"]["data_enc"], secondary, fields)
-    except (KeyError, TypeError, AttributeError, IndexError):
-        return None
+    except (KeyError, TypeError, AttributeError, IndexError):  # a pad of None, say
+        return None  # pyiso8583 alone, then
 
 
 def _field(name: str, definition: Mapping[str, Any]) -> _Field:

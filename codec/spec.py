@@ -13,6 +13,7 @@ import yaml
 from iso8583 import specs as _builtin
 
 from codec.errors import SpecError
+from codec.quick import adopt
 
 __all__ = ["BUILTIN_SPECS", "Spec", "load_spec"]
 
@@ -161,4 +162,7 @@ def _name(value: str) -> str:
 
 
 def _freeze(spec: Mapping[str, Mapping[str, Any]]) -> Spec:
-    return MappingProxyType({name: MappingProxyType(dict(d)) for name, d in spec.items()})
+    """A read-only copy no one else holds, decoded on the quick path (`codec.quick`)."""
+    frozen = MappingProxyType({name: MappingProxyType(dict(d)) for name, d in spec.items()})
+    adopt(frozen)
+    return frozen

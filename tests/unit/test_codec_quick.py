@@ -13,16 +13,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from codec import Message, Mti, decode, encode, load_spec
-from codec.quick import MAX_PLANS, quick_decode
+from codec.quick import MAX_PLANS, adopt, quick_decode
 from codec.spec import Spec
 from fixtures.messages import echo, financial
 
 PAN = "4111111111111111"
 WHEN = datetime(2026, 11, 26, 12, 0, 5, tzinfo=UTC)
-TEXT_ENCODINGS = ("ascii", "cp500", "latin-1")
+TEXT_ENCODINGS = ("ascii", "cp500", "latin-1", "cp1140", "utf-16")
 
 
-def pyiso(data: bytes, spec: Spec) -> tuple[str, dict[str, str]] | None:
+def pyiso(data: bytes | bytearray, spec: Spec) -> tuple[str, dict[str, str]] | None:
     """What pyiso8583 decodes, as quick_decode reports it; None when it raises."""
     try:
         doc, _ = iso8583.decode(data, spec)
@@ -34,9 +34,11 @@ def pyiso(data: bytes, spec: Spec) -> tuple[str, dict[str, str]] | None:
     return mti, doc
 
 
-def frozen(spec: dict[str, dict[str, Any]]) -> Spec:
-    """As load_spec returns specs (the only ones the quick path reads)."""
-    return MappingProxyType({name: MappingProxyType(d) for name, d in spec.items()})
+def adopted(spec: dict[str, dict[str, Any]]) -> Spec:
+    """A read-only copy adopted for the quick path, as load_spec makes its specs."""
+    copy = MappingProxyType({name: MappingProxyType(dict(d)) for name, d in spec.items()})
+    adopt(copy)
+    return copy
 
 
 def proxy_messages() -> list[Message]:
@@ -61,18 +63,28 @@ def test_answers_for_what_the_proxy_carries(spec_name: str, index: int) -> None:
     assert quick == pyiso(data, spec)
 
 
-def test_an_unfrozen_spec_is_left_to_pyiso8583() -> None:
-    spec = {name: dict(d) for name, d in load_spec("default").items()}
+def test_a_spec_not_adopted_is_left_to_pyiso8583() -> None:
+    """Read-only or not, a spec whose caller may still change it gets no plan: decoding
+    follows the change."""
+    fields = {name: dict(d) for name, d in load_spec("default").items()}
+    wrapped = MappingProxyType({name: MappingProxyType(d) for name, d in fields.items()})
     data = encode(proxy_messages()[0], load_spec("default"))
-    assert quick_decode(data, spec) is None
-    assert decode(data, spec).get("2") == PAN  # codec.decode still decodes it
+    for spec in (fields, wrapped):
+        assert quick_decode(data, spec) is None
+        assert decode(data, spec).get("2") == PAN  # codec.decode still decodes it
+    fields["2"].update(len_type=0, max_len=18)  # the PAN's "16" is now part of field 2
+    assert decode(data, wrapped).get("2") == "16" + PAN
 
 
 def test_plans_are_bounded_and_follow_their_spec() -> None:
     data = encode(proxy_messages()[0], load_spec("default"))
-    for _ in range(MAX_PLANS + 5):  # more specs than plans kept: each still decodes
+    first = load_spec("default")
+    assert quick_decode(data, first) is not None
+    for _ in range(MAX_PLANS):  # more specs than plans kept: the first loses its plan
         spec = load_spec("default")
         assert quick_decode(data, spec) == pyiso(data, spec)
+    assert quick_decode(data, first) is None
+    assert decode(data, first).get("2") == PAN  # and is decoded by pyiso8583
     ascii_spec = load_spec("default_ascii")  # a new spec gets its own plan, not a stale one
     assert quick_decode(encode(proxy_messages()[0], ascii_spec), ascii_spec) is not None
     assert quick_decode(data, ascii_spec) is None
@@ -122,7 +134,7 @@ def test_odd_nibble_fields_lose_their_pad(
     pads: dict[str, str], body: bytes, expected: str | None
 ) -> None:
     definition = {"data_enc": "b", "len_enc": "ascii", "len_type": 2, "max_len": 9}
-    spec = frozen(
+    spec = adopted(
         {
             "h": {"data_enc": "ascii", "len_enc": "ascii", "len_type": 0, "max_len": 0},
             "t": {"data_enc": "ascii", "len_enc": "ascii", "len_type": 0, "max_len": 4},
@@ -177,13 +189,20 @@ def specs(draw: st.DrawFn) -> dict[str, dict[str, Any]]:
     return spec
 
 
-def length_prefix(length: int, definition: dict[str, Any]) -> bytes:
+def length_prefix(length: int, definition: dict[str, Any], style: str) -> bytes:
+    """The length as the spec encodes it; text lengths also as int() reads them with a
+    sign or a blank ("+5", " 5"), which pyiso8583 accepts."""
     width, encoding = definition["len_type"], definition["len_enc"]
+    if not width:
+        return b""
     if encoding == "b":
         return length.to_bytes(width, "big") if length < 256**width else b"\xff" * width
     if encoding == "bcd":
-        return bytes.fromhex(f"{length:0{width * 2}d}"[-width * 2 :]) if width else b""
-    return f"{length:0{width}d}"[-width:].encode(encoding) if width else b""
+        return bytes.fromhex(f"{length:0{width * 2}d}"[-width * 2 :])
+    text = f"{length:0{width}d}"
+    if style != "plain" and width > 1:
+        text = (style + f"{length:0{width - 1}d}")[-width:]
+    return text[-width:].encode(encoding)
 
 
 @st.composite
@@ -197,7 +216,14 @@ def messages(draw: st.DrawFn, spec: dict[str, dict[str, Any]]) -> bytes:
         size = (length + 1) // 2 if definition.get("len_count") == "nibbles" else length
         alphabet = st.sampled_from(b"0123456789ABCDEF F\x00\xff\x0f\xf0\x01\x10")
         body = bytes(draw(st.lists(alphabet, min_size=size, max_size=size)))
-        return length_prefix(length, definition) + body
+        if definition["data_enc"] == "b" and size and length & 1 and draw(st.booleans()):
+            # an odd count of nibbles: a pad nibble first or last, as the spec may say
+            digits = body.hex().upper()
+            pad = draw(st.sampled_from("0F"))
+            digits = pad + digits[1:] if draw(st.booleans()) else digits[:-1] + pad
+            body = bytes.fromhex(digits)
+        style = draw(st.sampled_from(("plain", "plain", "+", " ")))
+        return length_prefix(length, definition, style) + body
 
     numbers = sorted(int(name) for name in spec if name.isdigit() and name not in ("1", "65"))
     present = draw(st.lists(st.sampled_from(numbers), unique=True)) if numbers else []
@@ -235,11 +261,14 @@ def messages(draw: st.DrawFn, spec: dict[str, dict[str, Any]]) -> bytes:
 @settings(max_examples=600, deadline=None)
 @given(st.data())
 def test_never_disagrees_with_pyiso8583(data: st.DataObject) -> None:
-    spec = data.draw(specs())
-    message = data.draw(messages(spec))
-    quick = quick_decode(message, frozen(spec))
+    layout = data.draw(specs())
+    spec = adopted(layout)
+    message: bytes | bytearray = data.draw(messages(layout))
+    if data.draw(st.booleans()):
+        message = bytearray(message)
+    quick = quick_decode(message, spec)
     if quick is not None:
-        expected = pyiso(message, frozen(spec))
+        expected = pyiso(message, spec)
         assert quick == expected
         assert expected is not None and list(quick[1]) == list(expected[1])  # field order
 
@@ -247,8 +276,8 @@ def test_never_disagrees_with_pyiso8583(data: st.DataObject) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_decode_gives_the_same_message_either_way(data: st.DataObject) -> None:
-    """codec.decode with the quick path (frozen spec) and without (the same spec as plain
-    dicts): the same message, or the same error."""
+    """codec.decode with the quick path (an adopted spec) and without (the same spec as
+    plain dicts): the same message, or the same error."""
     spec = data.draw(specs())
     message = data.draw(messages(spec))
 
@@ -259,4 +288,4 @@ def test_decode_gives_the_same_message_either_way(data: st.DataObject) -> None:
             return "error", (type(error), str(error))
         return "message", (decoded.mti, dict(decoded.fields))
 
-    assert outcome(frozen(spec)) == outcome(spec)
+    assert outcome(adopted(spec)) == outcome(spec)
