@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from codec.errors import DecodeError
 
@@ -11,14 +11,39 @@ __all__ = ["Mti"]
 
 @dataclass(frozen=True, slots=True)
 class Mti:
-    """An MTI such as ``0200``. Invalid text raises DecodeError (without echoing it)."""
+    """An MTI such as ``0200``. Invalid text raises DecodeError (without echoing it).
+
+    Its digits and what they say are worked out once, when it is made (`parse` shares one
+    object per code), and then read as attributes: a transaction asks about a dozen times.
+    """
 
     code: str
+    version: int = field(init=False, repr=False, compare=False)
+    message_class: int = field(init=False, repr=False, compare=False)
+    function: int = field(init=False, repr=False, compare=False)
+    origin: int = field(init=False, repr=False, compare=False)
+    is_response: bool = field(init=False, repr=False, compare=False)  # an odd function
+    is_request: bool = field(init=False, repr=False, compare=False)
+    is_advice: bool = field(init=False, repr=False, compare=False)  # function 2 or 3
+    is_repeat: bool = field(init=False, repr=False, compare=False)  # an odd origin
 
     def __post_init__(self) -> None:
         code = self.code
         if not (isinstance(code, str) and len(code) == 4 and code.isascii() and code.isdigit()):
             raise DecodeError("invalid MTI")
+        version, message_class, function, origin = (int(digit) for digit in code)
+        facts = {
+            "version": version,
+            "message_class": message_class,
+            "function": function,
+            "origin": origin,
+            "is_response": function % 2 == 1,
+            "is_request": function % 2 == 0,
+            "is_advice": function in (2, 3),
+            "is_repeat": origin % 2 == 1,
+        }
+        for name, value in facts.items():
+            object.__setattr__(self, name, value)
 
     @classmethod
     def parse(cls, text: str) -> Mti:
@@ -30,38 +55,6 @@ class Mti:
         if known is None:
             known = _PARSED[text] = cls(text)  # validates first
         return known
-
-    @property
-    def version(self) -> int:
-        return int(self.code[0])
-
-    @property
-    def message_class(self) -> int:
-        return int(self.code[1])
-
-    @property
-    def function(self) -> int:
-        return int(self.code[2])
-
-    @property
-    def origin(self) -> int:
-        return int(self.code[3])
-
-    @property
-    def is_response(self) -> bool:
-        return self.code[2] in "13579"  # an odd function digit
-
-    @property
-    def is_request(self) -> bool:
-        return not self.is_response
-
-    @property
-    def is_advice(self) -> bool:
-        return self.function in (2, 3)
-
-    @property
-    def is_repeat(self) -> bool:
-        return self.origin % 2 == 1
 
     def response(self) -> Mti:
         """The response MTI (function + 1, repeat digit cleared); a response returns itself."""
