@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import logging
 import os
@@ -38,6 +39,13 @@ EXIT_INTERRUPTED = 130
 # far fewer live requests, and in a minute at 2 000 TPS beside 10 000 idle terminals there
 # was none (p99 25-42 ms instead of 300; BENCHMARKS.md). Throughput and CPU are unchanged.
 GC_THRESHOLDS = (10_000, 10, 10)
+# glibc's malloc serves 128 KiB and more with a fresh mmap and gives it back with munmap.
+# asyncio reads every journal reply into a new 256 KiB buffer, so each read paid an mmap,
+# a page fault, an mremap and a munmap: 16-22 us a read on a VM with dear page faults,
+# against 2-3 from the heap (BENCHMARKS.md). Up to 1 MiB now comes from the heap, and up to
+# 4 MiB left free at its top is kept for the next (glibc's mallopt; others are left alone).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+MALLOC_THRESHOLDS = ((M_MMAP_THRESHOLD, 1 << 20), (M_TRIM_THRESHOLD, 4 << 20))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -228,7 +236,18 @@ def _run(args: argparse.Namespace) -> int:
         _print_problems(args.config, error)
         return EXIT_BAD_CONFIG
     gc.set_threshold(*GC_THRESHOLDS)
+    tune_malloc()
     return _serve(app.run, partial(app.stop, config.listen.shutdown_grace), app.reload)
+
+
+def tune_malloc() -> bool:
+    """Set `MALLOC_THRESHOLDS`; False where the C library is not glibc (or refuses)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return all(mallopt(option, value) == 1 for option, value in MALLOC_THRESHOLDS)
 
 
 def _demo(args: argparse.Namespace) -> int:

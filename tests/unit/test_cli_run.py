@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,3 +47,62 @@ def test_run_raises_the_garbage_collector_thresholds_before_serving(
     config.write_text(CONFIG)
     assert cli.main(["run", "-c", str(config)]) == 0
     assert seen == [cli.GC_THRESHOLDS]
+
+
+def test_run_tunes_malloc_before_serving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    steps: list[str] = []
+
+    def tune() -> bool:
+        steps.append("tuned")
+        return True
+
+    def serve(*_: Any) -> int:
+        steps.append("served")
+        return 0
+
+    monkeypatch.setattr(cli, "tune_malloc", tune)
+    monkeypatch.setattr(cli, "_serve", serve)
+    config = tmp_path / "proxy.yaml"
+    config.write_text(CONFIG)
+    assert cli.main(["run", "-c", str(config)]) == 0
+    assert steps == ["tuned", "served"]
+
+
+MMAPPED_BLOCKS = """
+import ctypes, sys
+from proxy.cli import tune_malloc
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+
+import socket
+ours, theirs = socket.socketpair()
+
+def mmapped_while_held():  # asyncio reads each reply with recv(256 KiB), then shrinks it
+    theirs.send(b"x" * 300)
+    before = libc.mallinfo2().hblks
+    held = ours.recv(262144)
+    during = libc.mallinfo2().hblks
+    del held
+    return during - before
+
+# glibc's own start: 128 KiB (raised later by the first big block freed, which no
+# shrunken read buffer ever is); set outright here, as imports may have raised it
+libc.mallopt(-3, 128 * 1024)
+print(mmapped_while_held(), mmapped_while_held(), tune_malloc(), mmapped_while_held())
+"""
+
+
+def test_tune_malloc_keeps_asyncios_read_buffers_off_mmap() -> None:
+    """A 256 KiB buffer was a fresh mmap (and munmap) every journal reply (BENCHMARKS.md)."""
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("not glibc 2.33 or newer")
+    result = subprocess.run(
+        [sys.executable, "-c", MMAPPED_BLOCKS], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.split() == ["1", "1", "True", "0"]
