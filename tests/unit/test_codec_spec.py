@@ -110,6 +110,10 @@ def test_yaml_without_base_and_relative_path(tmp_path: Path) -> None:
             "base: default\nfields:\n  2: {left_pad: '00'}\n",
             "left_pad must be a single character (field 2)",
         ),
+        (  # pyiso8583 took null for no pad, then failed on the first odd-length field
+            "base: default\nfields:\n  2: {right_pad: null}\n",
+            "right_pad must be a single character (field 2)",
+        ),
         ("base: default\nfields:\n  2: {maxlen: 3}\n", "unknown attribute 'maxlen' (field 2)"),
         ("base: default\nfields:\n  2: 19\n", "definition must be a mapping (field 2)"),
         (
