@@ -60,13 +60,18 @@ _plans: OrderedDict[int, tuple[Spec, _Plan | None]] = OrderedDict()
 def adopt(spec: Spec) -> None:
     """Decode `spec`'s messages on the quick path from now on. The caller promises that
     nothing can change `spec` (`load_spec`'s specs are copies no one else holds): a plan
-    is made once and must stay true. Only the `MAX_PLANS` latest keep their plans; an
-    older spec goes back to pyiso8583 alone."""
+    is made once and must stay true. Only the `MAX_PLANS` specs adopted (or adopted
+    again) latest keep their plans; an older one goes back to pyiso8583 alone."""
+    key = id(spec)
+    if key in _plans:  # its entry holds it: the same spec, adopted again
+        with contextlib.suppress(KeyError):  # unless another thread just dropped it
+            _plans.move_to_end(key)
+            return
     plan = _compile(spec)
     while len(_plans) >= MAX_PLANS:
         with contextlib.suppress(KeyError):  # another thread emptied it first
             _plans.popitem(last=False)
-    _plans[id(spec)] = (spec, plan)
+    _plans[key] = (spec, plan)
 
 
 def quick_decode(data: bytes | bytearray, spec: Spec) -> tuple[str, dict[str, str]] | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -13,7 +15,7 @@ import yaml
 from iso8583 import specs as _builtin
 
 from codec.errors import SpecError
-from codec.quick import adopt
+from codec.quick import MAX_PLANS, adopt
 
 __all__ = ["BUILTIN_SPECS", "Spec", "load_spec"]
 
@@ -162,7 +164,25 @@ def _name(value: str) -> str:
 
 
 def _freeze(spec: Mapping[str, Mapping[str, Any]]) -> Spec:
-    """A read-only copy no one else holds, decoded on the quick path (`codec.quick`)."""
-    frozen = MappingProxyType({name: MappingProxyType(dict(d)) for name, d in spec.items()})
+    """A read-only copy no one else holds, decoded on the quick path (`codec.quick`).
+    Specs with the same content share one copy, so a spec loaded again (a config reload,
+    each of a generator's connections) finds the plan already made for it, and the one a
+    listener kept since it started stays among the latest adopted."""
+    content = tuple(sorted((name, tuple(sorted(d.items()))) for name, d in spec.items()))
+    frozen = _loaded.get(content)
+    if frozen is not None:
+        with contextlib.suppress(KeyError):  # unless another thread just dropped it
+            _loaded.move_to_end(content)
+    else:
+        frozen = MappingProxyType({name: MappingProxyType(dict(d)) for name, d in spec.items()})
+        while len(_loaded) >= MAX_PLANS:
+            with contextlib.suppress(KeyError):  # another thread emptied it first
+                _loaded.popitem(last=False)
+        _loaded[content] = frozen
     adopt(frozen)
     return frozen
+
+
+# The specs loaded, by content, least recently loaded first (as many as the quick path
+# keeps plans for).
+_loaded: OrderedDict[tuple[Any, ...], Spec] = OrderedDict()

@@ -4,6 +4,7 @@ decodes; it answers for the messages the proxy meets; and `codec.decode` is unch
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -76,18 +77,29 @@ def test_a_spec_not_adopted_is_left_to_pyiso8583() -> None:
     assert decode(data, wrapped).get("2") == "16" + PAN
 
 
-def test_plans_are_bounded_and_follow_their_spec() -> None:
+def test_a_spec_loaded_again_is_shared_and_keeps_its_plan(tmp_path: Path) -> None:
+    """A listener keeps the spec it started with while reloads load it again, beside other
+    specs: it must not lose its plan to them (each load adopts it again)."""
     data = encode(proxy_messages()[0], load_spec("default"))
-    first = load_spec("default")
+    kept = load_spec("default")
+    for reload in range(MAX_PLANS + 5):
+        assert load_spec("default") is kept  # the same content: the same object
+        other = tmp_path / f"spec{reload}.yaml"
+        other.write_text(f"base: default\nfields:\n  48: {{max_len: {100 + reload}}}\n")
+        assert load_spec(str(other)) is not kept
+    assert quick_decode(data, kept) == pyiso(data, kept)
+    assert quick_decode(data, kept) is not None
+
+
+def test_plans_are_bounded() -> None:
+    data = encode(proxy_messages()[0], load_spec("default"))
+    layout = {name: dict(d) for name, d in load_spec("default").items()}
+    first = adopted(layout)
     assert quick_decode(data, first) is not None
-    for _ in range(MAX_PLANS):  # more specs than plans kept: the first loses its plan
-        spec = load_spec("default")
-        assert quick_decode(data, spec) == pyiso(data, spec)
+    for n in range(MAX_PLANS):  # as many other specs again: the first loses its plan
+        adopted({**layout, "48": {**layout["48"], "max_len": 100 + n}})
     assert quick_decode(data, first) is None
     assert decode(data, first).get("2") == PAN  # and is decoded by pyiso8583
-    ascii_spec = load_spec("default_ascii")  # a new spec gets its own plan, not a stale one
-    assert quick_decode(encode(proxy_messages()[0], ascii_spec), ascii_spec) is not None
-    assert quick_decode(data, ascii_spec) is None
 
 
 @pytest.mark.parametrize(
