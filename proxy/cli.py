@@ -236,7 +236,8 @@ def _run(args: argparse.Namespace) -> int:
         _print_problems(args.config, error)
         return EXIT_BAD_CONFIG
     gc.set_threshold(*GC_THRESHOLDS)
-    tune_malloc()
+    if not tune_malloc():
+        logging.getLogger("iso_proxy").debug("malloc thresholds left as they were (not glibc)")
     return _serve(app.run, partial(app.stop, config.listen.shutdown_grace), app.reload)
 
 
@@ -244,10 +245,11 @@ def tune_malloc() -> bool:
     """Set `MALLOC_THRESHOLDS`; False where the C library is not glibc (or refuses)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no such call; no C library (Windows)
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return all(mallopt(option, value) == 1 for option, value in MALLOC_THRESHOLDS)
+    taken = [mallopt(option, value) == 1 for option, value in MALLOC_THRESHOLDS]
+    return all(taken)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -42,6 +42,7 @@ def test_run_raises_the_garbage_collector_thresholds_before_serving(
         return 0
 
     monkeypatch.setattr(cli, "_serve", serve)
+    monkeypatch.setattr(cli, "tune_malloc", lambda: True)  # not this process's malloc
     gc.set_threshold(700, 10, 10)
     config = tmp_path / "proxy.yaml"
     config.write_text(CONFIG)
