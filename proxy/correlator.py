@@ -31,6 +31,8 @@ many a connection holds, so it can recycle a connection that stopped answering.
     claim_write(key, waiter, conn, limit) just before the first byte: ties the request to
                                           `conn`; LinkFull at the limit, NotWritten if the
                                           request is no longer this waiter's to send
+    unclaim_write(key, waiter, conn)      that write failed with no byte written: untied,
+                                          free to go out on another connection
     resolve(conn, key)                    an answer arrived on `conn`: the waiter once (and
                                           whether it is late), else None
     fail_connection(conn)                 `conn` died: the waiters of its live requests;
@@ -99,6 +101,22 @@ class Correlator(Generic[W]):
             raise LinkFull(f"connection {connection} has {limit} requests in flight")
         entry.connection = connection
         self._in_flight[connection] += 1
+
+    def unclaim_write(self, key: MatchKey, waiter: W, connection: str) -> None:
+        """The write that was to carry the request failed before any byte left: it is no
+        longer tied to `connection`, and may go out on another."""
+        entry = self._entries.get(key)
+        if (
+            entry is None
+            or entry.waiter is not waiter
+            or entry.connection != connection
+            or entry.tombstone  # its caller gave up on it already: it stays where it is
+        ):
+            return
+        entry.connection = None
+        self._in_flight[connection] -= 1
+        if self._in_flight[connection] <= 0:
+            del self._in_flight[connection]
 
     def resolve(self, connection: str, key: MatchKey) -> Match[W] | None:
         entry = self._entries.get(key)

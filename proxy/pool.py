@@ -271,10 +271,18 @@ class Pool:
             raise UnencodableMessage("request does not fit any available switch's spec")
         raise NoLinkAvailable("no switch link could take the request")
 
-    def _claim(self, key: MatchKey, waiter: _Waiter, limit: int, connection: str) -> None:
+    def _claim(
+        self, key: MatchKey, waiter: _Waiter, limit: int, connection: str
+    ) -> Callable[[], None]:
         self._correlator.claim_write(key, waiter, connection, limit)
         waiter.connection = connection
         waiter.written_at = trio.current_time()
+        return partial(self._unclaim, key, waiter, connection)
+
+    def _unclaim(self, key: MatchKey, waiter: _Waiter, connection: str) -> None:
+        """The write failed with no byte of the request written: it may go elsewhere."""
+        self._correlator.unclaim_write(key, waiter, connection)
+        waiter.connection = ""
 
     def _recycle_if_stale(self, link: Link) -> None:
         stale = self._correlator.stale(link.connection)

@@ -80,13 +80,21 @@ def _stream_error(error: OSError) -> trio.ClosedResourceError | trio.BrokenResou
     return trio.BrokenResourceError(f"connection lost: {error.strerror}")
 
 
+class NothingWritten(trio.BrokenResourceError):
+    """The connection was broken or closed before any byte of this write left: the peer
+    got none of it (a write system call that fails has written nothing)."""
+
+
 async def send_whole(stream: trio.abc.Stream, data: bytes | bytearray, deadline: float) -> bool:
     """Send all of `data`: at once when the socket takes it (`send_now`), else the rest
     with `send_all`, shielded (a cancel never leaves part of a frame on the wire) and cut
     at `deadline`. False when the deadline cut it short: part of a frame may be on the
-    wire, so the stream is unusable. BrokenResourceError or ClosedResourceError as
-    `send_all` raises them."""
-    sent = send_now(stream, data)
+    wire, so the stream is unusable. NothingWritten when the first write failed; else
+    BrokenResourceError or ClosedResourceError as `send_all` raises them."""
+    try:
+        sent = send_now(stream, data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+        raise NothingWritten(str(error)) from error
     if sent == len(data):
         return True
     with trio.CancelScope(deadline=deadline, shield=True) as scope:

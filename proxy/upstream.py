@@ -20,7 +20,7 @@ from proxy.health import Echo, LinkHealth, LinkState, Verdict
 from proxy.latency import Histogram, PeakEwma
 from proxy.network import ECHO, SIGN_OFF, SIGN_ON, network_request
 from proxy.responses import answer
-from proxy.streams import close, receive, send_whole
+from proxy.streams import NothingWritten, close, receive, send_whole
 from proxy.tls import client_context
 
 log = logging.getLogger("iso_proxy.upstream")
@@ -38,6 +38,9 @@ WRITE_GRACE = 1.0
 # At most this many frames leave in one write: a batch that gathered during a stall must
 # still fit in what is left of its writer's deadline (the rest goes in the next turns).
 MAX_BATCH_FRAMES = 16
+# Called with the connection's id right before a frame's first byte; may refuse (NotWritten)
+# and may return what undoes it, called if the write then fails with no byte written.
+BeforeWrite = Callable[[str], Callable[[], None] | None]
 # Numbers for connections, unique in the process: requests are tied to a connection by its
 # name, and a replaced switch's old link, still closing, has the new link's name.
 _CONNECTION_NUMBERS = itertools.count(1)
@@ -99,13 +102,13 @@ class _Exchange:
 class _Entry:
     """A frame waiting in a batch, and why it was not written, if it was not."""
 
-    __slots__ = ("before_write", "data", "deadline", "refusal", "traffic")
+    __slots__ = ("before_write", "data", "deadline", "refusal", "traffic", "undo")
 
     def __init__(
         self,
         data: bytes,
         deadline: float,
-        before_write: Callable[[str], None] | None,
+        before_write: BeforeWrite | None,
         traffic: bool,
     ) -> None:
         self.data = data
@@ -113,6 +116,7 @@ class _Entry:
         self.before_write = before_write
         self.traffic = traffic
         self.refusal: Exception | None = None
+        self.undo: Callable[[], None] | None = None  # before_write's, if nothing is written
 
 
 class _Batch:
@@ -225,15 +229,16 @@ class Link:
         message: Message,
         *,
         deadline: float,
-        before_write: Callable[[str], None] | None = None,
+        before_write: BeforeWrite | None = None,
         traffic: bool = True,
     ) -> None:
         """Write `message` as one frame, starting before `deadline`.
 
         A transaction (`traffic`) needs the link UP; the link's own network-management
         messages only need it connected. `before_write(connection)` runs right before the
-        first byte and may refuse by raising NotWritten. Raises CodecError when the message
-        does not fit this switch's spec.
+        first byte and may refuse by raising NotWritten; what it returns is called if the
+        write then fails with no byte written (NotWritten then: safe to fail over). Raises
+        CodecError when the message does not fit this switch's spec.
 
         A frame the socket takes at once leaves in one system call (`send_whole`). Frames
         that come while a write is still on the wire (the socket was full) wait and leave
@@ -317,7 +322,7 @@ class Link:
                 if now >= entry.deadline:
                     raise NotWritten(f"link {self.name}: deadline passed before the write")
                 if entry.before_write is not None:
-                    entry.before_write(self.connection)
+                    entry.undo = entry.before_write(self.connection)
             except Exception as refusal:  # NotWritten, or a fault of that frame's own
                 entry.refusal = refusal
                 continue
@@ -329,6 +334,14 @@ class Link:
         writer_deadline = max(batch.entries[0].deadline, now + WRITE_GRACE)
         try:
             failure = None if await send_whole(stream, data, writer_deadline) else "timed out"
+        except NothingWritten:  # none of these frames left: each may go out elsewhere
+            for entry in batch.entries:
+                if entry.refusal is None:
+                    if entry.undo is not None:
+                        entry.undo()
+                    entry.refusal = NotWritten(f"link {self.name} broke before the write")
+            await self._close(stream)
+            return
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             failure = "failed"
         if failure is not None:
@@ -444,11 +457,16 @@ class Link:
         self._exchanges[stan] = pending
         deadline = trio.current_time() + self._health_config.echo_timeout
         written_at: list[float] = []
+
+        def writing(_: str) -> Callable[[], None]:
+            written_at.append(trio.current_time())
+            return written_at.clear  # no byte written after all
+
         try:
             await self.send(
                 network_request(code, stan, datetime.now(UTC)),
                 deadline=deadline,
-                before_write=lambda _: written_at.append(trio.current_time()),
+                before_write=writing,
                 traffic=False,
             )
             with trio.move_on_at(deadline):

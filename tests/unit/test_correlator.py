@@ -35,6 +35,20 @@ def test_an_answer_is_delivered_once_and_only_from_its_connection() -> None:
     assert len(table) == 0
 
 
+def test_a_write_that_left_nothing_unties_the_request_for_another_connection() -> None:
+    table: Correlator[str] = Correlator()
+    _written(table, K, "w0", "a/0#1")
+    table.unclaim_write(K, "w1", "a/0#1")  # another waiter's undo: not this request's
+    table.unclaim_write(K, "w0", "a/0#2")  # nor another connection's
+    assert table.in_flight("a/0#1") == 1
+    table.unclaim_write(K, "w0", "a/0#1")
+    assert table.in_flight("a/0#1") == 0
+    assert table.fail_connection("a/0#1") == []  # it is no longer that connection's
+    table.claim_write(K, "w0", "b/0#1", limit=10)
+    assert table.resolve("a/0#1", K) is None
+    assert table.resolve("b/0#1", K) == Match("w0", late=False)
+
+
 def test_no_answer_is_accepted_before_the_request_is_written() -> None:
     table: Correlator[str] = Correlator()
     table.open(K, "w0")
@@ -114,7 +128,7 @@ class _Model:
 
 _operations = st.lists(
     st.tuples(
-        st.sampled_from(["open", "write", "resolve", "fail", "answered", "unanswered"]),
+        st.sampled_from(["open", "write", "unwrite", "resolve", "fail", "answered", "unanswered"]),
         st.sampled_from(KEYS),
         st.sampled_from(CONNECTIONS),
     ),
@@ -153,6 +167,10 @@ def test_matches_a_model(operations: list[tuple[str, tuple[str, ...], str]]) -> 
             else:
                 table.claim_write(key, entry.waiter, conn, limit)
                 entry.connection = conn
+        elif op == "unwrite" and entry is not None:
+            table.unclaim_write(key, entry.waiter, conn)
+            if entry.connection == conn and not entry.tombstone:
+                entry.connection = None
         elif op == "resolve":
             expected = None
             if entry is not None and entry.connection == conn:
