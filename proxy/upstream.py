@@ -335,12 +335,17 @@ class Link:
         try:
             failure = None if await send_whole(stream, data, writer_deadline) else "timed out"
         except NothingWritten:  # none of these frames left: each may go out elsewhere
-            for entry in batch.entries:
-                if entry.refusal is None:
-                    if entry.undo is not None:
-                        entry.undo()
-                    entry.refusal = NotWritten(f"link {self.name} broke before the write")
-            await self._close(stream)
+            # No await from the claims (before_write) to here and on into _close, which
+            # takes the connection down before its first: no reader can fail these
+            # requests, nor another be claimed on the connection, in between.
+            try:
+                for entry in batch.entries:
+                    if entry.refusal is None:
+                        entry.refusal = NotWritten(f"link {self.name} broke before the write")
+                        if entry.undo is not None:
+                            entry.undo()
+            finally:
+                await self._close(stream)
             return
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             failure = "failed"
