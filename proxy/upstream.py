@@ -334,7 +334,8 @@ class Link:
         writer_deadline = max(batch.entries[0].deadline, now + WRITE_GRACE)
         try:
             failure = None if await send_whole(stream, data, writer_deadline) else "timed out"
-        except NothingWritten:  # none of these frames left: each may go out elsewhere
+        except NothingWritten as error:  # none of these frames left: each may go elsewhere
+            log.warning("link %s: write refused before any byte left (%s)", self.name, error)
             # No await from the claims (before_write) to here and on into _close, which
             # takes the connection down before its first: no reader can fail these
             # requests, nor another be claimed on the connection, in between.
@@ -347,9 +348,10 @@ class Link:
             finally:
                 await self._close(stream)
             return
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            failure = "failed"
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+            failure = f"failed ({error})"
         if failure is not None:
+            log.warning("link %s: write %s", self.name, failure)
             # The frames may be partly on the wire: the stream is unusable from here on.
             await self._close(stream)
             for entry in batch.entries:  # an error each: each is raised in its own task

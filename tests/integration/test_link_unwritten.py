@@ -51,11 +51,16 @@ class SocketSwitch(ScriptedSwitch):
 
 
 async def test_a_write_that_fails_before_its_first_byte_goes_out_on_another_link(
-    nursery: trio.Nursery,
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
     switches = {"alpha": SocketSwitch(nursery), "beta": SocketSwitch(nursery)}
     try:
         await _fail_over_from_a_broken_write(nursery, switches)
+        said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert any(
+            line.startswith("link alpha/") and "write refused before any byte left" in line
+            for line in said
+        ), said
     finally:
         nursery.cancel_scope.cancel()
         for switch in switches.values():
