@@ -169,18 +169,26 @@ def _freeze(spec: Mapping[str, Mapping[str, Any]]) -> Spec:
     each of a generator's connections) finds the plan already made for it, and the one a
     listener kept since it started stays among the latest adopted."""
     content = tuple(sorted((name, tuple(sorted(d.items()))) for name, d in spec.items()))
-    frozen = _loaded.get(content)
-    if frozen is not None:
-        with contextlib.suppress(KeyError):  # unless another thread just dropped it
-            _loaded.move_to_end(content)
+    try:
+        frozen = _loaded.get(content)
+    except TypeError:  # a list or mapping YAML gave as a value (a desc, say): not shared
+        frozen = _copy(spec)
     else:
-        frozen = MappingProxyType({name: MappingProxyType(dict(d)) for name, d in spec.items()})
-        while len(_loaded) >= MAX_PLANS:
-            with contextlib.suppress(KeyError):  # another thread emptied it first
-                _loaded.popitem(last=False)
-        _loaded[content] = frozen
+        if frozen is not None:
+            with contextlib.suppress(KeyError):  # unless another thread just dropped it
+                _loaded.move_to_end(content)
+        else:
+            frozen = _copy(spec)
+            while len(_loaded) >= MAX_PLANS:
+                with contextlib.suppress(KeyError):  # another thread emptied it first
+                    _loaded.popitem(last=False)
+            _loaded[content] = frozen
     adopt(frozen)
     return frozen
+
+
+def _copy(spec: Mapping[str, Mapping[str, Any]]) -> Spec:
+    return MappingProxyType({name: MappingProxyType(dict(d)) for name, d in spec.items()})
 
 
 # The specs loaded, by content, least recently loaded first (as many as the quick path

@@ -7,7 +7,7 @@ from pathlib import Path
 import iso8583
 import pytest
 
-from codec import BUILTIN_SPECS, SpecError, load_spec
+from codec import BUILTIN_SPECS, Message, Mti, SpecError, decode, encode, load_spec
 
 
 @pytest.mark.parametrize("name", BUILTIN_SPECS)
@@ -70,6 +70,15 @@ def test_yaml_overrides_and_extends_the_base(tmp_path: Path) -> None:
     assert iso8583.specs.default_ascii["2"]["max_len"] == 19
     with pytest.raises(TypeError):
         spec["2"]["max_len"] = 1  # type: ignore[index]
+
+
+def test_a_description_that_is_a_list_still_loads_and_decodes(tmp_path: Path) -> None:
+    """`desc` is free text to pyiso8583; YAML may make it a list or a mapping."""
+    path = write(tmp_path, "base: default\nfields:\n  48: {desc: [free, text]}\n")
+    spec = load_spec(str(path))
+    assert list(spec["48"]["desc"]) == ["free", "text"]
+    message = Message(Mti.parse("0800"), {"11": "000001", "48": "x"})
+    assert decode(encode(message, spec), spec) == message
 
 
 def test_yaml_without_base_and_relative_path(tmp_path: Path) -> None:
