@@ -26,6 +26,7 @@ class Mti:
     is_request: bool = field(init=False, repr=False, compare=False)
     is_advice: bool = field(init=False, repr=False, compare=False)  # function 2 or 3
     is_repeat: bool = field(init=False, repr=False, compare=False)  # an odd origin
+    _match_code: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         code = self.code
@@ -41,6 +42,7 @@ class Mti:
             "is_request": function % 2 == 0,
             "is_advice": function in (2, 3),
             "is_repeat": origin % 2 == 1,
+            "_match_code": f"{code[:2]}{function & ~1}{origin & ~1}",
         }
         for name, value in facts.items():
             object.__setattr__(self, name, value)
@@ -70,17 +72,11 @@ class Mti:
 
     def match_code(self) -> str:
         """The code a request and its response share: 0200, 0201 and 0210 all give 0200."""
-        shared = _MATCH_CODES.get(self.code)
-        if shared is None:
-            shared = _MATCH_CODES[self.code] = (
-                f"{self.code[:2]}{self.function & ~1}{self.origin & ~1}"
-            )
-        return shared
+        return self._match_code
 
     def __str__(self) -> str:
         return self.code
 
 
-# Each keyed by a valid code, so neither holds more than 10 000 entries.
+# Keyed by a valid code, so it holds no more than 10 000 entries.
 _PARSED: dict[str, Mti] = {}
-_MATCH_CODES: dict[str, str] = {}

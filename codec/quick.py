@@ -100,8 +100,8 @@ def _compile(spec: Spec) -> _Plan | None:
         header = _field("h", spec["h"]) if spec["h"]["max_len"] > 0 else None
         secondary = spec["1"]["data_enc"] if "1" in spec else None
         return _Plan(header, spec["t"]["data_enc"], spec["p"]["data_enc"], secondary, fields)
-    except (KeyError, TypeError, AttributeError, IndexError):  # a pad of None, say
-        return None  # pyiso8583 alone, then
+    except (KeyError, TypeError, AttributeError, IndexError):  # a spec not as load_spec
+        return None  # checks them (one a caller adopted itself): pyiso8583 alone, then
 
 
 def _field(name: str, definition: Mapping[str, Any]) -> _Field:

@@ -136,8 +136,8 @@ def _check_field(definition: Mapping[str, Any], where: str, name: str) -> None:
     if definition.get("len_count", "bytes") not in ("bytes", "nibbles"):
         raise SpecError(f"{where}: len_count must be bytes or nibbles", field=name)
     for pad in ("left_pad", "right_pad"):  # null too: pyiso8583 would fail on it mid-decode
-        value = definition.get(pad, "-")
-        if not (isinstance(value, str) and len(value) == 1):
+        value = definition.get(pad)
+        if pad in definition and not (isinstance(value, str) and len(value) == 1):
             raise SpecError(f"{where}: {pad} must be a single character", field=name)
 
 

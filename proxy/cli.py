@@ -249,7 +249,7 @@ def tune_malloc() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     taken = [mallopt(option, value) == 1 for option, value in MALLOC_THRESHOLDS]
-    return all(taken)
+    return all(taken)  # each set, even after another was refused
 
 
 def _demo(args: argparse.Namespace) -> int:
