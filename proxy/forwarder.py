@@ -75,10 +75,13 @@ class Receipt:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """The answer for the terminal, and its receipt when the journal recorded it."""
+    """The answer for the terminal, and its receipt when the journal recorded it (or may
+    have: `stands_in` when `message` is RC 96 in place of the receipt's answer, which the
+    terminal then never gets)."""
 
     message: Message
     receipt: Receipt | None = None
+    stands_in: bool = False
 
 
 class _Pending:
@@ -167,9 +170,10 @@ class Forwarder:
         self._joiners_settled.changed()
 
     async def undelivered(self, receipt: Receipt) -> None:
-        """The terminal's connection was gone before its answer could be written: an
-        approval is reversed (policy `reversal.on_undelivered`), unless a duplicate of the
-        same transaction carried the same answer to the terminal."""
+        """The terminal never got this answer (its connection was gone before it could be
+        written, or it got RC 96 in its place): an approval is reversed (policy
+        `reversal.on_undelivered`), unless a duplicate of the same transaction carried the
+        same answer to the terminal."""
         journal = self._journal
         claim = receipt.claim
         if not receipt.original:
@@ -276,10 +280,16 @@ class Forwarder:
                 recorded_now = await journal.store.complete(outcome)
             except StoreUnavailable as error:
                 # No answer leaves without its record: the terminal is told the system
-                # failed, and the claim stays open for recovery.
+                # failed. The write may have landed all the same (the database committed,
+                # then its reply was lost or too slow), so the claim is not certain to stay
+                # open for recovery: the switch's answer is settled as undelivered.
                 log.error("outcome of %s not recorded (%s); answering 96", message.mti, error)
                 pending.unrecorded_rc = decisions.SYSTEM_MALFUNCTION
-                return Reply(answer(message, decisions.SYSTEM_MALFUNCTION))
+                return Reply(
+                    answer(message, decisions.SYSTEM_MALFUNCTION),
+                    Receipt(claim, outcome.switch, outcome.rc),
+                    stands_in=True,
+                )
             if not recorded_now:
                 log.error("outcome of %s found its claim already closed", message.mti)
             pending.recorded = _as_recorded(claim, outcome)

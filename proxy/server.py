@@ -398,7 +398,7 @@ class _Connection:
                 delivered = await self._reply(request, reply.message, tpdu)
             finally:  # settled even when cancelled mid-write: it may owe a reversal
                 if reply.receipt is not None:
-                    if delivered:
+                    if delivered and not reply.stands_in:
                         self._forwarder.delivered(reply.receipt)
                     else:
                         await self._forwarder.undelivered(reply.receipt)

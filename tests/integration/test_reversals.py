@@ -8,13 +8,15 @@ import struct
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 import trio
 
 from codec import Message, Mti
 from fixtures.messages import echo, financial
 from fixtures.sim_switch import SimSwitch
 from proxy.app import App
-from proxy.transactions import TransactionIdentity, reversal_for
+from proxy.store import Store
+from proxy.transactions import Outcome, TransactionIdentity, reversal_for
 from tests.conftest import (
     TEST_PAN_KEY,
     Database,
@@ -153,6 +155,38 @@ async def test_an_approval_the_terminal_never_received_is_reversed(
         "SELECT t.rc, r.reason FROM transactions t JOIN reversals r USING (tx_key)"
     )
     assert rows == [{"rc": "00", "reason": "undelivered"}]
+
+
+async def test_an_approval_whose_outcome_write_failed_after_its_commit_is_reversed(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+    database: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The database committed the outcome, then the connection broke before its reply:
+    the terminal gets RC 96, the journal says approved, and the claim is not open for
+    recovery to find. The approval the terminal never got must still be reversed."""
+    write_outcomes = Store._flush_outcomes
+    broken: list[list[Outcome]] = []
+
+    async def committed_then_lost(store: Store, outcomes: list[Outcome]) -> list[bool]:
+        written = await write_outcomes(store, outcomes)
+        if not broken:
+            broken.append(outcomes)
+            raise ConnectionResetError("connection lost after the commit")
+        return written
+
+    monkeypatch.setattr(Store, "_flush_outcomes", committed_then_lost)
+    switch = await start_switch(nursery)
+    _, port = await _proxy(nursery, database, switch, switch_timeout=5)
+    terminal = await terminals.connect(port)
+    assert (await terminal.request(financial(61))).get("39") == "96"
+    with trio.fail_after(10):
+        await switch.wait_until(lambda: switch.received_reversals() >= 1)
+    rows = await database.fetch(
+        "SELECT t.state, t.rc, r.reason FROM transactions t JOIN reversals r USING (tx_key)"
+    )
+    assert rows == [{"state": "answered", "rc": "00", "reason": "undelivered"}]
 
 
 async def test_two_instances_send_each_queued_reversal_once(
