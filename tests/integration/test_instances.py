@@ -23,6 +23,7 @@ from fixtures.sim_switch import SimSwitch
 from proxy.app import App, Secrets
 from proxy.config import Config
 from proxy.reversals import ReversalWorker
+from proxy.store import Store
 from tests.conftest import (
     TEST_ADMIN_TOKEN,
     TEST_PAN_KEY,
@@ -323,27 +324,27 @@ async def test_a_stopped_instances_open_claim_is_reversed_once_by_the_other(
     ]
 
 
-@pytest.mark.parametrize(
-    "across",
-    [
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known gap: an instance cannot see that a repeat joined on another "
-                "instance delivered the approval (needs a 'delivered' mark in the journal)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("across", [False, True])
 async def test_an_approval_a_joined_repeat_delivered_is_not_reversed(
-    nursery: trio.Nursery, terminals: Terminals, database: Database, across: bool
+    nursery: trio.Nursery,
+    terminals: Terminals,
+    database: Database,
+    monkeypatch: pytest.MonkeyPatch,
+    across: bool,
 ) -> None:
     """The terminal's connection breaks while its purchase is at the (slow) switch; it
     reconnects and repeats, the repeat joins and gets the approval. The original's own
-    answer then finds its connection gone: that is no reason to reverse what the terminal
-    holds."""
+    answer then finds its connection gone: that is no reversal's cause. Across instances
+    the original's cannot know the repeat got it: the repeat leaves a withdrawn reversal
+    in the journal first, so none can be queued after it."""
+    repeat_answered = trio.Event()
+    queue_reversal = Store.queue_reversal
+
+    async def queue_after_the_repeat(store: Store, *args: Any) -> bool:
+        await repeat_answered.wait()  # the order in which the repeat cannot withdraw it
+        return await queue_reversal(store, *args)
+
+    monkeypatch.setattr(Store, "queue_reversal", queue_after_the_repeat)
     alpha = await start_switch(nursery, delay=0.5)
     beta = await start_switch(nursery, delay=0.5)
     config = two_switch_config(database, alpha, beta, reversal=QUICK_REVERSALS)
@@ -360,8 +361,11 @@ async def test_an_approval_a_joined_repeat_delivered_is_not_reversed(
     await first.aclose()  # a reset: the original's answer will find nobody to take it
     repeat = await ask(terminals, other.port, request.with_fields({}, mti=Mti.parse("0201")))
     assert (repeat.mti.code, repeat.get("39")) == ("0210", "00")
+    repeat_answered.set()
     await trio.sleep(NOTHING_MORE)  # time enough for a reversal to be queued and sent
-    assert await database.fetch("SELECT state, reason FROM reversals") == []
+    assert await database.fetch("SELECT state, reason FROM reversals") == [
+        {"state": "withdrawn", "reason": "delivered"}
+    ]
     assert alpha.received_reversals() + beta.received_reversals() == 0
 
 

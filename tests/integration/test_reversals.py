@@ -15,7 +15,7 @@ from codec import Message, Mti
 from fixtures.messages import echo, financial
 from fixtures.sim_switch import SimSwitch
 from proxy.app import App
-from proxy.store import Store
+from proxy.store import DueReversal, Store
 from proxy.transactions import Outcome, TransactionIdentity, reversal_for
 from tests.conftest import (
     TEST_PAN_KEY,
@@ -187,6 +187,76 @@ async def test_an_approval_whose_outcome_write_failed_after_its_commit_is_revers
         "SELECT t.state, t.rc, r.reason FROM transactions t JOIN reversals r USING (tx_key)"
     )
     assert rows == [{"state": "answered", "rc": "00", "reason": "undelivered"}]
+
+
+async def _approval_left_undelivered(
+    nursery: trio.Nursery, terminals: Terminals, database: Database, stan: int
+) -> tuple[App, SimSwitch, int]:
+    """A proxy whose switch approved `stan` after its terminal had gone (a reset)."""
+    switch = await start_switch(nursery, delay=0.3)
+    app, port = await _proxy(nursery, database, switch, switch_timeout=5)
+    terminal = await terminals.connect(port)
+    await terminal.send(financial(stan))
+    stream = terminal.stream
+    assert isinstance(stream, trio.SocketStream)
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await terminal.aclose()
+    return app, switch, port
+
+
+async def test_a_repeat_that_gets_the_approval_withdraws_its_unsent_reversal(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+    database: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The terminal repeats a purchase whose approval it never got, before the reversal
+    left: it gets the approval, and the reversal is never sent (one outcome, both ends)."""
+    queued, released = trio.Event(), trio.Event()
+    leased_after_release = trio.Event()
+    queue_reversal, lease_reversals = Store.queue_reversal, Store.lease_reversals
+
+    async def queue_then_tell(store: Store, *args: Any) -> bool:
+        result = await queue_reversal(store, *args)
+        queued.set()
+        return result
+
+    async def lease_once_released(store: Store, *args: Any) -> list[DueReversal]:
+        await released.wait()
+        due = await lease_reversals(store, *args)
+        leased_after_release.set()
+        return due
+
+    monkeypatch.setattr(Store, "queue_reversal", queue_then_tell)
+    monkeypatch.setattr(Store, "lease_reversals", lease_once_released)
+    _, switch, port = await _approval_left_undelivered(nursery, terminals, database, 71)
+    with trio.fail_after(10):
+        await queued.wait()
+    terminal = await terminals.connect(port)
+    assert (await terminal.request(financial(71, mti="0201"))).get("39") == "00"
+    released.set()
+    with trio.fail_after(10):
+        await leased_after_release.wait()  # the worker looked, and found nothing due
+    assert switch.received_reversals() == 0
+    rows = await database.fetch(
+        "SELECT t.rc, r.state, r.attempts FROM transactions t JOIN reversals r USING (tx_key)"
+    )
+    assert rows == [{"rc": "00", "state": "withdrawn", "attempts": 0}]
+
+
+async def test_a_repeat_of_an_approval_already_reversed_is_not_approved(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    app, switch, port = await _approval_left_undelivered(nursery, terminals, database, 72)
+    reversals = app.reversals
+    assert reversals is not None
+    with trio.fail_after(10):
+        await reversals.wait_until(lambda: reversals.acknowledged >= 1)
+    assert switch.received_reversals() == 1
+    terminal = await terminals.connect(port)
+    assert (await terminal.request(financial(72, mti="0201"))).get("39") == "96"
+    rows = await database.fetch("SELECT state FROM reversals")
+    assert rows == [{"state": "acknowledged"}]
 
 
 async def test_two_instances_send_each_queued_reversal_once(
