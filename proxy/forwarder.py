@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import trio
@@ -13,10 +13,16 @@ import trio
 from codec import Message, Mti, mask_pan
 from proxy import decisions
 from proxy.config import ReversalConfig
-from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
+from proxy.errors import (
+    NoLinkAvailable,
+    ProxyError,
+    UnencodableMessage,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from proxy.keys import match_key
 from proxy.latency import Histogram
-from proxy.pool import LateAnswer, Pool
+from proxy.pool import Answered, LateAnswer, Pool
 from proxy.responses import answer
 from proxy.reversals import LATE_TAG, ReversalWorker
 from proxy.store import Store, StoreUnavailable
@@ -266,6 +272,11 @@ class Forwarder:
         pending = _Pending(claim)
         self._carrying[claim.key] = pending
         try:
+            # The claim names the switch the request goes to, so that recovery reverses it
+            # there: a terminal's reversal goes where its original went, else the next in
+            # turn. The switch is chosen now, and the request forwarded to it alone.
+            original = await self._original_switch(message, journal)
+            claim = pending.claim = replace(claim, switch=original or self._pool.choose_switch())
             try:
                 recorded = await journal.store.claim(claim)
             except StoreUnavailable as error:
@@ -275,7 +286,7 @@ class Forwarder:
             if recorded is not None:  # claimed before, by another instance or an earlier run
                 return Reply(await self._duplicate(message, claim, recorded.fingerprint, recorded))
             response, outcome = await self._forward(
-                message, claim, await self._original_switch(message, journal)
+                message, claim, claim.switch, fallback=original is None
             )
             assert outcome is not None
             try:
@@ -373,6 +384,55 @@ class Forwarder:
                 await trio.sleep(JOIN_POLL)
         return None
 
+    async def _send(
+        self,
+        message: Message,
+        claim: Claim | None,
+        switch: str | None,
+        fallback: bool,
+        started: float,
+    ) -> Answered:
+        """Forward to `switch` (None: any). With `fallback` (a claim that names the switch
+        chosen for it), when that switch cannot take it (no usable link, or its spec
+        cannot carry it), the next switch in turn, within the same deadline; the claim is
+        re-pointed first, so that the journal names the switch a request is written to
+        before any byte goes there. A claim that names no switch is not forwarded."""
+        key = match_key(message, self._match_fields)
+        tag = claim.key if claim is not None else None
+        if not fallback:
+            return await self._pool.forward(message, key, tag=tag, switch=switch, started=started)
+        assert claim is not None
+        tried: list[str] = []
+        unencodable: UnencodableMessage | None = None
+        linkless = False  # some switch tried had no usable link
+        while switch is not None:
+            try:
+                return await self._pool.forward(
+                    message, key, tag=tag, switch=switch, started=started
+                )
+            except NoLinkAvailable:
+                linkless = True
+            except UnencodableMessage as refused:
+                unencodable = refused
+            tried.append(switch)
+            switch = self._pool.choose_switch(exclude=tried)
+            if switch is not None:
+                if not await self._reassigned(claim, switch):
+                    break
+                log.info("%s: %s cannot take it; to %s", message.mti, tried[-1], switch)
+        if unencodable is not None and not linkless:  # no switch's spec can carry it
+            raise unencodable
+        raise NoLinkAvailable("no switch link could take the request")
+
+    async def _reassigned(self, claim: Claim, switch: str) -> bool:
+        """Whether the journal now names `switch` for `claim` (else it may not go there)."""
+        assert self._journal is not None
+        try:
+            return await self._journal.store.reassign(claim.key, switch)
+        except StoreUnavailable as error:
+            log.warning("%s not re-pointed at %s (%s)", claim.mti, switch, error)
+            return False
+
     async def _original_switch(self, message: Message, journal: Journal) -> str | None:
         """For a terminal's reversal, the switch that handled the original (field 90), so
         the reversal reaches the switch that may have approved it; None: the normal choice."""
@@ -390,16 +450,16 @@ class Forwarder:
         return original.switch
 
     async def _forward(
-        self, message: Message, claim: Claim | None, switch: str | None = None
+        self,
+        message: Message,
+        claim: Claim | None,
+        switch: str | None = None,
+        *,
+        fallback: bool = False,
     ) -> tuple[Message, Outcome | None]:
         started = trio.current_time()
         try:
-            answered = await self._pool.forward(
-                message,
-                match_key(message, self._match_fields),
-                tag=claim.key if claim is not None else None,
-                switch=switch,
-            )
+            answered = await self._send(message, claim, switch, fallback, started)
         except ProxyError as error:
             rc = decisions.failure_rc(error, self._timeout_rc)
             elapsed = (trio.current_time() - started) * 1000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -199,17 +199,19 @@ class Pool:
         tag: str | None = None,
         switch: str | None = None,
         judge_link: bool = True,
+        started: float | None = None,
     ) -> Answered:
         """Send `message` over a healthy link and return the switch's answer.
 
-        One deadline, the chosen switch's `timeout` from now, bounds the whole request:
-        waiting to write, writing, and waiting for the answer. With `switch`, only that
-        switch's links are used. An answer arriving after the deadline goes to
-        `late_answers` under `tag`. Raises KeyInFlight, NoLinkAvailable, LinkLost,
+        One deadline, the chosen switch's `timeout` from `started` (default now), bounds
+        the whole request: waiting to write, writing, and waiting for the answer. With
+        `switch`, only that switch's links are used. An answer arriving after the deadline
+        goes to `late_answers` under `tag`. Raises KeyInFlight, NoLinkAvailable, LinkLost,
         UpstreamTimeout or UnencodableMessage. The answer's deadline is kept by `run`'s
         timer (within 10 ms): the pool must be running.
         """
-        started = trio.current_time()
+        if started is None:
+            started = trio.current_time()
         waiter = _Waiter(tag)
         self._correlator.open(key, waiter, tag)
         timed_out: Link | None = None
@@ -290,29 +292,48 @@ class Pool:
             log.warning("link %s: too many unanswered requests; reconnecting", link.name)
             link.recycle()
 
-    def _candidates(self, only: str | None = None) -> Iterator[Link]:
-        """Every usable link (up, not full), in the order the strategy prefers.
+    def choose_switch(self, exclude: Collection[str] = ()) -> str | None:
+        """The switch the next request goes to, by the strategy (its turn taken), leaving
+        out `exclude`; None when no other switch has a usable link. The journal names it
+        in the claim, then the request is forwarded to it alone (`forward(switch=...)`)."""
+        usable = {n: up for n, up in self._usable().items() if n not in exclude}
+        if self._strategy == "least_latency":
+            links = [link for up in usable.values() for link in up]
+            order = self._least_cost.order(links, [self._cost(link) for link in links])
+            return order[0].switch.name if order else None
+        return next(iter(self._switch_order(list(usable))), None)
 
-        By switch (round_robin, weighted): first one link of each switch, switches in the
-        strategy's order and each switch's links in turn, then the rest. By link
-        (least_latency): cheapest first. Lazy, so turns move on only when offered.
-        """
-        usable = {
+    def _usable(self, only: str | None = None) -> dict[str, list[Link]]:
+        """Each switch's usable links (up, not full); a drained switch only when asked
+        for by name."""
+        return {
             name: up
             for name, links in self.links.items()
             if (only is None or name == only)
             and (name not in self.drained or only is not None)
             and (up := [link for link in links if link.is_up and not self._full(link)])
         }
+
+    def _switch_order(self, names: list[str]) -> list[str]:
+        """`names` in the order the strategy prefers (round_robin, weighted): a turn taken."""
+        if self._strategy == "weighted":
+            return self._weighted.order(names, [self.switches[n].weight for n in names])
+        return self._switch_turns.order(names)
+
+    def _candidates(self, only: str | None = None) -> Iterator[Link]:
+        """Every usable link (up, not full), in the order the strategy prefers.
+
+        By switch (round_robin, weighted): first one link of each switch, switches in the
+        strategy's order and each switch's links in turn, then the rest. By link
+        (least_latency): cheapest first. Lazy, so turns move on only when offered. For
+        `only` one switch, whose turn `choose_switch` took, only its links take turns.
+        """
+        usable = self._usable(only)
         if self._strategy == "least_latency":
             links = [link for up in usable.values() for link in up]
             yield from self._least_cost.order(links, [self._cost(link) for link in links])
             return
-        names = list(usable)
-        if self._strategy == "weighted":
-            order = self._weighted.order(names, [self.switches[n].weight for n in names])
-        else:
-            order = self._switch_turns.order(names)
+        order = list(usable) if only is not None else self._switch_order(list(usable))
         others: list[Link] = []
         for name in order:
             first, *rest = self._link_turns[name].order(usable[name])

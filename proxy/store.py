@@ -282,6 +282,12 @@ class Store:
         claimed = await self._claims.submit(claim, deadline)
         return await self._taken(claim, deadline) if claimed is TAKEN else claimed
 
+    async def reassign(self, key: str, switch: str) -> bool:
+        """Name `switch` as where the claim of `key` is forwarded (before anything is
+        written to it); False when the claim is no longer open."""
+        rows = await self._guarded(partial(self._query_by, _REASSIGN, [key, switch]))
+        return bool(rows)
+
     async def complete(self, outcome: Outcome) -> bool:
         """Record how a claimed transaction ended. False when it already had an outcome."""
         return await self._guarded(partial(self._outcomes.submit, outcome))
@@ -409,7 +415,7 @@ class Store:
         if held is None:  # no key is ever deleted: not reached
             return _in_flight(claim)
         if held.fingerprint == claim.fingerprint and may_reclaim(held.state, Mti.parse(claim.mti)):
-            args = [[claim.key], [claim.mti], [held.state], self._settings.instance]
+            args = [[claim.key], [claim.mti], [held.state], [claim.switch], self._settings.instance]
             if await self._query_by(_RECLAIM, args, deadline):
                 return None
         return held
@@ -588,6 +594,7 @@ def claim_args(claims: Sequence[Claim], instance: str) -> list[Any]:
         [c.pan_masked for c in claims],
         [c.pan_hash for c in claims],
         [json.dumps(dict(c.fields)) for c in claims],
+        [c.switch for c in claims],
         instance,
     ]
 
@@ -644,26 +651,30 @@ def _in_flight(claim: Claim) -> Recorded:
 # Claims: what is already taken is looked up afterwards, only when something was.
 _CLAIM = """
 INSERT INTO transactions (tx_key, mti, terminal, stan, acquirer, rrn, tx_date, fingerprint,
-                          pan_masked, pan_hash, request, state, instance)
+                          pan_masked, pan_hash, request, switch, state, instance)
 SELECT tx_key, mti, terminal, stan, acquirer, rrn, tx_date, fingerprint, pan_masked,
-       pan_hash, request::jsonb, 'claimed', $12
+       pan_hash, request::jsonb, switch, 'claimed', $13
 FROM unnest(
     $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::date[],
-    $8::bytea[], $9::text[], $10::bytea[], $11::text[]
+    $8::bytea[], $9::text[], $10::bytea[], $11::text[], $12::text[]
 ) AS t(tx_key, mti, terminal, stan, acquirer, rrn, tx_date, fingerprint, pan_masked,
-       pan_hash, request)
+       pan_hash, request, switch)
 ON CONFLICT (tx_key) DO NOTHING
 RETURNING tx_key
 """
 
 _RECLAIM = """
 UPDATE transactions t
-SET state = 'claimed', mti = u.mti, instance = $4, claimed_at = now(), completed_at = NULL,
-    switch = NULL, link = NULL, rc = NULL, response_mti = NULL, auth_code = NULL, response = NULL,
-    response_fields = NULL, latency_ms = NULL
-FROM unnest($1::text[], $2::text[], $3::text[]) AS u(tx_key, mti, from_state)
+SET state = 'claimed', mti = u.mti, instance = $5, claimed_at = now(), completed_at = NULL,
+    switch = u.switch, link = NULL, rc = NULL, response_mti = NULL, auth_code = NULL,
+    response = NULL, response_fields = NULL, latency_ms = NULL
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(tx_key, mti, from_state, switch)
 WHERE t.tx_key = u.tx_key AND t.state = u.from_state
 RETURNING t.tx_key
+"""
+
+_REASSIGN = """
+UPDATE transactions SET switch = $2 WHERE tx_key = $1 AND state = 'claimed' RETURNING tx_key
 """
 
 _SELECT_RECORDED = """

@@ -51,6 +51,7 @@ class Claim:
     pan_masked: str | None
     pan_hash: bytes | None = field(repr=False)
     fields: Mapping[str, str] = field(repr=False)
+    switch: str | None = None  # where it is to be forwarded: where recovery reverses it
 
 
 @dataclass(frozen=True, slots=True)

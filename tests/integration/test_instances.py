@@ -12,6 +12,7 @@ import socket
 import struct
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -285,12 +286,15 @@ async def test_a_stopped_instances_open_claim_is_reversed_once_by_the_other(
     )
     a = await start_instance(nursery, config)
     terminal = await terminals.connect(a.port)
-    await terminal.send(financial(401))
+    assert (await terminal.request(financial(400))).get("39") == "00"  # alpha's turn
+    await terminal.send(financial(401))  # beta's
     with trio.fail_after(5):
-        await wait_any(switches, lambda: bool(forwarded(switches)))
+        await wait_any(switches, lambda: ("TERM0001", "000401") in forwarded(switches))
     a.scope.cancel()  # A "dies": no outcome is written
-    rows = await database.fetch("SELECT state, instance FROM transactions")
-    assert rows == [{"state": "claimed", "instance": a.app.instance}]
+    rows = await database.fetch(
+        "SELECT state, instance, switch FROM transactions WHERE stan = '000401'"
+    )
+    assert rows == [{"state": "claimed", "instance": a.app.instance, "switch": "beta"}]
 
     # B starts after A's claim: its first sweep finds the claim too young, the next one
     # (orphan_age later) recovers it.
@@ -304,10 +308,11 @@ async def test_a_stopped_instances_open_claim_is_reversed_once_by_the_other(
     with trio.move_on_after(NOTHING_MORE):
         await wait_any(switches, lambda: sum(s.received_reversals() for s in switches) > 1)
 
-    # Once, to some switch: a recovered claim has no recorded switch, so its reversal takes
-    # the next in turn (README, "Crash recovery"), not necessarily the original's.
-    assert forwarded(switches, mti_class=4) == Counter({("TERM0001", "000401"): 1})
-    assert forwarded(switches) == Counter({("TERM0001", "000401"): 1})
+    # Once, to the switch that got the original (the claim names it), though a fresh
+    # instance's turn would have been alpha's.
+    assert forwarded([beta], mti_class=4) == Counter({("TERM0001", "000401"): 1})
+    assert forwarded([alpha], mti_class=4) == Counter()
+    assert forwarded(switches) == Counter({("TERM0001", s): 1 for s in ("000400", "000401")})
     rows = await database.fetch(
         "SELECT t.state, t.rc, r.state AS reversal, r.reason, r.attempts, r.mti"
         " FROM transactions t JOIN reversals r USING (tx_key)"
@@ -322,6 +327,49 @@ async def test_a_stopped_instances_open_claim_is_reversed_once_by_the_other(
             "mti": "0400",
         }
     ]
+
+
+async def test_journaled_requests_take_switches_and_links_in_turn(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    """Choosing the switch for the claim takes the switch's turn; forwarding to it takes
+    only its link's: each turn is taken once."""
+    alpha = await start_switch(nursery)
+    beta = await start_switch(nursery)
+    instance = await start_instance(nursery, two_switch_config(database, alpha, beta))
+    terminal = await terminals.connect(instance.port)
+    for stan in range(461, 467):
+        assert (await terminal.request(financial(stan))).get("39") == "00"
+    rows = await database.fetch("SELECT switch, link FROM transactions ORDER BY stan")
+    assert [(r["switch"], r["link"]) for r in rows] == [
+        ("alpha", "alpha/0"),
+        ("beta", "beta/0"),
+        ("alpha", "alpha/1"),
+        ("beta", "beta/1"),
+        ("alpha", "alpha/0"),
+        ("beta", "beta/0"),
+    ]
+
+
+async def test_a_request_its_switch_cannot_take_goes_to_the_next_named_first(
+    nursery: trio.Nursery, terminals: Terminals, database: Database, tmp_path: Path
+) -> None:
+    """The claim names the switch chosen in turn; when that switch cannot carry the
+    request (here its spec has no room for field 42), the claim is re-pointed at the next
+    before anything is written there: while it is in flight, the journal names beta."""
+    narrow = tmp_path / "narrow.yaml"
+    narrow.write_text('base: default\nfields:\n  "42": {max_len: 10}\n')
+    alpha = await start_switch(nursery)
+    beta = await start_switch(nursery, silent_stans=frozenset({"000451"}))
+    config = two_switch_config(database, alpha, beta, each={"alpha": {"spec": str(narrow)}})
+    instance = await start_instance(nursery, config)
+    terminal = await terminals.connect(instance.port)
+    await terminal.send(financial(451))
+    with trio.fail_after(5):
+        await wait_any((beta,), lambda: ("TERM0001", "000451") in forwarded([beta]))
+    rows = await database.fetch("SELECT state, switch FROM transactions")
+    assert rows == [{"state": "claimed", "switch": "beta"}]
+    assert forwarded([alpha]) == Counter()
 
 
 @pytest.mark.parametrize("across", [False, True])
