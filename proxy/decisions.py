@@ -140,7 +140,12 @@ def reverse_after_timeout(mti: Mti) -> bool:
 def reverse_if_undelivered(mti: Mti, rc: str, policy: bool) -> bool:
     """An approval of an authorization or a financial request that its terminal never
     received is reversed (policy `reversal.on_undelivered`)."""
-    return policy and rc == APPROVED and mti.message_class in (1, 2) and not mti.is_advice
+    return policy and reversible_approval(mti, rc)
+
+
+def reversible_approval(mti: Mti, rc: str) -> bool:
+    """An approval of an authorization or a financial request (not an advice)."""
+    return rc == APPROVED and mti.message_class in (1, 2) and not mti.is_advice
 
 
 def repeat_of(mti: Mti) -> Mti:

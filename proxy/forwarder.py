@@ -219,8 +219,8 @@ class Forwarder:
                     claim.key, receipt.switch, reversal, "undelivered"
                 ):
                     log.warning("%s approval undelivered: reversal queued", claim.mti)
-                else:  # queued already, or a repeat got the approval after all
-                    log.warning("%s approval undelivered: reversal already decided", claim.mti)
+                else:
+                    log.warning("%s approval undelivered: reversal already queued", claim.mti)
                 return
             except StoreUnavailable as error:
                 log.warning(
@@ -351,25 +351,25 @@ class Forwarder:
         if recorded is None or not recorded.completed:
             _log_outcome(message, decisions.SWITCH_INOPERATIVE, "joined, no outcome", 0)
             return answer(message, decisions.SWITCH_INOPERATIVE)
-        if not await self._may_replay(claim.key, recorded, journal):
+        if not await self._may_replay(claim, recorded, journal):
             _log_outcome(message, decisions.SYSTEM_MALFUNCTION, "approval being reversed", 0)
             return answer(message, decisions.SYSTEM_MALFUNCTION)
         _log_outcome(message, recorded.rc or "", "replayed", 0)
         return replay(message, recorded)
 
-    async def _may_replay(self, key: str, recorded: Recorded, journal: Journal) -> bool:
+    async def _may_replay(self, claim: Claim, recorded: Recorded, journal: Journal) -> bool:
         """Whether an answer held in the journal may be given again. An approval whose
-        terminal never got it has a reversal queued (or soon will, on another instance):
-        replaying it would leave the terminal approved and the cardholder refunded. So the
-        reversal is withdrawn (or forestalled) if it was never sent, and the approval
-        replayed; else (or if the journal cannot tell) it is not."""
-        if recorded.rc != decisions.APPROVED:
+        terminal never got it has a reversal queued: replaying it would leave the terminal
+        approved and the cardholder refunded, so it is not. Nothing is decided in the
+        journal here (the replay may yet fail to reach its terminal); if the journal
+        cannot tell, the approval is replayed, as it always was."""
+        if not decisions.reversible_approval(Mti.parse(claim.mti), recorded.rc or ""):
             return True
         try:
-            return await journal.store.keep_approval(key)
+            return not await journal.store.has_reversal(claim.key)
         except StoreUnavailable as error:
-            log.warning("approval not replayed: its reversal could not be checked (%s)", error)
-            return False
+            log.warning("%s replayed unchecked for a reversal (%s)", claim.mti, error)
+            return True
 
     async def _poll(self, key: str, journal: Journal) -> Recorded | None:
         """The outcome of a transaction another instance carries, once the journal has it."""

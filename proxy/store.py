@@ -438,25 +438,9 @@ class Store:
         rows = await self._guarded(partial(self._query_by, _QUEUE_REVERSAL, args))
         return bool(rows)
 
-    async def keep_approval(self, key: str) -> bool:
-        """Before `key`'s recorded approval is given again (a repeat): make sure it is not
-        reversed. Its reversal is withdrawn if it was never written to a switch (queued,
-        not leased, no attempt written); where none is queued, a withdrawn mark takes its
-        place, so that none can be queued later (one per transaction). True then; False
-        when a reversal stands (written, being sent, acknowledged or given up). Atomic
-        against the reversal worker (the row is locked; it skips locked rows) and against
-        another instance queuing the reversal (the unique key)."""
-        for _ in range(2):  # a reversal queued meanwhile is seen by the second look
-            rows = await self._guarded(partial(self._query_by, _KEEP_APPROVAL, [key]))
-            row = rows[0]
-            if row["marked"]:
-                return True
-            if row["withdrawn"]:
-                log.warning("store: a reversal never sent is withdrawn: a repeat got its approval")
-                return True
-            if row["held"] is not None:
-                return bool(row["held"] == "withdrawn")
-        return False
+    async def has_reversal(self, key: str) -> bool:
+        """Whether a reversal of `key` was ever queued (whatever became of it)."""
+        return bool(await self._guarded(partial(self._query_by, _HAS_REVERSAL, [key])))
 
     async def recover(self, older_than: float, reversal_mti: str) -> int:
         """Claims left open longer than any transaction can take (a crash, or an outcome
@@ -726,24 +710,7 @@ ON CONFLICT (tx_key) DO NOTHING
 RETURNING id
 """
 
-_KEEP_APPROVAL = """
-WITH mark AS (
-    INSERT INTO reversals (tx_key, mti, message, state, reason)
-    VALUES ($1, '', '{}'::jsonb, 'withdrawn', 'delivered')
-    ON CONFLICT (tx_key) DO NOTHING
-    RETURNING id
-), held AS (
-    SELECT id, state, state = 'queued' AND leased_by IS NULL AND attempts = 0 AS unsent
-    FROM reversals WHERE tx_key = $1
-    FOR UPDATE
-), withdrawn AS (
-    UPDATE reversals r SET state = 'withdrawn', updated_at = now()
-    FROM held WHERE r.id = held.id AND held.unsent
-    RETURNING r.id
-)
-SELECT EXISTS (SELECT FROM mark) AS marked, EXISTS (SELECT FROM withdrawn) AS withdrawn,
-    (SELECT state FROM held) AS held
-"""
+_HAS_REVERSAL = "SELECT 1 FROM reversals WHERE tx_key = $1"
 
 _LEASE_REVERSALS = """
 WITH due AS (

@@ -204,16 +204,16 @@ async def _approval_left_undelivered(
     return app, switch, port
 
 
-async def test_a_repeat_that_gets_the_approval_withdraws_its_unsent_reversal(
+async def test_a_repeat_of_an_approval_whose_reversal_is_queued_is_not_approved(
     nursery: trio.Nursery,
     terminals: Terminals,
     database: Database,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The terminal repeats a purchase whose approval it never got, before the reversal
-    left: it gets the approval, and the reversal is never sent (one outcome, both ends)."""
+    """The terminal repeats a purchase whose approval it never got, while the reversal
+    waits to be sent: replaying the approval would leave the terminal approved and the
+    cardholder refunded. The repeat gets RC 96, and the reversal still goes."""
     queued, released = trio.Event(), trio.Event()
-    leased_after_release = trio.Event()
     queue_reversal, lease_reversals = Store.queue_reversal, Store.lease_reversals
 
     async def queue_then_tell(store: Store, *args: Any) -> bool:
@@ -223,25 +223,21 @@ async def test_a_repeat_that_gets_the_approval_withdraws_its_unsent_reversal(
 
     async def lease_once_released(store: Store, *args: Any) -> list[DueReversal]:
         await released.wait()
-        due = await lease_reversals(store, *args)
-        leased_after_release.set()
-        return due
+        return await lease_reversals(store, *args)
 
     monkeypatch.setattr(Store, "queue_reversal", queue_then_tell)
     monkeypatch.setattr(Store, "lease_reversals", lease_once_released)
-    _, switch, port = await _approval_left_undelivered(nursery, terminals, database, 71)
+    app, switch, port = await _approval_left_undelivered(nursery, terminals, database, 71)
     with trio.fail_after(10):
         await queued.wait()
     terminal = await terminals.connect(port)
-    assert (await terminal.request(financial(71, mti="0201"))).get("39") == "00"
+    assert (await terminal.request(financial(71, mti="0201"))).get("39") == "96"
     released.set()
+    reversals = app.reversals
+    assert reversals is not None
     with trio.fail_after(10):
-        await leased_after_release.wait()  # the worker looked, and found nothing due
-    assert switch.received_reversals() == 0
-    rows = await database.fetch(
-        "SELECT t.rc, r.state, r.attempts FROM transactions t JOIN reversals r USING (tx_key)"
-    )
-    assert rows == [{"rc": "00", "state": "withdrawn", "attempts": 0}]
+        await reversals.wait_until(lambda: reversals.acknowledged >= 1)
+    assert switch.received_reversals() == 1
 
 
 async def test_a_repeat_of_an_approval_already_reversed_is_not_approved(

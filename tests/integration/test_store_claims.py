@@ -13,7 +13,7 @@ import trio
 import proxy.store
 from fixtures.messages import financial
 from proxy.store import Store, StoreSettings, StoreUnavailable
-from proxy.transactions import Claim, TransactionIdentity, reversal_for
+from proxy.transactions import Claim, TransactionIdentity
 from tests.conftest import Database
 
 IDENTITY = TransactionIdentity(("32", "41", "11", "37", "7"), b"claims-test-key")
@@ -89,46 +89,3 @@ async def test_a_kept_connection_unused_for_a_while_goes_back_to_the_pool(
                 await trio.sleep(0.05)
         assert await store.claim(IDENTITY.claim(financial(5, "CLAIMS03", when=now), now)) is None
         nursery.cancel_scope.cancel()
-
-
-async def _settled_reversal(store: Store, key: str, how: str) -> None:
-    """Leave `key`'s reversal queued, leased (being sent), written once, or acknowledged."""
-    reversal = reversal_for({"11": "000001"}, "0200", "0400", datetime.now(UTC))
-    assert await store.queue_reversal(key, "alpha", reversal, "undelivered")
-    if how == "queued":
-        return
-    [due] = await store.lease_reversals(1, 30.0)
-    if how == "written":
-        assert await store.reversal_sent(due.id, "queued", "91", 0.0, written=True)
-    elif how == "acknowledged":
-        assert await store.reversal_sent(due.id, "acknowledged", "00", 0.0, written=True)
-
-
-@pytest.mark.parametrize(
-    ("reversal", "kept", "state"),
-    [
-        (None, True, "withdrawn"),  # none yet: a mark forestalls one
-        ("queued", True, "withdrawn"),  # never sent: withdrawn
-        ("leased", False, "queued"),  # being sent: it stands
-        ("written", False, "queued"),  # the switch may have it: it stands
-        ("acknowledged", False, "acknowledged"),
-    ],
-)
-async def test_an_approval_is_kept_only_while_its_reversal_is_unsent(
-    database: Database, reversal: str | None, kept: bool, state: str
-) -> None:
-    store = Store(StoreSettings(database.dsn, database.schema, 5.0, 8, 16, 0.0, "claims-test"))
-    now = datetime.now(UTC)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(store.run)
-        await store.wait_ready()
-        claim = IDENTITY.claim(financial(6, "CLAIMS04", when=now), now)
-        assert await store.claim(claim) is None
-        if reversal is not None:
-            await _settled_reversal(store, claim.key, reversal)
-        assert await store.keep_approval(claim.key) is kept
-        assert await store.keep_approval(claim.key) is kept  # the same when asked again
-        later = reversal_for({"11": "000006"}, "0200", "0400", now)
-        assert not await store.queue_reversal(claim.key, "alpha", later, "undelivered")
-        nursery.cancel_scope.cancel()
-    assert await database.fetch("SELECT state FROM reversals") == [{"state": state}]
