@@ -385,6 +385,7 @@ class _Connection:
 
     async def _handle(self, request: Message, tpdu: bytes | None) -> None:
         self._server.request_started()
+        slot_held = True  # one of the connection's in-flight slots, taken by `_read`
         try:
             try:
                 reply = await self._forwarder.handle(request)
@@ -397,13 +398,18 @@ class _Connection:
             try:
                 delivered = await self._reply(request, reply.message, tpdu)
             finally:  # settled even when cancelled mid-write: it may owe a reversal
+                # The terminal has its answer (or never will): its next request may be
+                # read while a reversal is queued, which may take retries.
+                self._in_flight.release()
+                slot_held = False
                 if reply.receipt is not None:
                     if delivered and not reply.stands_in:
                         self._forwarder.delivered(reply.receipt)
                     else:
                         await self._forwarder.undelivered(reply.receipt)
         finally:
-            self._in_flight.release()
+            if slot_held:
+                self._in_flight.release()
             self._server.request_done()
 
     async def _reply(self, request: Message | None, response: Message, tpdu: bytes | None) -> bool:

@@ -189,6 +189,56 @@ async def test_an_approval_whose_outcome_write_failed_after_its_commit_is_revers
     assert rows == [{"state": "answered", "rc": "00", "reason": "undelivered"}]
 
 
+async def test_a_terminal_is_read_again_while_its_96s_reversal_is_being_queued(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+    database: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One request in flight per connection: once the terminal has its RC 96 (the outcome
+    write failed after its commit), its next request is read and answered, although the
+    approval's reversal is still being queued (store retries can take seconds)."""
+    write_outcomes, queue_reversal = Store._flush_outcomes, Store.queue_reversal
+    queuing, queue_may_finish = trio.Event(), trio.Event()
+
+    async def first_committed_then_lost(store: Store, outcomes: list[Outcome]) -> list[bool]:
+        written = await write_outcomes(store, outcomes)
+        if any("11=000063" in outcome.key for outcome in outcomes) and not queuing.is_set():
+            raise ConnectionResetError("connection lost after the commit")
+        return written
+
+    async def slow_queue(store: Store, *args: Any) -> bool:
+        queuing.set()
+        await queue_may_finish.wait()
+        return await queue_reversal(store, *args)
+
+    monkeypatch.setattr(Store, "_flush_outcomes", first_committed_then_lost)
+    monkeypatch.setattr(Store, "queue_reversal", slow_queue)
+    switch = await start_switch(nursery)
+    app, port = await start_proxy(
+        nursery,
+        proxy_config(
+            {"alpha": switch.port},
+            listen={"max_inflight_per_connection": 1},
+            store=database.store(),
+            reversal=QUICK_REVERSALS,
+        ),
+    )
+    assert app.store is not None
+    with trio.fail_after(10):
+        await app.store.wait_ready()
+    terminal = await terminals.connect(port)
+    assert (await terminal.request(financial(63))).get("39") == "96"
+    with trio.fail_after(10):
+        await queuing.wait()
+        await app.store.wait_ready()  # reconnected after the lost connection
+    with trio.fail_after(5):  # not held until the reversal is queued
+        assert (await terminal.request(financial(64))).get("39") == "00"
+    queue_may_finish.set()
+    with trio.fail_after(10):
+        await switch.wait_until(lambda: switch.received_reversals() >= 1)
+
+
 async def _approval_left_undelivered(
     nursery: trio.Nursery, terminals: Terminals, database: Database, stan: int
 ) -> tuple[App, SimSwitch, int]:
