@@ -489,7 +489,8 @@ class Store:
     ) -> bool:
         """After an attempt: `acknowledged`, `failed` (given up), or `queued` again; an
         attempt counts only if the reversal was `written`. False when this instance's
-        lease had lapsed and another holds the reversal (an acknowledgment always lands)."""
+        lease had lapsed and another holds the reversal, or has settled it meanwhile (an
+        acknowledgment always lands)."""
         args = [
             reversal_id,
             state,
@@ -734,7 +735,7 @@ SET state = $2, last_rc = $3, leased_by = NULL, lease_until = NULL, updated_at =
     next_attempt_at = now() + make_interval(secs => $4),
     attempts = attempts + CASE WHEN $6 THEN 1 ELSE 0 END
 WHERE id = $1 AND state <> 'acknowledged'
-  AND ($2 = 'acknowledged' OR leased_by = $5 OR leased_by IS NULL)
+  AND ($2 = 'acknowledged' OR (state = 'queued' AND (leased_by = $5 OR leased_by IS NULL)))
 RETURNING id
 """
 

@@ -13,7 +13,7 @@ import trio
 import proxy.store
 from fixtures.messages import financial
 from proxy.store import Store, StoreSettings, StoreUnavailable
-from proxy.transactions import Claim, TransactionIdentity
+from proxy.transactions import Claim, TransactionIdentity, reversal_for
 from tests.conftest import Database
 
 IDENTITY = TransactionIdentity(("32", "41", "11", "37", "7"), b"claims-test-key")
@@ -89,3 +89,32 @@ async def test_a_kept_connection_unused_for_a_while_goes_back_to_the_pool(
                 await trio.sleep(0.05)
         assert await store.claim(IDENTITY.claim(financial(5, "CLAIMS03", when=now), now)) is None
         nursery.cancel_scope.cancel()
+
+
+async def test_a_lapsed_holders_late_result_does_not_undo_the_next_holders(
+    database: Database,
+) -> None:
+    """Instance one's lease on a reversal lapses (its switch, or the store, was slow);
+    instance two sends it and gives up on it. One's result, coming after, must not put the
+    reversal back in the queue to be sent again."""
+    one, two = (
+        Store(StoreSettings(database.dsn, database.schema, 5.0, 8, 16, 0.0, name))
+        for name in ("instance-one", "instance-two")
+    )
+    now = datetime.now(UTC)
+    async with trio.open_nursery() as nursery:
+        for store in (one, two):
+            await nursery.start(store.run)
+            await store.wait_ready()
+        claim = IDENTITY.claim(financial(7, "CLAIMS05", when=now), now)
+        assert await one.claim(claim) is None
+        reversal = reversal_for({"11": "000007"}, "0200", "0400", now)
+        assert await one.queue_reversal(claim.key, "alpha", reversal, "timed_out")
+        [held] = await one.lease_reversals(1, 0.0)  # a lease that has lapsed at once
+        [taken] = await two.lease_reversals(1, 30.0)
+        assert (taken.id, taken.lapsed) == (held.id, True)
+        assert await two.reversal_sent(taken.id, "failed", "91", 0.0, written=True)
+        assert not await one.reversal_sent(held.id, "queued", "91", 0.0, written=True)
+        nursery.cancel_scope.cancel()
+    rows = await database.fetch("SELECT state, attempts FROM reversals")
+    assert rows == [{"state": "failed", "attempts": 1}]
