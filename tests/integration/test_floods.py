@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import struct
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 import trio
 import trio.testing
 
+from bench.processes import rss_bytes
 from codec import FrameFormat, load_spec
 from fixtures.flood import closed_within, raise_fd_limit
 from fixtures.messages import financial
@@ -34,14 +36,6 @@ FD_SLACK = 2
 # Time allowed, past a deadline, for the close to reach the client (generous: the machine
 # may be loaded).
 SLACK = 1.0
-
-
-def _rss() -> int:
-    """This process's resident set size, in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 async def _server_until(app: App, condition: Callable[[], bool]) -> None:
@@ -98,13 +92,13 @@ async def test_oversized_length_prefix_is_refused_at_once_and_costs_nothing(
     for _ in range(WARM_UP):
         await attempt()
     gc.collect()
-    before = _rss()
+    before = rss_bytes(os.getpid())
     for n in range(ATTEMPTS):
         await attempt()
         if n % 100 == 0:
             assert (await bystander.request(financial(2 + n))).get("39") == "00"
     gc.collect()
-    growth = _rss() - before
+    growth = rss_bytes(os.getpid()) - before
 
     assert growth < RSS_GROWTH_LIMIT, f"RSS grew by {growth} bytes"
     assert app.server.rejections == Counter({Rejection.BAD_FRAME: WARM_UP + ATTEMPTS})
