@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -51,6 +51,10 @@ UNDELIVERED_RETRIES = (0.5, 1.0, 2.0, 4.0)
 LAST_CHANCE = 5.0
 
 
+# A request's choice of switch, given the switches already tried (`Pool.choosing`).
+Chooser = Callable[[Collection[str]], str | None]
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -77,6 +81,7 @@ class Receipt:
     switch: str | None
     rc: str
     original: bool = True
+    joined: bool = False  # a duplicate that waited for the original on this instance
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +171,7 @@ class Forwarder:
         self._delivered[receipt.claim.key] = receipt.rc
         while len(self._delivered) > MAX_DELIVERED_KEYS:
             self._delivered.popitem(last=False)
-        if not receipt.original:
+        if receipt.joined:
             self._joiner_done(receipt.claim.key)
 
     def _joiner_done(self, key: str) -> None:
@@ -183,7 +188,8 @@ class Forwarder:
         journal = self._journal
         claim = receipt.claim
         if not receipt.original:
-            self._joiner_done(claim.key)
+            if receipt.joined:
+                self._joiner_done(claim.key)
             return
         if journal is None or not decisions.reverse_if_undelivered(
             Mti.parse(claim.mti), receipt.rc, journal.reversal.on_undelivered
@@ -214,6 +220,9 @@ class Forwarder:
         claim = receipt.claim
         reversal = reversal_for(claim.fields, claim.mti, journal.reversal.message, journal.clock())
         for delay in (*retries, None):
+            if self._carried(receipt):  # a repeat got the approval meanwhile
+                log.warning("%s approval undelivered, then carried by a repeat", claim.mti)
+                return
             try:
                 if await journal.store.queue_reversal(
                     claim.key, receipt.switch, reversal, "undelivered"
@@ -268,7 +277,8 @@ class Forwarder:
             except BaseException:
                 self._joiner_done(claim.key)
                 raise
-            return Reply(reply, Receipt(claim, None, reply.get("39") or "", original=False))
+            receipt = Receipt(claim, None, reply.get("39") or "", original=False, joined=True)
+            return Reply(reply, receipt)
         pending = _Pending(claim)
         self._carrying[claim.key] = pending
         try:
@@ -276,18 +286,23 @@ class Forwarder:
             # there: a terminal's reversal goes where its original went, else the next in
             # turn. The switch is chosen now, and the request forwarded to it alone.
             original = await self._original_switch(message, journal)
-            claim = pending.claim = replace(claim, switch=original or self._pool.choose_switch())
-            try:
-                recorded = await journal.store.claim(claim)
-            except StoreUnavailable as error:
-                _log_outcome(message, decisions.SYSTEM_MALFUNCTION, str(error), 0.0)
-                pending.unrecorded_rc = decisions.SYSTEM_MALFUNCTION
-                return Reply(answer(message, decisions.SYSTEM_MALFUNCTION))
-            if recorded is not None:  # claimed before, by another instance or an earlier run
-                return Reply(await self._duplicate(message, claim, recorded.fingerprint, recorded))
-            response, outcome = await self._forward(
-                message, claim, claim.switch, fallback=original is None
-            )
+            with self._pool.choosing() as choose:
+                claim = pending.claim = replace(claim, switch=original or choose(()))
+                try:
+                    recorded = await journal.store.claim(claim)
+                except StoreUnavailable as error:
+                    _log_outcome(message, decisions.SYSTEM_MALFUNCTION, str(error), 0.0)
+                    pending.unrecorded_rc = decisions.SYSTEM_MALFUNCTION
+                    return Reply(answer(message, decisions.SYSTEM_MALFUNCTION))
+                if recorded is not None:  # claimed before, by another instance or run
+                    reply = await self._duplicate(message, claim, recorded.fingerprint, recorded)
+                    # Its delivery is noted: an undelivered original's reversal, not yet
+                    # queued, is then not needed.
+                    receipt = Receipt(claim, None, reply.get("39") or "", original=False)
+                    return Reply(reply, receipt)
+                response, outcome = await self._forward(
+                    message, claim, claim.switch, choose=None if original else choose
+                )
             assert outcome is not None
             try:
                 recorded_now = await journal.store.complete(outcome)
@@ -389,37 +404,41 @@ class Forwarder:
         message: Message,
         claim: Claim | None,
         switch: str | None,
-        fallback: bool,
+        choose: Chooser | None,
         started: float,
     ) -> Answered:
-        """Forward to `switch` (None: any). With `fallback` (a claim that names the switch
-        chosen for it), when that switch cannot take it (no usable link, or its spec
-        cannot carry it), the next switch in turn, within the same deadline; the claim is
-        re-pointed first, so that the journal names the switch a request is written to
+        """Forward to `switch` (None: any). With `choose` (the claim names the switch it
+        chose), when that switch cannot take it (no usable link, drained, or its spec
+        cannot carry it), the next one `choose` gives, within the same deadline; the claim
+        is re-pointed first, so that the journal names the switch a request is written to
         before any byte goes there. A claim that names no switch is not forwarded."""
         key = match_key(message, self._match_fields)
         tag = claim.key if claim is not None else None
-        if not fallback:
+        if choose is None:
             return await self._pool.forward(message, key, tag=tag, switch=switch, started=started)
         assert claim is not None
         tried: list[str] = []
         unencodable: UnencodableMessage | None = None
-        linkless = False  # some switch tried had no usable link
+        linkless = False  # some switch tried had no usable link, or none could be named
         while switch is not None:
             try:
                 return await self._pool.forward(
-                    message, key, tag=tag, switch=switch, started=started
+                    message, key, tag=tag, switch=switch, started=started, chosen=True
                 )
             except NoLinkAvailable:
                 linkless = True
             except UnencodableMessage as refused:
                 unencodable = refused
             tried.append(switch)
-            switch = self._pool.choose_switch(exclude=tried)
-            if switch is not None:
-                if not await self._reassigned(claim, switch):
-                    break
-                log.info("%s: %s cannot take it; to %s", message.mti, tried[-1], switch)
+            switch = choose(tried)
+            if switch is None:
+                break
+            if trio.current_time() >= started + self._pool.switches[switch].timeout or (
+                not await self._reassigned(claim, switch)
+            ):
+                linkless = True
+                break
+            log.info("%s: %s cannot take it; to %s", message.mti, tried[-1], switch)
         if unencodable is not None and not linkless:  # no switch's spec can carry it
             raise unencodable
         raise NoLinkAvailable("no switch link could take the request")
@@ -455,11 +474,11 @@ class Forwarder:
         claim: Claim | None,
         switch: str | None = None,
         *,
-        fallback: bool = False,
+        choose: Chooser | None = None,
     ) -> tuple[Message, Outcome | None]:
         started = trio.current_time()
         try:
-            answered = await self._send(message, claim, switch, fallback, started)
+            answered = await self._send(message, claim, switch, choose, started)
         except ProxyError as error:
             rc = decisions.failure_rc(error, self._timeout_rc)
             elapsed = (trio.current_time() - started) * 1000

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -117,7 +119,9 @@ class Pool:
                 self._register(switch)
         self._switch_turns: RoundRobin[str] = RoundRobin()
         self._weighted: SmoothWeighted[str] = SmoothWeighted()
-        self._least_cost: LeastCost[Link] = LeastCost()
+        self._least_cost: LeastCost[Link] = LeastCost()  # links, as a request is written
+        self._least_cost_switch: LeastCost[Link] = LeastCost()  # a switch chosen before
+        self._chosen: Counter[str] = Counter()  # requests whose switch is chosen (`choosing`)
         self._changed = Watch()  # a link's state changed
         self._settled = Watch()  # a request ended
         self.drained: set[str] = set()  # switches taking no new requests (echoes go on)
@@ -200,13 +204,15 @@ class Pool:
         switch: str | None = None,
         judge_link: bool = True,
         started: float | None = None,
+        chosen: bool = False,
     ) -> Answered:
         """Send `message` over a healthy link and return the switch's answer.
 
         One deadline, the chosen switch's `timeout` from `started` (default now), bounds
         the whole request: waiting to write, writing, and waiting for the answer. With
         `switch`, only that switch's links are used. An answer arriving after the deadline
-        goes to `late_answers` under `tag`. Raises KeyInFlight, NoLinkAvailable, LinkLost,
+        goes to `late_answers` under `tag`; `chosen`: `switch` came from `choosing`, so a
+        drain since counts. Raises KeyInFlight, NoLinkAvailable, LinkLost,
         UpstreamTimeout or UnencodableMessage. The answer's deadline is kept by `run`'s
         timer (within 10 ms): the pool must be running.
         """
@@ -216,7 +222,7 @@ class Pool:
         self._correlator.open(key, waiter, tag)
         timed_out: Link | None = None
         try:
-            link, deadline = await self._send(message, key, waiter, started, switch)
+            link, deadline = await self._send(message, key, waiter, started, switch, chosen)
             if trio.current_time() < deadline:  # else it is already late: no wait at all
                 self._answer_deadlines.add(waiter, deadline)
                 try:
@@ -246,13 +252,20 @@ class Pool:
                 self._recycle_if_stale(timed_out)
 
     async def _send(
-        self, message: Message, key: MatchKey, waiter: _Waiter, started: float, only: str | None
+        self,
+        message: Message,
+        key: MatchKey,
+        waiter: _Waiter,
+        started: float,
+        only: str | None,
+        chosen: bool,
     ) -> tuple[Link, float]:
         tried: set[str] = set()
         unencodable = 0
         # The candidates are looked at afresh after each failure: a link that came up (or
         # reconnected) while this request waited for another is a fair next choice.
-        while link := next((c for c in self._candidates(only) if c.connection not in tried), None):
+        candidates = partial(self._candidates, only, chosen)
+        while link := next((c for c in candidates() if c.connection not in tried), None):
             tried.add(link.connection)
             deadline = started + link.switch.timeout
             claim = partial(self._claim, key, waiter, link.switch.max_inflight)
@@ -292,25 +305,46 @@ class Pool:
             log.warning("link %s: too many unanswered requests; reconnecting", link.name)
             link.recycle()
 
-    def choose_switch(self, exclude: Collection[str] = ()) -> str | None:
-        """The switch the next request goes to, by the strategy (its turn taken), leaving
-        out `exclude`; None when no other switch has a usable link. The journal names it
-        in the claim, then the request is forwarded to it alone (`forward(switch=...)`)."""
+    @contextmanager
+    def choosing(self) -> Iterator[Callable[[Collection[str]], str | None]]:
+        """A request's choices of switch: `choose(exclude)` is the switch it goes to next,
+        by the strategy (its turn taken), leaving out `exclude`; None when no other switch
+        has a usable link. The journal names it in the claim, then the request is
+        forwarded to it alone (`forward(switch=..., chosen=True)`). Until the block ends,
+        each choice counts as load on its switch for least_latency: requests chosen
+        together, before any is written, spread as they would at write time."""
+        held: list[str] = []
+
+        def choose(exclude: Collection[str] = ()) -> str | None:
+            name = self._choose(exclude)
+            if name is not None:
+                self._chosen[name] += 1
+                held.append(name)
+            return name
+
+        try:
+            yield choose
+        finally:
+            self._chosen.subtract(held)
+            self._chosen = +self._chosen  # drop the zeros
+
+    def _choose(self, exclude: Collection[str]) -> str | None:
         usable = {n: up for n, up in self._usable().items() if n not in exclude}
         if self._strategy == "least_latency":
             links = [link for up in usable.values() for link in up]
-            order = self._least_cost.order(links, [self._cost(link) for link in links])
+            order = self._least_cost_switch.order(links, [self._cost(link) for link in links])
             return order[0].switch.name if order else None
         return next(iter(self._switch_order(list(usable))), None)
 
-    def _usable(self, only: str | None = None) -> dict[str, list[Link]]:
+    def _usable(self, only: str | None = None, chosen: bool = False) -> dict[str, list[Link]]:
         """Each switch's usable links (up, not full); a drained switch only when asked
-        for by name."""
+        for by name, and not chosen by the strategy (a terminal's reversal, or a queued
+        one, still goes where its original went)."""
         return {
             name: up
             for name, links in self.links.items()
             if (only is None or name == only)
-            and (name not in self.drained or only is not None)
+            and (name not in self.drained or (only is not None and not chosen))
             and (up := [link for link in links if link.is_up and not self._full(link)])
         }
 
@@ -320,7 +354,7 @@ class Pool:
             return self._weighted.order(names, [self.switches[n].weight for n in names])
         return self._switch_turns.order(names)
 
-    def _candidates(self, only: str | None = None) -> Iterator[Link]:
+    def _candidates(self, only: str | None = None, chosen: bool = False) -> Iterator[Link]:
         """Every usable link (up, not full), in the order the strategy prefers.
 
         By switch (round_robin, weighted): first one link of each switch, switches in the
@@ -328,7 +362,7 @@ class Pool:
         (least_latency): cheapest first. Lazy, so turns move on only when offered. For
         `only` one switch, whose turn `choose_switch` took, only its links take turns.
         """
-        usable = self._usable(only)
+        usable = self._usable(only, chosen)
         if self._strategy == "least_latency":
             links = [link for up in usable.values() for link in up]
             yield from self._least_cost.order(links, [self._cost(link) for link in links])
@@ -342,8 +376,13 @@ class Pool:
         yield from others
 
     def _cost(self, link: Link) -> float:
-        """Peak-EWMA round trip times the requests the link is already waiting on."""
-        return (link.latency.value or 0.0) * (self._correlator.in_flight(link.connection) + 1)
+        """Peak-EWMA round trip times the requests the link is already waiting on (and its
+        share of those its switch was chosen for, not yet ended)."""
+        name = link.switch.name
+        chosen = self._chosen[name] / len(self.links[name]) if name in self._chosen else 0.0
+        return (link.latency.value or 0.0) * (
+            self._correlator.in_flight(link.connection) + chosen + 1
+        )
 
     def in_flight(self, link: Link) -> int:
         """Requests written on `link`'s current connection and not yet answered."""

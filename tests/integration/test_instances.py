@@ -8,6 +8,7 @@ leaves its claim to the other's recovery, which reverses it once.
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 from collections import Counter
@@ -351,12 +352,60 @@ async def test_journaled_requests_take_switches_and_links_in_turn(
     ]
 
 
+async def test_least_latency_spreads_a_burst_chosen_before_any_of_it_was_written(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    """With the journal on, a burst's switches are all chosen before any of it is written
+    (each waits for its claim); each choice counts as load, so the burst still spreads."""
+    alpha = await start_switch(nursery, delay=0.05)
+    beta = await start_switch(nursery, delay=0.05)
+    config = two_switch_config(database, alpha, beta, routing={"strategy": "least_latency"})
+    instance = await start_instance(nursery, config)
+    connected = [await terminals.connect(instance.port) for _ in range(40)]
+    async with trio.open_nursery() as burst:
+        for n, terminal in enumerate(connected):
+            burst.start_soon(terminal.request, financial(1000 + n, f"BURST{n:03d}"))
+    rows = await database.fetch("SELECT switch, count(*) AS n FROM transactions GROUP BY switch")
+    spread = {row["switch"]: row["n"] for row in rows}
+    assert sum(spread.values()) == 40
+    assert min(spread.get("alpha", 0), spread.get("beta", 0)) >= 10, spread
+
+
+async def test_a_switch_drained_after_it_was_chosen_gets_nothing_new(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+    database: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Alpha is chosen for the claim, then drained while the claim is written: the
+    request goes to beta, named in the claim first."""
+    alpha = await start_switch(nursery)
+    beta = await start_switch(nursery)
+    instance = await start_instance(nursery, two_switch_config(database, alpha, beta))
+    claim = Store.claim
+
+    async def drain_alpha_meanwhile(store: Store, *args: Any) -> Any:
+        assert instance.app.act_on_switch("alpha", "drain")
+        return await claim(store, *args)
+
+    monkeypatch.setattr(Store, "claim", drain_alpha_meanwhile)
+    terminal = await terminals.connect(instance.port)
+    assert (await terminal.request(financial(454))).get("39") == "00"
+    assert await database.fetch("SELECT switch FROM transactions") == [{"switch": "beta"}]
+    assert forwarded([alpha]) == Counter()
+
+
 async def test_a_request_its_switch_cannot_take_goes_to_the_next_named_first(
-    nursery: trio.Nursery, terminals: Terminals, database: Database, tmp_path: Path
+    nursery: trio.Nursery,
+    terminals: Terminals,
+    database: Database,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The claim names the switch chosen in turn; when that switch cannot carry the
     request (here its spec has no room for field 42), the claim is re-pointed at the next
     before anything is written there: while it is in flight, the journal names beta."""
+    caplog.set_level(logging.INFO, logger="iso_proxy.transactions")
     narrow = tmp_path / "narrow.yaml"
     narrow.write_text('base: default\nfields:\n  "42": {max_len: 10}\n')
     alpha = await start_switch(nursery)
@@ -370,6 +419,7 @@ async def test_a_request_its_switch_cannot_take_goes_to_the_next_named_first(
     rows = await database.fetch("SELECT state, switch FROM transactions")
     assert rows == [{"state": "claimed", "switch": "beta"}]
     assert forwarded([alpha]) == Counter()
+    assert "0200: alpha cannot take it; to beta" in caplog.text  # chosen first, then left
 
 
 @pytest.mark.parametrize(

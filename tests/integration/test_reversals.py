@@ -15,7 +15,7 @@ from codec import Message, Mti
 from fixtures.messages import echo, financial
 from fixtures.sim_switch import SimSwitch
 from proxy.app import App
-from proxy.store import DueReversal, Store
+from proxy.store import DueReversal, Store, StoreUnavailable
 from proxy.transactions import Outcome, TransactionIdentity, reversal_for
 from tests.conftest import (
     TEST_PAN_KEY,
@@ -252,6 +252,35 @@ async def _approval_left_undelivered(
     stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     await terminal.aclose()
     return app, switch, port
+
+
+async def test_a_repeat_that_gets_the_approval_while_its_reversal_waits_stops_it(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+    database: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The original's approval found its terminal gone; queuing its reversal failed once
+    (a store blip) and waits to be tried again. Meanwhile the terminal's repeat, on the
+    same instance, gets the approval from the journal: the reversal is then not queued."""
+    queue_reversal = Store.queue_reversal
+    failed_once = trio.Event()
+
+    async def blip_then_queue(store: Store, *args: Any) -> bool:
+        if not failed_once.is_set():
+            failed_once.set()
+            raise StoreUnavailable("store slower than 2 s")
+        return await queue_reversal(store, *args)
+
+    monkeypatch.setattr(Store, "queue_reversal", blip_then_queue)
+    app, switch, port = await _approval_left_undelivered(nursery, terminals, database, 81)
+    with trio.fail_after(10):
+        await failed_once.wait()
+    terminal = await terminals.connect(port)
+    assert (await terminal.request(financial(81, mti="0201"))).get("39") == "00"
+    assert await app.server.drain(10)  # the original's settling, retries and all, is over
+    assert await database.fetch("SELECT state FROM reversals") == []
+    assert switch.received_reversals() == 0
 
 
 async def test_a_repeat_of_an_approval_whose_reversal_is_queued_is_not_approved(
