@@ -138,6 +138,11 @@ class Forwarder:
         # its front scans the holes left there: about 8 us a transaction at the bound.)
         self._delivered: OrderedDict[str, str] = OrderedDict()
         self._joining: Counter[str] = Counter()  # duplicates of a key whose answer is pending
+        # Undelivered approvals whose reversal this instance began to queue (an insert
+        # under way, written, or failed but maybe written; the most recent keys, dropped
+        # when queuing gave up): a repeat does not replay such an approval, even if its
+        # look in the journal came too early to see the reversal (`_may_replay`).
+        self._reversing: OrderedDict[str, None] = OrderedDict()
         self._joiners_settled = Watch()
         self.duplicates: Counter[decisions.Duplicate] = Counter()
         # For metrics: answers by (switch, MTI, RC), timeouts by switch, latencies.
@@ -219,10 +224,13 @@ class Forwarder:
     ) -> None:
         claim = receipt.claim
         reversal = reversal_for(claim.fields, claim.mti, journal.reversal.message, journal.clock())
+        if self._carried(receipt):  # a repeat got the approval meanwhile
+            log.warning("%s approval undelivered, then carried by a repeat", claim.mti)
+            return
+        self._reversing[claim.key] = None
+        while len(self._reversing) > MAX_DELIVERED_KEYS:
+            self._reversing.popitem(last=False)
         for delay in (*retries, None):
-            if self._carried(receipt):  # a repeat got the approval meanwhile
-                log.warning("%s approval undelivered, then carried by a repeat", claim.mti)
-                return
             try:
                 if await journal.store.queue_reversal(
                     claim.key, receipt.switch, reversal, "undelivered"
@@ -238,6 +246,7 @@ class Forwarder:
             if delay is None:
                 break
             await trio.sleep(delay)
+        self._reversing.pop(claim.key, None)  # the journal decides again
         log.error("%s approval undelivered; reversal NOT queued: the store is away", claim.mti)
 
     async def record_late_answers(
@@ -375,16 +384,20 @@ class Forwarder:
     async def _may_replay(self, claim: Claim, recorded: Recorded, journal: Journal) -> bool:
         """Whether an answer held in the journal may be given again. An approval whose
         terminal never got it has a reversal queued: replaying it would leave the terminal
-        approved and the cardholder refunded, so it is not. Nothing is decided in the
-        journal here (the replay may yet fail to reach its terminal); if the journal
-        cannot tell, the approval is replayed, as it always was."""
+        approved and the cardholder refunded, so it is not; nor while this instance is
+        queuing that reversal (retries included). Nothing is decided in the journal here
+        (the replay may yet fail to reach its terminal); if the journal cannot tell, the
+        approval is replayed, as it always was."""
         if not decisions.reversible_approval(Mti.parse(claim.mti), recorded.rc or ""):
             return True
         try:
-            return not await journal.store.has_reversal(claim.key)
+            reversed_ = await journal.store.has_reversal(claim.key)
         except StoreUnavailable as error:
             log.warning("%s replayed unchecked for a reversal (%s)", claim.mti, error)
-            return True
+            reversed_ = False
+        # Looked at after the read: this instance's insert may have been under way, or
+        # written while the read looked (too early to see it).
+        return not (reversed_ or claim.key in self._reversing)
 
     async def _poll(self, key: str, journal: Journal) -> Recorded | None:
         """The outcome of a transaction another instance carries, once the journal has it."""

@@ -254,15 +254,15 @@ async def _approval_left_undelivered(
     return app, switch, port
 
 
-async def test_a_repeat_that_gets_the_approval_while_its_reversal_waits_stops_it(
+async def test_a_repeat_while_its_approvals_reversal_is_retried_is_not_approved(
     nursery: trio.Nursery,
     terminals: Terminals,
     database: Database,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The original's approval found its terminal gone; queuing its reversal failed once
-    (a store blip) and waits to be tried again. Meanwhile the terminal's repeat, on the
-    same instance, gets the approval from the journal: the reversal is then not queued."""
+    (a store blip, which may yet have written it) and waits to be tried again. The
+    terminal's repeat meanwhile is not given the approval: RC 96, and the reversal goes."""
     queue_reversal = Store.queue_reversal
     failed_once = trio.Event()
 
@@ -277,10 +277,50 @@ async def test_a_repeat_that_gets_the_approval_while_its_reversal_waits_stops_it
     with trio.fail_after(10):
         await failed_once.wait()
     terminal = await terminals.connect(port)
-    assert (await terminal.request(financial(81, mti="0201"))).get("39") == "00"
-    assert await app.server.drain(10)  # the original's settling, retries and all, is over
-    assert await database.fetch("SELECT state FROM reversals") == []
-    assert switch.received_reversals() == 0
+    assert (await terminal.request(financial(81, mti="0201"))).get("39") == "96"
+    reversals = app.reversals
+    assert reversals is not None
+    with trio.fail_after(10):
+        await reversals.wait_until(lambda: reversals.acknowledged >= 1)
+    assert switch.received_reversals() == 1
+
+
+async def test_a_repeat_whose_look_missed_its_reversal_being_queued_is_not_approved(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+    database: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The repeat looks for a reversal just before the original's is committed, and its
+    answer (none) comes back just after: on the same instance that is still seen."""
+    has_reversal, queue_reversal = Store.has_reversal, Store.queue_reversal
+    queuing, looked, queued = trio.Event(), trio.Event(), trio.Event()
+
+    async def look_before_it_lands(store: Store, key: str) -> bool:
+        found = await has_reversal(store, key)
+        looked.set()
+        await queued.wait()  # the answer arrives after the reversal was committed
+        return found
+
+    async def queue_after_the_look(store: Store, *args: Any) -> bool:
+        queuing.set()
+        await looked.wait()
+        result = await queue_reversal(store, *args)
+        queued.set()
+        return result
+
+    monkeypatch.setattr(Store, "has_reversal", look_before_it_lands)
+    monkeypatch.setattr(Store, "queue_reversal", queue_after_the_look)
+    app, switch, port = await _approval_left_undelivered(nursery, terminals, database, 82)
+    with trio.fail_after(10):
+        await queuing.wait()  # the original is done with: the repeat looks in the journal
+    terminal = await terminals.connect(port)
+    assert (await terminal.request(financial(82, mti="0201"))).get("39") == "96"
+    reversals = app.reversals
+    assert reversals is not None
+    with trio.fail_after(10):
+        await reversals.wait_until(lambda: reversals.acknowledged >= 1)
+    assert switch.received_reversals() == 1
 
 
 async def test_a_repeat_of_an_approval_whose_reversal_is_queued_is_not_approved(
