@@ -136,7 +136,7 @@ class Forwarder:
         self._carrying: dict[str, _Pending] = {}
         # Keys recently answered to a terminal: the RC, oldest first. (A dict emptied from
         # its front scans the holes left there: about 8 us a transaction at the bound.)
-        self._delivered: OrderedDict[str, str] = OrderedDict()
+        self._delivered: OrderedDict[str, frozenset[str]] = OrderedDict()
         self._joining: Counter[str] = Counter()  # duplicates of a key whose answer is pending
         # Undelivered approvals whose reversal this instance began to queue (an insert
         # under way, written, or failed but maybe written; the most recent keys, dropped
@@ -173,7 +173,10 @@ class Forwarder:
     def delivered(self, receipt: Receipt) -> None:
         """An answer reached its terminal: a copy of the same answer that did not (on a
         connection the terminal had already dropped, say) is then no reason to reverse."""
-        self._delivered[receipt.claim.key] = receipt.rc
+        key = receipt.claim.key
+        # Every answer given for the key: a later other one (a 94) must not hide an
+        # approval a repeat delivered.
+        self._delivered[key] = self._delivered.pop(key, frozenset()) | {receipt.rc}
         while len(self._delivered) > MAX_DELIVERED_KEYS:
             self._delivered.popitem(last=False)
         if receipt.joined:
@@ -207,17 +210,17 @@ class Forwarder:
                 await self._joiners_settled.wait_until(
                     lambda: self._carried(receipt) or not self._joining[claim.key]
                 )
-        except trio.Cancelled:  # shutting down: the reversal must still be queued
+            if not self._carried(receipt):
+                await self._queue_undelivered(receipt, journal, retries=UNDELIVERED_RETRIES)
+        except trio.Cancelled:  # shutting down (waiting, or between tries): one more
             if not self._carried(receipt):
                 with trio.CancelScope(shield=True), trio.move_on_after(LAST_CHANCE):
                     await self._queue_undelivered(receipt, journal, retries=())
             raise
-        if not self._carried(receipt):
-            await self._queue_undelivered(receipt, journal, retries=UNDELIVERED_RETRIES)
 
     def _carried(self, receipt: Receipt) -> bool:
         """Whether the terminal got this answer another way (a duplicate got the same RC)."""
-        return self._delivered.get(receipt.claim.key) == receipt.rc
+        return receipt.rc in self._delivered.get(receipt.claim.key, ())
 
     async def _queue_undelivered(
         self, receipt: Receipt, journal: Journal, retries: tuple[float, ...]
@@ -230,22 +233,26 @@ class Forwarder:
         self._reversing[claim.key] = None
         while len(self._reversing) > MAX_DELIVERED_KEYS:
             self._reversing.popitem(last=False)
-        for delay in (*retries, None):
-            try:
-                if await journal.store.queue_reversal(
-                    claim.key, receipt.switch, reversal, "undelivered"
-                ):
-                    log.warning("%s approval undelivered: reversal queued", claim.mti)
-                else:
-                    log.warning("%s approval undelivered: reversal already queued", claim.mti)
-                return
-            except StoreUnavailable as error:
-                log.warning(
-                    "%s approval undelivered; reversal not queued yet (%s)", claim.mti, error
-                )
-            if delay is None:
-                break
-            await trio.sleep(delay)
+        try:
+            for delay in (*retries, None):
+                try:
+                    if await journal.store.queue_reversal(
+                        claim.key, receipt.switch, reversal, "undelivered"
+                    ):
+                        log.warning("%s approval undelivered: reversal queued", claim.mti)
+                    else:
+                        log.warning("%s approval undelivered: reversal already queued", claim.mti)
+                    return
+                except StoreUnavailable as error:
+                    log.warning(
+                        "%s approval undelivered; reversal not queued yet (%s)", claim.mti, error
+                    )
+                if delay is None:
+                    break
+                await trio.sleep(delay)
+        except Exception:
+            self._reversing.pop(claim.key, None)
+            raise
         self._reversing.pop(claim.key, None)  # the journal decides again
         log.error("%s approval undelivered; reversal NOT queued: the store is away", claim.mti)
 

@@ -360,7 +360,7 @@ class Pool:
         By switch (round_robin, weighted): first one link of each switch, switches in the
         strategy's order and each switch's links in turn, then the rest. By link
         (least_latency): cheapest first. Lazy, so turns move on only when offered. For
-        `only` one switch, whose turn `choose_switch` took, only its links take turns.
+        `only` one switch, whose turn `choosing` took, only its links take turns.
         """
         usable = self._usable(only, chosen)
         if self._strategy == "least_latency":

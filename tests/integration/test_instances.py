@@ -22,6 +22,7 @@ import trio
 from codec import Message, Mti
 from fixtures.messages import financial
 from fixtures.sim_switch import SimSwitch
+from proxy import server as server_module
 from proxy.app import App, Secrets
 from proxy.config import Config
 from proxy.reversals import ReversalWorker
@@ -474,6 +475,46 @@ async def test_an_approval_a_joined_repeat_delivered_is_not_reversed(
     repeat_answered.set()
     await trio.sleep(NOTHING_MORE)  # time enough for a reversal to be queued and sent
     assert await database.fetch("SELECT state, reason FROM reversals") == []
+    assert alpha.received_reversals() + beta.received_reversals() == 0
+
+
+async def test_an_approval_a_repeat_was_given_stays_so_after_a_later_94(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+    database: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The original's approval is stuck on its way (the terminal is not reading); its
+    repeat is given the approval from the journal, then the same key with other content
+    gets RC 94. The original's write then fails: a terminal holds the approval, so it is
+    not reversed (the 94 given since does not hide it)."""
+    stuck, release = trio.Event(), trio.Event()
+    write = server_module._Connection._write
+
+    async def first_approval_stuck(self: Any, data: bytes, message: Message) -> bool:
+        if message.get("11") == "000091" and message.get("39") == "00" and not stuck.is_set():
+            stuck.set()
+            await release.wait()  # then its write fails (as at the write deadline)
+            return False
+        return await write(self, data, message)
+
+    monkeypatch.setattr(server_module._Connection, "_write", first_approval_stuck)
+    alpha = await start_switch(nursery)
+    beta = await start_switch(nursery)
+    config = two_switch_config(database, alpha, beta, reversal=QUICK_REVERSALS)
+    instance = await start_instance(nursery, config)
+    request = financial(91)
+    first = await terminals.connect(instance.port)
+    await first.send(request)
+    with trio.fail_after(5):
+        await stuck.wait()
+    repeat = await ask(terminals, instance.port, request.with_fields({}, mti=Mti.parse("0201")))
+    assert repeat.get("39") == "00"
+    other = await ask(terminals, instance.port, request.with_fields({"4": "000000009999"}))
+    assert other.get("39") == "94"
+    release.set()
+    assert await instance.app.server.drain(10)  # the original's settling is over
+    assert await database.fetch("SELECT reason FROM reversals") == []
     assert alpha.received_reversals() + beta.received_reversals() == 0
 
 

@@ -239,6 +239,55 @@ async def test_a_terminal_is_read_again_while_its_96s_reversal_is_being_queued(
         await switch.wait_until(lambda: switch.received_reversals() >= 1)
 
 
+async def test_a_stop_while_an_undelivered_approvals_reversal_waits_still_queues_it(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+    database: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The approval's outcome was written, then its connection lost: the terminal got RC
+    96. Queuing the reversal failed once and waits to be tried again when the proxy is
+    stopped (a grace shorter than the retries): it is tried once more, not dropped."""
+    write_outcomes, queue_reversal = Store._flush_outcomes, Store.queue_reversal
+    failed_once = trio.Event()
+    tries: list[str] = []
+
+    async def committed_then_lost(store: Store, outcomes: list[Outcome]) -> list[bool]:
+        written = await write_outcomes(store, outcomes)
+        if not failed_once.is_set():
+            raise ConnectionResetError("connection lost after the commit")
+        return written
+
+    async def blip_then_queue(store: Store, *args: Any) -> bool:
+        tries.append("try")
+        if not failed_once.is_set():
+            failed_once.set()
+            raise StoreUnavailable("store not connected")
+        return await queue_reversal(store, *args)
+
+    monkeypatch.setattr(Store, "_flush_outcomes", committed_then_lost)
+    monkeypatch.setattr(Store, "queue_reversal", blip_then_queue)
+    switch = await start_switch(nursery)
+    config = proxy_config({"alpha": switch.port}, store=database.store(), reversal=QUICK_REVERSALS)
+    with trio.CancelScope() as proxy_scope:
+        async with trio.open_nursery() as proxy:
+            app, port = await start_proxy(proxy, config)
+            assert app.store is not None
+            with trio.fail_after(10):
+                await app.store.wait_ready()
+            terminal = await terminals.connect(port)
+            assert (await terminal.request(financial(65))).get("39") == "96"
+            with trio.fail_after(10):
+                await failed_once.wait()
+            await app.stop(0.1)  # the reversal's next try is 0.5 s away
+            proxy_scope.cancel()
+    assert tries == ["try", "try"]
+    rows = await database.fetch(
+        "SELECT t.state, t.rc, r.reason FROM transactions t JOIN reversals r USING (tx_key)"
+    )
+    assert rows == [{"state": "answered", "rc": "00", "reason": "undelivered"}]
+
+
 async def _approval_left_undelivered(
     nursery: trio.Nursery, terminals: Terminals, database: Database, stan: int
 ) -> tuple[App, SimSwitch, int]:
