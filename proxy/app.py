@@ -61,6 +61,7 @@ class App:
         self.config = config
         self.config_path = config_path
         self._nursery: trio.Nursery | None = None
+        self._wanted: dict[str, SwitchConfig] = {}  # the switches the latest reload wants
         self.instance = uuid.uuid4().hex[:12]
         tls.check(config, secrets.tls_key_password)
         self._tls_key_password = secrets.tls_key_password
@@ -168,9 +169,11 @@ class App:
             tls.check(fresh, self._tls_key_password)
         except ConfigError as error:
             return error.problems
-        current = dict(self.pool.switches)
+        # A switch still being removed (an earlier reload's) counts as gone: wanted again,
+        # it comes back once the removal is over.
+        current = {n: s for n, s in self.pool.switches.items() if n not in self.pool.removing}
         listener_spec = self.config.listen.endpoint.spec
-        wanted = {
+        wanted = self._wanted = {
             switch.name: _sharing_spec(switch, listener_spec)
             for switch in fresh.switches
             if switch.enabled
@@ -178,18 +181,22 @@ class App:
         for name in current.keys() - wanted.keys():
             self._nursery.start_soon(self.pool.remove_switch, name)
         for name, switch in wanted.items():
-            if name not in current:
-                self.pool.add_switch(switch)
-            elif _same_endpoint(current[name], switch):
+            if name in current and _same_endpoint(current[name], switch):
                 self.pool.update_switch(switch)
+            elif name in current or name in self.pool.removing:
+                self._nursery.start_soon(self._replace_switch, name)
             else:
-                self._nursery.start_soon(self._replace_switch, switch)
+                self.pool.add_switch(switch)
         log.warning("reloaded %s: switches %s", self.config_path, ", ".join(sorted(wanted)))
         return []
 
-    async def _replace_switch(self, switch: SwitchConfig) -> None:
-        await self.pool.remove_switch(switch.name)
-        self.pool.add_switch(switch)
+    async def _replace_switch(self, name: str) -> None:
+        """Remove `name` (or wait for its removal), then add it as the latest reload wants
+        it, if it still does and no other replacement got there first."""
+        await self.pool.remove_switch(name)
+        switch = self._wanted.get(name)
+        if switch is not None and name not in self.pool.switches:
+            self.pool.add_switch(switch)
 
     def act_on_switch(self, name: str, action: str) -> bool:
         """Drain a switch (no new requests; in flight ones finish; echoes go on) or enable it."""

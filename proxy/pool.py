@@ -125,6 +125,7 @@ class Pool:
         self._changed = Watch()  # a link's state changed
         self._settled = Watch()  # a request ended
         self.drained: set[str] = set()  # switches taking no new requests (echoes go on)
+        self.removing: dict[str, trio.Event] = {}  # switches being removed: set once gone
         self._late_send, self.late_answers = trio.open_memory_channel[LateAnswer](MAX_LATE_ANSWERS)
         # Each written request's deadline for its answer, on one timer (not a scope each).
         self._answer_deadlines: Deadlines[_Waiter] = Deadlines(_no_answer)
@@ -155,14 +156,25 @@ class Pool:
 
     async def remove_switch(self, name: str) -> None:
         """Stop using a switch: no new requests; once those in flight are done (or their
-        deadline passed), its links sign off and close."""
-        self.drained.add(name)
-        switch = self.switches[name]
-        with trio.move_on_after(switch.timeout + WRITE_GRACE):
-            await self.wait_until_idle(name)
-        self._running.pop(name).cancel()
-        del self.switches[name], self.links[name], self._link_turns[name]
-        self.drained.discard(name)
+        deadline passed), its links sign off and close. A removal already under way is
+        waited for; an unknown switch is left alone."""
+        if name in self.removing:
+            await self.removing[name].wait()
+            return
+        if name not in self.switches:
+            return
+        gone = self.removing[name] = trio.Event()
+        try:
+            self.drained.add(name)
+            switch = self.switches[name]
+            with trio.move_on_after(switch.timeout + WRITE_GRACE):
+                await self.wait_until_idle(name)
+            self._running.pop(name).cancel()
+            del self.switches[name], self.links[name], self._link_turns[name]
+            self.drained.discard(name)
+        finally:
+            del self.removing[name]
+            gone.set()
 
     async def wait_until_idle(self, name: str) -> None:
         """Wait until no request written to `name`'s links is waiting for its answer."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import h11
 import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from fixtures.chaos import Mode
@@ -355,6 +356,59 @@ async def test_reload_adds_and_removes_switches_without_touching_terminals(
     status, body = await http(app.admin_port, "/reload", "POST", token=TEST_ADMIN_TOKEN)
     assert (status, body) == (400, b"switches: must be a non-empty list of switches\n")
     assert set(app.pool.links) == {"alpha", "gamma"}
+
+
+async def test_reloads_while_a_switch_is_being_removed_neither_crash_nor_lose_it(
+    nursery: trio.Nursery, terminals: Terminals, tmp_path: Path
+) -> None:
+    """Beta is being removed (a request of its still in flight) when the file is reloaded
+    again without it, then with it: the proxy keeps running, and beta comes back."""
+    alpha = await start_switch(nursery)
+    beta = await start_switch(nursery, delay=0.5)
+    path = tmp_path / "config.yaml"
+
+    def write(*names: str) -> None:
+        ports = {"alpha": alpha.port, "beta": beta.port}
+        switches = "".join(
+            f"  - {{name: {n}, host: 127.0.0.1, port: {ports[n]}, connections: 1}}\n" for n in names
+        )
+        path.write_text(
+            "listen: {host: 127.0.0.1, port: 0}\nadmin: {port: 0}\nstore: {enabled: false}\n"
+            "health: {echo_interval: 5, echo_timeout: 1, rise_interval: 0.05, rise: 1}\n"
+            f"switches:\n{switches}"
+        )
+
+    write("alpha", "beta")
+    app = App(load_config(path), Secrets(admin_token=TEST_ADMIN_TOKEN), config_path=path)
+    port: int = await nursery.start(app.run)
+    await app.pool.wait_until(lambda: all(link.is_up for link in all_links(app)))
+    terminal = await terminals.connect(port)
+    await terminal.stream.send_all(terminal.frame(financial(1)) + terminal.frame(financial(2)))
+    with trio.fail_after(5):
+        await beta.wait_until(lambda: beta.financial_total() == 1)
+    write("alpha")
+    assert await app.reload() == []
+    await trio.testing.wait_all_tasks_blocked()
+    assert "beta" in app.pool.removing  # waiting for its request in flight
+    assert await app.reload() == []  # again, while it is being removed
+    write("alpha", "beta")
+    assert await app.reload() == []  # and wanted back
+    answers = [await terminal.receive() for _ in range(2)]
+    assert sorted((a.get("11"), a.get("39")) for a in answers) == [
+        ("000001", "00"),
+        ("000002", "00"),
+    ]
+    with trio.fail_after(10):
+        await app.pool.wait_until(
+            lambda: (
+                not app.pool.removing
+                and set(app.pool.links) == {"alpha", "beta"}
+                and all(link.is_up for link in all_links(app))
+            )
+        )
+    for stan in range(3, 7):
+        assert (await terminal.request(financial(stan))).get("39") == "00"
+    assert beta.financial_total() == 3  # its first, and its turns since
 
 
 async def test_admin_actions_are_off_without_a_configured_token(nursery: trio.Nursery) -> None:
