@@ -179,28 +179,30 @@ class App:
             if switch.enabled
         }
         for name in current.keys() - wanted.keys():
-            self._nursery.start_soon(self.pool.remove_switch, name)
+            self.pool.remove_switch(name)
         for name, switch in wanted.items():
             if name in current and _same_endpoint(current[name], switch):
                 self.pool.update_switch(switch)
             elif name in current or name in self.pool.removing:
-                self._nursery.start_soon(self._replace_switch, name)
+                # Marked for removal now (so a reload right after sees it so), back after
+                self._nursery.start_soon(self._add_when_gone, name, self.pool.remove_switch(name))
             else:
                 self.pool.add_switch(switch)
         log.warning("reloaded %s: switches %s", self.config_path, ", ".join(sorted(wanted)))
         return []
 
-    async def _replace_switch(self, name: str) -> None:
-        """Remove `name` (or wait for its removal), then add it as the latest reload wants
-        it, if it still does and no other replacement got there first."""
-        await self.pool.remove_switch(name)
+    async def _add_when_gone(self, name: str, gone: trio.Event) -> None:
+        """Once `name`'s removal is over, add it as the latest reload wants it, if it still
+        does and nothing else added it meanwhile."""
+        await gone.wait()
         switch = self._wanted.get(name)
         if switch is not None and name not in self.pool.switches:
             self.pool.add_switch(switch)
 
     def act_on_switch(self, name: str, action: str) -> bool:
-        """Drain a switch (no new requests; in flight ones finish; echoes go on) or enable it."""
-        if name not in self.pool.links:
+        """Drain a switch (no new requests; in flight ones finish; echoes go on) or enable it;
+        False for a switch unknown, or being removed."""
+        if name not in self.pool.links or name in self.pool.removing:
             return False
         if action == "drain":
             self.pool.drained.add(name)

@@ -139,14 +139,18 @@ class Pool:
             nursery.start_soon(self._answer_deadlines.run)
             async with trio.open_nursery() as starting:
                 for name in list(self.links):
-                    starting.start_soon(nursery.start, self._run_switch, name)
+                    starting.start_soon(
+                        nursery.start, self._run_switch, self._running[name], self.links[name]
+                    )
             task_status.started()
 
     def add_switch(self, switch: SwitchConfig) -> None:
         """Start using a switch (links connect and come up on their echoes)."""
         assert self._nursery is not None, "the pool is not running"
         self._register(switch)
-        self._nursery.start_soon(self._run_switch, switch.name)
+        self._nursery.start_soon(
+            self._run_switch, self._running[switch.name], self.links[switch.name]
+        )
 
     def update_switch(self, switch: SwitchConfig) -> None:
         """New settings that need no reconnect (weight, timeouts, limits) for a switch."""
@@ -154,18 +158,25 @@ class Pool:
         for link in self.links[switch.name]:
             link.switch = switch
 
-    async def remove_switch(self, name: str) -> None:
-        """Stop using a switch: no new requests; once those in flight are done (or their
-        deadline passed), its links sign off and close. A removal already under way is
-        waited for; an unknown switch is left alone."""
+    def remove_switch(self, name: str) -> trio.Event:
+        """Stop using a switch: no new requests from now on; once those in flight are done
+        (or their deadline passed), its links sign off and close. The event is set once
+        it is gone. A removal already under way is not repeated; an unknown switch is
+        left alone (the event already set)."""
+        assert self._nursery is not None, "the pool is not running"
         if name in self.removing:
-            await self.removing[name].wait()
-            return
+            return self.removing[name]
+        gone = trio.Event()
         if name not in self.switches:
-            return
-        gone = self.removing[name] = trio.Event()
+            gone.set()
+            return gone
+        self.removing[name] = gone
+        self.drained.add(name)
+        self._nursery.start_soon(self._remove, name, gone)
+        return gone
+
+    async def _remove(self, name: str, gone: trio.Event) -> None:
         try:
-            self.drained.add(name)
             switch = self.switches[name]
             with trio.move_on_after(switch.timeout + WRITE_GRACE):
                 await self.wait_until_idle(name)
@@ -191,15 +202,22 @@ class Pool:
             for index in range(switch.connections)
         ]  # fmt: skip
         self._link_turns[switch.name] = RoundRobin()
+        # Its links' scope from now on, so that a removal can end them before they start.
+        self._running[switch.name] = trio.CancelScope()
 
     async def _run_switch(
-        self, name: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        scope: trio.CancelScope,
+        links_of_switch: list[Link],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        with trio.CancelScope() as scope:
-            self._running[name] = scope
+        """Run a switch's links inside its scope (already cancelled if it was removed
+        before this task began)."""
+        with scope:
             async with trio.open_nursery() as links:
                 async with trio.open_nursery() as starting:
-                    for link in self.links[name]:
+                    for link in links_of_switch:
                         starting.start_soon(links.start, link.run)
                 task_status.started()
 

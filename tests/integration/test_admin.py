@@ -411,6 +411,49 @@ async def test_reloads_while_a_switch_is_being_removed_neither_crash_nor_lose_it
     assert beta.financial_total() == 3  # its first, and its turns since
 
 
+async def test_reloads_back_to_back_end_as_the_latest_file_says(
+    nursery: trio.Nursery, terminals: Terminals, tmp_path: Path
+) -> None:
+    """Reloads one right after another (no pause between): beta removed then wanted back
+    comes back; gamma added then unwanted goes (and the proxy keeps running)."""
+    alpha, beta, gamma = [await start_switch(nursery) for _ in range(3)]
+    path = tmp_path / "config.yaml"
+
+    def write(*names: str) -> None:
+        ports = {"alpha": alpha.port, "beta": beta.port, "gamma": gamma.port}
+        switches = "".join(
+            f"  - {{name: {n}, host: 127.0.0.1, port: {ports[n]}, connections: 1}}\n" for n in names
+        )
+        path.write_text(
+            "listen: {host: 127.0.0.1, port: 0}\nadmin: {port: 0}\nstore: {enabled: false}\n"
+            "health: {echo_interval: 5, echo_timeout: 1, rise_interval: 0.05, rise: 1}\n"
+            f"switches:\n{switches}"
+        )
+
+    write("alpha", "beta")
+    app = App(load_config(path), Secrets(admin_token=TEST_ADMIN_TOKEN), config_path=path)
+    port: int = await nursery.start(app.run)
+    await app.pool.wait_until(lambda: all(link.is_up for link in all_links(app)))
+    write("alpha")
+    assert await app.reload() == []
+    write("alpha", "beta", "gamma")
+    assert await app.reload() == []
+    write("alpha", "beta")
+    assert await app.reload() == []
+    with trio.fail_after(10):
+        await app.pool.wait_until(
+            lambda: (
+                not app.pool.removing
+                and set(app.pool.links) == {"alpha", "beta"}
+                and all(link.is_up for link in all_links(app))
+            )
+        )
+    terminal = await terminals.connect(port)
+    for stan in range(1, 5):
+        assert (await terminal.request(financial(stan))).get("39") == "00"
+    assert (alpha.financial_total(), beta.financial_total(), gamma.financial_total()) == (2, 2, 0)
+
+
 async def test_admin_actions_are_off_without_a_configured_token(nursery: trio.Nursery) -> None:
     switch = await start_switch(nursery)
     app = App(proxy_config({"alpha": switch.port}), Secrets())

@@ -268,7 +268,7 @@ async def test_a_switch_replaced_gets_connections_never_named_like_the_old_ones(
     old = pool.links["alpha"][0]
     await pool.wait_until(lambda: old.is_up)
     config = pool.switches["alpha"]
-    await pool.remove_switch("alpha")
+    await pool.remove_switch("alpha").wait()
     pool.add_switch(config)
     new = pool.links["alpha"][0]
     await pool.wait_until(lambda: new.is_up)
