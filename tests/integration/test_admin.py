@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from functools import partial
 from pathlib import Path
 
 import h11
@@ -300,6 +301,26 @@ async def test_the_dashboard_is_grafana_json_and_queries_only_exported_metrics(
     assert len(queried) >= 10
 
 
+def _write_switches(path: Path, ports: dict[str, int], *names: str) -> None:
+    """A config file listing the switches `names` (on `ports`), for the reload tests."""
+    switches = "".join(
+        f"  - {{name: {n}, host: 127.0.0.1, port: {ports[n]}, connections: 1}}\n" for n in names
+    )
+    path.write_text(
+        "listen: {host: 127.0.0.1, port: 0}\nadmin: {port: 0}\nstore: {enabled: false}\n"
+        "health: {echo_interval: 5, echo_timeout: 1, rise_interval: 0.05, rise: 1}\n"
+        f"switches:\n{switches}"
+    )
+
+
+async def _app_from_file(nursery: trio.Nursery, path: Path) -> tuple[App, int]:
+    """A proxy run from the config file at `path` (so that it can reload it), its links up."""
+    app = App(load_config(path), Secrets(admin_token=TEST_ADMIN_TOKEN), config_path=path)
+    port: int = await nursery.start(app.run)
+    await app.pool.wait_until(lambda: all(link.is_up for link in all_links(app)))
+    return app, port
+
+
 async def test_reload_adds_and_removes_switches_without_touching_terminals(
     nursery: trio.Nursery, terminals: Terminals, tmp_path: Path
 ) -> None:
@@ -308,21 +329,12 @@ async def test_reload_adds_and_removes_switches_without_touching_terminals(
     gamma = await start_switch(nursery)
     path = tmp_path / "config.yaml"
 
-    def write(*names: str) -> None:
-        ports = {"alpha": alpha.port, "beta": beta.port, "gamma": gamma.port}
-        switches = "".join(
-            f"  - {{name: {n}, host: 127.0.0.1, port: {ports[n]}, connections: 1}}\n" for n in names
-        )
-        path.write_text(
-            "listen: {host: 127.0.0.1, port: 0}\nadmin: {port: 0}\nstore: {enabled: false}\n"
-            "health: {echo_interval: 5, echo_timeout: 1, rise_interval: 0.05, rise: 1}\n"
-            f"switches:\n{switches}"
-        )
+    write = partial(
+        _write_switches, path, {"alpha": alpha.port, "beta": beta.port, "gamma": gamma.port}
+    )
 
     write("alpha", "beta")
-    app = App(load_config(path), Secrets(admin_token=TEST_ADMIN_TOKEN), config_path=path)
-    port: int = await nursery.start(app.run)
-    await app.pool.wait_until(lambda: all(link.is_up for link in all_links(app)))
+    app, port = await _app_from_file(nursery, path)
     terminal = await terminals.connect(port)
     await terminal.stream.send_all(terminal.frame(financial(1)) + terminal.frame(financial(2)))
     with trio.fail_after(5):
@@ -367,21 +379,10 @@ async def test_reloads_while_a_switch_is_being_removed_neither_crash_nor_lose_it
     beta = await start_switch(nursery, delay=0.5)
     path = tmp_path / "config.yaml"
 
-    def write(*names: str) -> None:
-        ports = {"alpha": alpha.port, "beta": beta.port}
-        switches = "".join(
-            f"  - {{name: {n}, host: 127.0.0.1, port: {ports[n]}, connections: 1}}\n" for n in names
-        )
-        path.write_text(
-            "listen: {host: 127.0.0.1, port: 0}\nadmin: {port: 0}\nstore: {enabled: false}\n"
-            "health: {echo_interval: 5, echo_timeout: 1, rise_interval: 0.05, rise: 1}\n"
-            f"switches:\n{switches}"
-        )
+    write = partial(_write_switches, path, {"alpha": alpha.port, "beta": beta.port})
 
     write("alpha", "beta")
-    app = App(load_config(path), Secrets(admin_token=TEST_ADMIN_TOKEN), config_path=path)
-    port: int = await nursery.start(app.run)
-    await app.pool.wait_until(lambda: all(link.is_up for link in all_links(app)))
+    app, port = await _app_from_file(nursery, path)
     terminal = await terminals.connect(port)
     await terminal.stream.send_all(terminal.frame(financial(1)) + terminal.frame(financial(2)))
     with trio.fail_after(5):
@@ -419,21 +420,12 @@ async def test_reloads_back_to_back_end_as_the_latest_file_says(
     alpha, beta, gamma = [await start_switch(nursery) for _ in range(3)]
     path = tmp_path / "config.yaml"
 
-    def write(*names: str) -> None:
-        ports = {"alpha": alpha.port, "beta": beta.port, "gamma": gamma.port}
-        switches = "".join(
-            f"  - {{name: {n}, host: 127.0.0.1, port: {ports[n]}, connections: 1}}\n" for n in names
-        )
-        path.write_text(
-            "listen: {host: 127.0.0.1, port: 0}\nadmin: {port: 0}\nstore: {enabled: false}\n"
-            "health: {echo_interval: 5, echo_timeout: 1, rise_interval: 0.05, rise: 1}\n"
-            f"switches:\n{switches}"
-        )
+    write = partial(
+        _write_switches, path, {"alpha": alpha.port, "beta": beta.port, "gamma": gamma.port}
+    )
 
     write("alpha", "beta")
-    app = App(load_config(path), Secrets(admin_token=TEST_ADMIN_TOKEN), config_path=path)
-    port: int = await nursery.start(app.run)
-    await app.pool.wait_until(lambda: all(link.is_up for link in all_links(app)))
+    app, port = await _app_from_file(nursery, path)
     write("alpha")
     assert await app.reload() == []
     write("alpha", "beta", "gamma")

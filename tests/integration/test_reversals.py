@@ -288,6 +288,20 @@ async def test_a_stop_while_an_undelivered_approvals_reversal_waits_still_queues
     assert rows == [{"state": "answered", "rc": "00", "reason": "undelivered"}]
 
 
+async def _repeat_refused_and_reversed(
+    terminals: Terminals, port: int, app: App, switch: SimSwitch, stan: int
+) -> None:
+    """The terminal's repeat of `stan` gets RC 96, and the approval's reversal reaches the
+    switch once and is acknowledged."""
+    terminal = await terminals.connect(port)
+    assert (await terminal.request(financial(stan, mti="0201"))).get("39") == "96"
+    reversals = app.reversals
+    assert reversals is not None
+    with trio.fail_after(10):
+        await reversals.wait_until(lambda: reversals.acknowledged >= 1)
+    assert switch.received_reversals() == 1
+
+
 async def _approval_left_undelivered(
     nursery: trio.Nursery, terminals: Terminals, database: Database, stan: int
 ) -> tuple[App, SimSwitch, int]:
@@ -325,13 +339,7 @@ async def test_a_repeat_while_its_approvals_reversal_is_retried_is_not_approved(
     app, switch, port = await _approval_left_undelivered(nursery, terminals, database, 81)
     with trio.fail_after(10):
         await failed_once.wait()
-    terminal = await terminals.connect(port)
-    assert (await terminal.request(financial(81, mti="0201"))).get("39") == "96"
-    reversals = app.reversals
-    assert reversals is not None
-    with trio.fail_after(10):
-        await reversals.wait_until(lambda: reversals.acknowledged >= 1)
-    assert switch.received_reversals() == 1
+    await _repeat_refused_and_reversed(terminals, port, app, switch, 81)
 
 
 async def test_a_repeat_whose_look_missed_its_reversal_being_queued_is_not_approved(
@@ -363,13 +371,7 @@ async def test_a_repeat_whose_look_missed_its_reversal_being_queued_is_not_appro
     app, switch, port = await _approval_left_undelivered(nursery, terminals, database, 82)
     with trio.fail_after(10):
         await queuing.wait()  # the original is done with: the repeat looks in the journal
-    terminal = await terminals.connect(port)
-    assert (await terminal.request(financial(82, mti="0201"))).get("39") == "96"
-    reversals = app.reversals
-    assert reversals is not None
-    with trio.fail_after(10):
-        await reversals.wait_until(lambda: reversals.acknowledged >= 1)
-    assert switch.received_reversals() == 1
+    await _repeat_refused_and_reversed(terminals, port, app, switch, 82)
 
 
 async def test_a_repeat_of_an_approval_whose_reversal_is_queued_is_not_approved(
