@@ -22,7 +22,8 @@ REQUEST_DEADLINE = 10.0  # seconds a client may take to send its request and rea
 Readiness = Callable[[], list[str]]
 # Each switch and link as operators see them (JSON-ready).
 Status = Callable[[], Awaitable[dict[str, Any]]]
-# An admin action on a switch ("drain" or "enable"); False when there is no such switch.
+# An admin action on a switch ("drain" or "enable"); False when there is no such switch
+# (or it is being removed by a reload).
 SwitchAction = Callable[[str, str], bool]
 # Re-read the switch list; the problems found, [] when done.
 Reload = Callable[[], Awaitable[list[str]]]
