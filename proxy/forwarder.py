@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict, defaultdict
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import trio
 
@@ -22,7 +23,7 @@ from proxy.errors import (
 )
 from proxy.keys import match_key
 from proxy.latency import Histogram
-from proxy.pool import Answered, LateAnswer, Pool
+from proxy.pool import Answered, Chooser, LateAnswer, Pool
 from proxy.responses import answer
 from proxy.reversals import LATE_TAG, ReversalWorker
 from proxy.store import Store, StoreUnavailable
@@ -50,9 +51,15 @@ UNDELIVERED_RETRIES = (0.5, 1.0, 2.0, 4.0)
 # When shutdown cuts that wait short, how long queuing the reversal may still take.
 LAST_CHANCE = 5.0
 
+V = TypeVar("V")
 
-# A request's choice of switch, given the switches already tried (`Pool.choosing`).
-Chooser = Callable[[Collection[str]], str | None]
+
+def _remember(table: OrderedDict[str, V], key: str, value: V) -> None:
+    """`key` as `table`'s newest entry; the oldest go past MAX_DELIVERED_KEYS."""
+    table.pop(key, None)
+    table[key] = value
+    while len(table) > MAX_DELIVERED_KEYS:
+        table.popitem(last=False)
 
 
 def utc_now() -> datetime:
@@ -134,8 +141,8 @@ class Forwarder:
         self.late_recorded = 0
         self._late_changed = Watch()
         self._carrying: dict[str, _Pending] = {}
-        # Keys recently answered to a terminal: the RC, oldest first. (A dict emptied from
-        # its front scans the holes left there: about 8 us a transaction at the bound.)
+        # Keys recently answered to a terminal: every RC given, oldest first. (A dict
+        # emptied from its front scans the holes left there: 8 us a transaction.)
         self._delivered: OrderedDict[str, frozenset[str]] = OrderedDict()
         self._joining: Counter[str] = Counter()  # duplicates of a key whose answer is pending
         # Undelivered approvals whose reversal this instance began to queue (an insert
@@ -176,9 +183,7 @@ class Forwarder:
         key = receipt.claim.key
         # Every answer given for the key: a later other one (a 94) must not hide an
         # approval a repeat delivered.
-        self._delivered[key] = self._delivered.pop(key, frozenset()) | {receipt.rc}
-        while len(self._delivered) > MAX_DELIVERED_KEYS:
-            self._delivered.popitem(last=False)
+        _remember(self._delivered, key, self._delivered.get(key, frozenset()) | {receipt.rc})
         if receipt.joined:
             self._joiner_done(receipt.claim.key)
 
@@ -230,9 +235,7 @@ class Forwarder:
         if self._carried(receipt):  # a repeat got the approval meanwhile
             log.warning("%s approval undelivered, then carried by a repeat", claim.mti)
             return
-        self._reversing[claim.key] = None
-        while len(self._reversing) > MAX_DELIVERED_KEYS:
-            self._reversing.popitem(last=False)
+        _remember(self._reversing, claim.key, None)
         try:
             for delay in (*retries, None):
                 try:

@@ -36,6 +36,9 @@ from proxy.watch import Watch
 
 log = logging.getLogger("iso_proxy.upstream")
 
+# A request's choice of switch, given the switches already tried (`Pool.choosing`).
+Chooser = Callable[[Collection[str]], str | None]
+
 
 @dataclass(frozen=True, slots=True)
 class Answered:
@@ -336,7 +339,7 @@ class Pool:
             link.recycle()
 
     @contextmanager
-    def choosing(self) -> Iterator[Callable[[Collection[str]], str | None]]:
+    def choosing(self) -> Iterator[Chooser]:
         """A request's choices of switch: `choose(exclude)` is the switch it goes to next,
         by the strategy (its turn taken), leaving out `exclude`; None when no other switch
         has a usable link. The journal names it in the claim, then the request is
@@ -345,7 +348,7 @@ class Pool:
         together, before any is written, spread as they would at write time."""
         held: list[str] = []
 
-        def choose(exclude: Collection[str] = ()) -> str | None:
+        def choose(exclude: Collection[str]) -> str | None:
             name = self._choose(exclude)
             if name is not None:
                 self._chosen[name] += 1
