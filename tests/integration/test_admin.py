@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fixtures.chaos import Mode
 from fixtures.messages import financial
 from fixtures.sim_switch import SimSwitch, SimSwitchOptions
+from fixtures.terminal import Terminal
 from proxy.app import App, Secrets
 from proxy.config import load_config
 from tests.conftest import (
@@ -321,6 +322,36 @@ async def _app_from_file(nursery: trio.Nursery, path: Path) -> tuple[App, int]:
     return app, port
 
 
+async def _two_in_flight(terminals: Terminals, port: int, beta: SimSwitch) -> Terminal:
+    """A terminal with two requests in flight (STANs 1 and 2), one of them at beta (slow)."""
+    terminal = await terminals.connect(port)
+    await terminal.stream.send_all(terminal.frame(financial(1)) + terminal.frame(financial(2)))
+    with trio.fail_after(5):
+        await beta.wait_until(lambda: beta.financial_total() == 1)
+    return terminal
+
+
+async def _settled_on(app: App, names: set[str]) -> None:
+    """Wait until no removal is under way and `names` are the switches, their links up."""
+    with trio.fail_after(10):
+        await app.pool.wait_until(
+            lambda: (
+                not app.pool.removing
+                and set(app.pool.links) == names
+                and all(link.is_up for link in all_links(app))
+            )
+        )
+
+
+async def _both_approved(terminal: Terminal) -> None:
+    """The answers to the terminal's two requests in flight (STANs 1 and 2): approvals."""
+    answers = [await terminal.receive() for _ in range(2)]
+    assert sorted((a.get("11"), a.get("39")) for a in answers) == [
+        ("000001", "00"),
+        ("000002", "00"),
+    ]
+
+
 async def test_reload_adds_and_removes_switches_without_touching_terminals(
     nursery: trio.Nursery, terminals: Terminals, tmp_path: Path
 ) -> None:
@@ -335,10 +366,7 @@ async def test_reload_adds_and_removes_switches_without_touching_terminals(
 
     write("alpha", "beta")
     app, port = await _app_from_file(nursery, path)
-    terminal = await terminals.connect(port)
-    await terminal.stream.send_all(terminal.frame(financial(1)) + terminal.frame(financial(2)))
-    with trio.fail_after(5):
-        await beta.wait_until(lambda: beta.financial_total() == 1)
+    terminal = await _two_in_flight(terminals, port, beta)
 
     write("alpha", "gamma")
     assert await http(app.admin_port, "/reload", "POST") == (
@@ -349,11 +377,7 @@ async def test_reload_adds_and_removes_switches_without_touching_terminals(
         200,
         b"reloaded\n",
     )
-    answers = [await terminal.receive() for _ in range(2)]
-    assert sorted((a.get("11"), a.get("39")) for a in answers) == [
-        ("000001", "00"),
-        ("000002", "00"),
-    ]
+    await _both_approved(terminal)
     with trio.fail_after(10):
         await app.pool.wait_until(
             lambda: "beta" not in app.pool.links and all(link.is_up for link in all_links(app))
@@ -383,10 +407,7 @@ async def test_reloads_while_a_switch_is_being_removed_neither_crash_nor_lose_it
 
     write("alpha", "beta")
     app, port = await _app_from_file(nursery, path)
-    terminal = await terminals.connect(port)
-    await terminal.stream.send_all(terminal.frame(financial(1)) + terminal.frame(financial(2)))
-    with trio.fail_after(5):
-        await beta.wait_until(lambda: beta.financial_total() == 1)
+    terminal = await _two_in_flight(terminals, port, beta)
     write("alpha")
     assert await app.reload() == []
     await trio.testing.wait_all_tasks_blocked()
@@ -394,19 +415,8 @@ async def test_reloads_while_a_switch_is_being_removed_neither_crash_nor_lose_it
     assert await app.reload() == []  # again, while it is being removed
     write("alpha", "beta")
     assert await app.reload() == []  # and wanted back
-    answers = [await terminal.receive() for _ in range(2)]
-    assert sorted((a.get("11"), a.get("39")) for a in answers) == [
-        ("000001", "00"),
-        ("000002", "00"),
-    ]
-    with trio.fail_after(10):
-        await app.pool.wait_until(
-            lambda: (
-                not app.pool.removing
-                and set(app.pool.links) == {"alpha", "beta"}
-                and all(link.is_up for link in all_links(app))
-            )
-        )
+    await _both_approved(terminal)
+    await _settled_on(app, {"alpha", "beta"})
     for stan in range(3, 7):
         assert (await terminal.request(financial(stan))).get("39") == "00"
     assert beta.financial_total() == 3  # its first, and its turns since
@@ -432,14 +442,7 @@ async def test_reloads_back_to_back_end_as_the_latest_file_says(
     assert await app.reload() == []
     write("alpha", "beta")
     assert await app.reload() == []
-    with trio.fail_after(10):
-        await app.pool.wait_until(
-            lambda: (
-                not app.pool.removing
-                and set(app.pool.links) == {"alpha", "beta"}
-                and all(link.is_up for link in all_links(app))
-            )
-        )
+    await _settled_on(app, {"alpha", "beta"})
     terminal = await terminals.connect(port)
     for stan in range(1, 5):
         assert (await terminal.request(financial(stan))).get("39") == "00"

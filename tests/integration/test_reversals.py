@@ -288,13 +288,14 @@ async def test_a_stop_while_an_undelivered_approvals_reversal_waits_still_queues
     assert rows == [{"state": "answered", "rc": "00", "reason": "undelivered"}]
 
 
-async def _repeat_refused_and_reversed(
-    terminals: Terminals, port: int, app: App, switch: SimSwitch, stan: int
-) -> None:
-    """The terminal's repeat of `stan` gets RC 96, and the approval's reversal reaches the
-    switch once and is acknowledged."""
+async def _repeat_refused(terminals: Terminals, port: int, stan: int) -> None:
+    """The terminal's repeat of `stan` (on a new connection) gets RC 96."""
     terminal = await terminals.connect(port)
     assert (await terminal.request(financial(stan, mti="0201"))).get("39") == "96"
+
+
+async def _reversed_once(app: App, switch: SimSwitch) -> None:
+    """Wait until a reversal is acknowledged: the switch got one, once."""
     reversals = app.reversals
     assert reversals is not None
     with trio.fail_after(10):
@@ -339,7 +340,8 @@ async def test_a_repeat_while_its_approvals_reversal_is_retried_is_not_approved(
     app, switch, port = await _approval_left_undelivered(nursery, terminals, database, 81)
     with trio.fail_after(10):
         await failed_once.wait()
-    await _repeat_refused_and_reversed(terminals, port, app, switch, 81)
+    await _repeat_refused(terminals, port, 81)
+    await _reversed_once(app, switch)
 
 
 async def test_a_repeat_whose_look_missed_its_reversal_being_queued_is_not_approved(
@@ -371,7 +373,8 @@ async def test_a_repeat_whose_look_missed_its_reversal_being_queued_is_not_appro
     app, switch, port = await _approval_left_undelivered(nursery, terminals, database, 82)
     with trio.fail_after(10):
         await queuing.wait()  # the original is done with: the repeat looks in the journal
-    await _repeat_refused_and_reversed(terminals, port, app, switch, 82)
+    await _repeat_refused(terminals, port, 82)
+    await _reversed_once(app, switch)
 
 
 async def test_a_repeat_of_an_approval_whose_reversal_is_queued_is_not_approved(
@@ -400,27 +403,17 @@ async def test_a_repeat_of_an_approval_whose_reversal_is_queued_is_not_approved(
     app, switch, port = await _approval_left_undelivered(nursery, terminals, database, 71)
     with trio.fail_after(10):
         await queued.wait()
-    terminal = await terminals.connect(port)
-    assert (await terminal.request(financial(71, mti="0201"))).get("39") == "96"
+    await _repeat_refused(terminals, port, 71)
     released.set()
-    reversals = app.reversals
-    assert reversals is not None
-    with trio.fail_after(10):
-        await reversals.wait_until(lambda: reversals.acknowledged >= 1)
-    assert switch.received_reversals() == 1
+    await _reversed_once(app, switch)
 
 
 async def test_a_repeat_of_an_approval_already_reversed_is_not_approved(
     nursery: trio.Nursery, terminals: Terminals, database: Database
 ) -> None:
     app, switch, port = await _approval_left_undelivered(nursery, terminals, database, 72)
-    reversals = app.reversals
-    assert reversals is not None
-    with trio.fail_after(10):
-        await reversals.wait_until(lambda: reversals.acknowledged >= 1)
-    assert switch.received_reversals() == 1
-    terminal = await terminals.connect(port)
-    assert (await terminal.request(financial(72, mti="0201"))).get("39") == "96"
+    await _reversed_once(app, switch)
+    await _repeat_refused(terminals, port, 72)
     rows = await database.fetch("SELECT state FROM reversals")
     assert rows == [{"state": "acknowledged"}]
 
