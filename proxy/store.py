@@ -4,12 +4,15 @@ asyncpg speaks asyncio only: its coroutines run on an asyncio loop stepped insid
 (`proxy.bridge`). Every database failure is translated here, once, into
 `StoreUnavailable`.
 
-Writes are group-committed (`proxy.batcher`). Claims and outcomes each queue for a
-batcher, which takes
-what has gathered (up to `batch_max`, waiting at most `batch_wait_ms` for more) and
-writes it in one statement, one round trip. No caller stays queued past `store.timeout`
-(the batcher drops it, unwritten): a slow or dead database costs an RC 96, never an
-unbounded backlog.
+Writes are group-committed (`proxy.batcher`). Claims and outcomes queue together for one
+batcher, which takes what has gathered (up to `batch_max`, waiting at most
+`batch_wait_ms` for more) and writes it in one statement, one round trip and one commit:
+a claim and an outcome are each other's company, so at a given load the batches are
+twice as large as with a writer for each, and the round trips (which cost the proxy and
+PostgreSQL more than the rows do) half as many. An outcome always follows its claim's
+commit, so the two halves of a statement never touch the same new row. No caller stays
+queued past `store.timeout` (the batcher drops it, unwritten): a slow or dead database
+costs an RC 96, never an unbounded backlog.
 
 A claim is one `INSERT ... ON CONFLICT DO NOTHING` for the batch: the unique key in the
 database, not memory, decides who owns a transaction, so several proxy instances can share
@@ -58,8 +61,8 @@ log = logging.getLogger("iso_proxy.store")
 
 T = TypeVar("T")
 
-LEASE_POOL_SIZE = 4  # the smallest pool whose batchers keep a connection each (2 left)
-LEASE_IDLE = 30.0  # seconds a batcher keeps a connection it does not use
+LEASE_POOL_SIZE = 3  # the smallest pool whose writer keeps a connection (2 left)
+LEASE_IDLE = 30.0  # seconds the writer keeps a connection it does not use
 LEASE_STATEMENTS = 10_000  # statements on one kept connection before it goes back
 MIGRATION_LOCK = 0x150_8583  # pg_advisory_xact_lock key shared by all instances
 # Database errors, and the OS errors of a lost connection: all mean "store unavailable".
@@ -120,7 +123,7 @@ class StoreSettings:
 
 
 class _Lease:
-    """One pool connection a batcher keeps from one write to the next (it writes one batch
+    """One pool connection the writer keeps from one write to the next (it writes one batch
     at a time): no acquire and release for every batch, which cost the proxy about a
     tenth of its time at 1 000 TPS (asyncpg releases through an `asyncio.shield` task).
     Given back when a write fails or it is found closed (the pool replaces a broken
@@ -216,19 +219,15 @@ class Store:
         self._pool: asyncpg.Pool | None = None
         self._ready = trio.Event()
         self._broken = trio.Event()
-        batching = (settings.batch_max, settings.batch_wait, settings.timeout)
-        # One connection kept by each batcher, where the pool has room for the other
-        # queries beside them.
-        self._leases: dict[str, _Lease] = (
-            {"claims": _Lease(), "outcomes": _Lease()}
-            if settings.pool_size >= LEASE_POOL_SIZE
-            else {}
-        )
-        self._claims: Batcher[Claim, Recorded | _Taken | None] = Batcher(
-            self._flush_claims, *batching, item_errors=_DATA_ERRORS
-        )
-        self._outcomes: Batcher[Outcome, bool] = Batcher(
-            self._flush_outcomes, *batching, item_errors=_DATA_ERRORS
+        # One connection kept by the writer, where the pool has room for the other queries
+        # beside it.
+        self._lease = _Lease() if settings.pool_size >= LEASE_POOL_SIZE else None
+        self._writes: Batcher[Claim | Outcome, Written] = Batcher(
+            self._flush_writes,
+            settings.batch_max,
+            settings.batch_wait,
+            settings.timeout,
+            item_errors=_DATA_ERRORS,
         )
 
     @property
@@ -245,8 +244,7 @@ class Store:
             loop_nursery.start_soon(bridge.drive)
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._claims.run)
-                    nursery.start_soon(self._outcomes.run)
+                    nursery.start_soon(self._writes.run)
                     task_status.started()
                     await self._connect()
                     self._ready.set()
@@ -263,10 +261,10 @@ class Store:
                         if self._pool is not None:
                             pool = self._pool
                             with trio.move_on_after(5):
-                                for lease in self._leases.values():  # else close waits
+                                if self._lease is not None:  # else close waits for it
                                     try:
-                                        await bridge.call(lease.release(pool))
-                                    except Exception as error:  # the others all the same
+                                        await bridge.call(self._lease.release(pool))
+                                    except Exception as error:  # closed all the same
                                         log.warning("store: closing: %s", type(error).__name__)
                                 await bridge.call(pool.close())
                     except Exception as error:
@@ -279,8 +277,11 @@ class Store:
         return await self._guarded(partial(self._claim, claim))
 
     async def _claim(self, claim: Claim, deadline: float) -> Recorded | None:
-        claimed = await self._claims.submit(claim, deadline)
-        return await self._taken(claim, deadline) if claimed is TAKEN else claimed
+        claimed = await self._writes.submit(claim, deadline)
+        if claimed is TAKEN:
+            return await self._taken(claim, deadline)
+        assert not isinstance(claimed, bool)  # a claim's result
+        return claimed
 
     async def reassign(self, key: str, switch: str) -> bool:
         """Name `switch` as where the claim of `key` is forwarded (before anything is
@@ -290,7 +291,12 @@ class Store:
 
     async def complete(self, outcome: Outcome) -> bool:
         """Record how a claimed transaction ended. False when it already had an outcome."""
-        return await self._guarded(partial(self._outcomes.submit, outcome))
+        return await self._guarded(partial(self._complete, outcome))
+
+    async def _complete(self, outcome: Outcome, deadline: float) -> bool:
+        written = await self._writes.submit(outcome, deadline)
+        assert isinstance(written, bool)  # an outcome's result
+        return written
 
     async def recorded(self, key: str) -> Recorded | None:
         """What the journal holds for `key`, if anything."""
@@ -380,31 +386,41 @@ class Store:
         return pool
 
     async def _query(
-        self, sql: str, args: Sequence[Any], lease: str | None = None
+        self, sql: str, args: Sequence[Any], *, kept: bool = False
     ) -> list[asyncpg.Record]:
-        """`sql` on a pool connection, or on the batcher's `lease` when it keeps one."""
+        """`sql` on a pool connection, or on the writer's lease when `kept` and it has one."""
         pool, bridge = self._pool, self._bridge
         assert pool is not None and bridge is not None
-        kept = self._leases.get(lease) if lease else None
-        query = kept.fetch(pool, sql, args) if kept else pool.fetch(sql, *args)
+        lease = self._lease if kept else None
+        query = lease.fetch(pool, sql, args) if lease else pool.fetch(sql, *args)
         rows: list[asyncpg.Record] = await bridge.call(query)
         return rows
 
-    async def _flush_claims(self, claims: list[Claim]) -> list[Recorded | _Taken | None]:
-        """One INSERT for the batch; a key it could not claim comes back `TAKEN`, for its
-        caller to look up (`_taken`): so that looking up a repeat's row, or its failure,
-        never touches the claims written beside it."""
+    async def _flush_writes(self, writes: list[Claim | Outcome]) -> list[Written]:
+        """One statement for the batch's claims and outcomes. A claim gets None when it
+        won its key, or `TAKEN`, for its caller to look up (`_taken`): so that looking up a
+        repeat's row, or its failure, never touches the writes beside it. An outcome gets
+        whether it was written (only a row still claimed takes one)."""
         first: dict[str, Claim] = {}
-        for claim in claims:
-            first.setdefault(claim.key, claim)
-        args = claim_args(list(first.values()), self._settings.instance)
-        rows = await self._query(_CLAIM, args, lease="claims")
-        won = {row["tx_key"] for row in rows}
+        outcomes: list[Outcome] = []
+        for write in writes:
+            if isinstance(write, Claim):
+                first.setdefault(write.key, write)
+            else:
+                outcomes.append(write)
+        statement = journal_statement(list(first.values()), outcomes, self._settings.instance)
+        rows = await self._query(*statement, kept=True)
+        won = {row["tx_key"] for row in rows if row["claim"]}
+        written = {row["tx_key"] for row in rows if not row["claim"]}
         return [
-            (None if first[claim.key] is claim else _in_flight(first[claim.key]))
-            if claim.key in won  # else: a twin in this very batch won, and is in flight
-            else TAKEN
-            for claim in claims
+            (
+                (None if first[write.key] is write else _in_flight(first[write.key]))
+                if write.key in won  # else: a twin in this very batch won, and is in flight
+                else TAKEN
+            )
+            if isinstance(write, Claim)
+            else write.key in written
+            for write in writes
         ]
 
     async def _taken(self, claim: Claim, deadline: float) -> Recorded | None:
@@ -419,11 +435,6 @@ class Store:
             if await self._query_by(_RECLAIM, args, deadline):
                 return None
         return held
-
-    async def _flush_outcomes(self, outcomes: list[Outcome]) -> list[bool]:
-        rows = await self._query(*outcome_statement(outcomes), lease="outcomes")
-        written = {row["tx_key"] for row in rows}
-        return [o.key in written for o in outcomes]
 
     async def record_late(self, key: str, rc: str, latency_ms: float) -> None:
         """A switch's answer that came after the deadline: recorded, never delivered."""
@@ -565,46 +576,49 @@ async def _migrate(connection: asyncpg.Connection, schema: str | None) -> None:
             log.info("store: applied migration %s", version)
 
 
-def claim_args(claims: Sequence[Claim], instance: str) -> list[Any]:
-    """`_CLAIM`'s parameters for `claims` (distinct keys): a column array each."""
-    return [
-        [c.key for c in claims],
-        [c.mti for c in claims],
-        [c.terminal for c in claims],
-        [c.stan for c in claims],
-        [c.acquirer for c in claims],
-        [c.rrn for c in claims],
-        [c.tx_date for c in claims],
-        [c.fingerprint for c in claims],
-        [c.pan_masked for c in claims],
-        [c.pan_hash for c in claims],
-        [json.dumps(dict(c.fields)) for c in claims],
-        [c.switch for c in claims],
-        instance,
-    ]
-
-
-def outcome_statement(outcomes: Sequence[Outcome]) -> tuple[str, list[Any]]:
-    """The statement that writes `outcomes`, and its parameters (a column array each):
-    with their reversals queued in the same statement when any has one (a timeout), else
-    the plain update, which costs PostgreSQL about a quarter less a row."""
-    args: list[Any] = [
-        [o.key for o in outcomes],
-        [o.state for o in outcomes],
-        [o.rc for o in outcomes],
-        [o.response_mti for o in outcomes],
-        [o.auth_code for o in outcomes],
-        [json.dumps(dict(o.fields)) for o in outcomes],
-        [",".join(o.field_names) for o in outcomes],
-        [o.switch for o in outcomes],
-        [o.link for o in outcomes],
-        [o.latency_ms for o in outcomes],
-    ]
-    if not any(o.reversal for o in outcomes):
-        return _COMPLETE, args
-    args.append([o.reversal.mti.code if o.reversal else None for o in outcomes])
-    args.append([json.dumps(dict(o.reversal.fields)) if o.reversal else None for o in outcomes])
-    return _COMPLETE_REVERSING, args
+def journal_statement(
+    claims: Sequence[Claim], outcomes: Sequence[Outcome], instance: str
+) -> tuple[str, list[Any]]:
+    """The one statement that writes `claims` (distinct keys) and `outcomes`, and its
+    parameters (a column array each). Each row it returns says whether it is a claim won
+    or an outcome written, and its key. The outcomes' reversals (a timeout's) are queued
+    in the same statement when any has one; else the plain update, which costs PostgreSQL
+    about a quarter less a row."""
+    args: list[Any] = []
+    if claims:
+        args += [
+            [c.key for c in claims],
+            [c.mti for c in claims],
+            [c.terminal for c in claims],
+            [c.stan for c in claims],
+            [c.acquirer for c in claims],
+            [c.rrn for c in claims],
+            [c.tx_date for c in claims],
+            [c.fingerprint for c in claims],
+            [c.pan_masked for c in claims],
+            [c.pan_hash for c in claims],
+            [json.dumps(dict(c.fields)) for c in claims],
+            [c.switch for c in claims],
+            instance,
+        ]
+    if outcomes:
+        args += [
+            [o.key for o in outcomes],
+            [o.state for o in outcomes],
+            [o.rc for o in outcomes],
+            [o.response_mti for o in outcomes],
+            [o.auth_code for o in outcomes],
+            [json.dumps(dict(o.fields)) for o in outcomes],
+            [",".join(o.field_names) for o in outcomes],
+            [o.switch for o in outcomes],
+            [o.link for o in outcomes],
+            [o.latency_ms for o in outcomes],
+        ]
+    reversing = any(o.reversal for o in outcomes)
+    if reversing:
+        args.append([o.reversal.mti.code if o.reversal else None for o in outcomes])
+        args.append([json.dumps(dict(o.reversal.fields)) if o.reversal else None for o in outcomes])
+    return _JOURNAL[bool(claims), bool(outcomes), reversing], args
 
 
 def _recorded(row: asyncpg.Record) -> Recorded:
@@ -627,26 +641,111 @@ class _Taken(enum.Enum):
 
 
 TAKEN = _Taken.TAKEN
+Written = Recorded | _Taken | bool | None  # what a claim's or an outcome's write gives
 
 
 def _in_flight(claim: Claim) -> Recorded:
     return Recorded(claim.fingerprint, "claimed", None, None, {}, ())
 
 
-# Claims: what is already taken is looked up afterwards, only when something was.
-_CLAIM = """
-INSERT INTO transactions (tx_key, mti, terminal, stan, acquirer, rrn, tx_date, fingerprint,
-                          pan_masked, pan_hash, request, switch, state, instance)
-SELECT tx_key, mti, terminal, stan, acquirer, rrn, tx_date, fingerprint, pan_masked,
-       pan_hash, request::jsonb, switch, 'claimed', $13
-FROM unnest(
-    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::date[],
-    $8::bytea[], $9::text[], $10::bytea[], $11::text[], $12::text[]
-) AS t(tx_key, mti, terminal, stan, acquirer, rrn, tx_date, fingerprint, pan_masked,
-       pan_hash, request, switch)
-ON CONFLICT (tx_key) DO NOTHING
-RETURNING tx_key
-"""
+# The journal's writes, built from the constants below only: no value ever reaches the text.
+# A claim: what is already taken is looked up afterwards, only when something was.
+_CLAIM_COLUMNS = (
+    ("tx_key", "text"),
+    ("mti", "text"),
+    ("terminal", "text"),
+    ("stan", "text"),
+    ("acquirer", "text"),
+    ("rrn", "text"),
+    ("tx_date", "date"),
+    ("fingerprint", "bytea"),
+    ("pan_masked", "text"),
+    ("pan_hash", "bytea"),
+    ("request", "text"),
+    ("switch", "text"),
+)
+# An outcome: only a row still claimed takes one.
+_OUTCOME_COLUMNS = (
+    ("tx_key", "text"),
+    ("state", "text"),
+    ("rc", "text"),
+    ("response_mti", "text"),
+    ("auth_code", "text"),
+    ("response", "text"),
+    ("response_fields", "text"),
+    ("switch", "text"),
+    ("link", "text"),
+    ("latency_ms", "float8"),
+)
+_REVERSAL_COLUMNS = (("reversal_mti", "text"), ("reversal", "text"))
+
+
+def _unnest(columns: Sequence[tuple[str, str]], first: int, alias: str) -> str:
+    """`unnest` of one array parameter a column, numbered from `$first`, as `alias`."""
+    arrays = ", ".join(f"${n}::{kind}[]" for n, (_, kind) in enumerate(columns, first))
+    return f"unnest({arrays}) AS {alias}({', '.join(name for name, _ in columns)})"
+
+
+def _claim_insert() -> str:
+    names = ", ".join(name for name, _ in _CLAIM_COLUMNS)
+    values = ", ".join(
+        f"{name}::jsonb" if name == "request" else name for name, _ in _CLAIM_COLUMNS
+    )
+    return f"""INSERT INTO transactions ({names}, state, instance)
+    SELECT {values}, 'claimed', ${len(_CLAIM_COLUMNS) + 1}
+    FROM {_unnest(_CLAIM_COLUMNS, 1, "t")}
+    ON CONFLICT (tx_key) DO NOTHING
+    RETURNING true AS claim, tx_key"""  # noqa: S608 - constants only
+
+
+def _outcome_update(source: str) -> str:
+    return f"""UPDATE transactions t
+    SET state = u.state, rc = u.rc, response_mti = u.response_mti, auth_code = u.auth_code,
+        response = u.response::jsonb, response_fields = string_to_array(u.response_fields, ','),
+        switch = u.switch, link = u.link, latency_ms = u.latency_ms, completed_at = now()
+    FROM {source}
+    WHERE t.tx_key = u.tx_key AND t.state = 'claimed'
+    RETURNING false AS claim, t.tx_key"""  # noqa: S608 - constants only
+
+
+def _journal_sql(claims: bool, outcomes: bool, reversing: bool) -> str:
+    """The statement for a batch with `claims`, `outcomes`, and reversals among them."""
+    first = len(_CLAIM_COLUMNS) + 2 if claims else 1  # the outcomes' first parameter
+    if not outcomes:
+        return _claim_insert()
+    if not reversing and not claims:
+        return _outcome_update(_unnest(_OUTCOME_COLUMNS, first, "u"))
+    parts = [f"claimed AS ({_claim_insert()})"] if claims else []
+    if reversing:
+        source = _unnest(_OUTCOME_COLUMNS + _REVERSAL_COLUMNS, first, "u")
+        parts += [
+            f"u AS (SELECT * FROM {source})",  # noqa: S608 - constants only
+            f"done AS ({_outcome_update('u')})",
+            """queued AS (
+    INSERT INTO reversals (tx_key, switch, mti, message, state, reason)
+    SELECT u.tx_key, u.switch, u.reversal_mti, u.reversal::jsonb, 'queued', u.state
+    FROM u JOIN done ON done.tx_key = u.tx_key
+    WHERE u.reversal_mti IS NOT NULL
+    ON CONFLICT (tx_key) DO NOTHING)""",
+        ]
+    else:
+        parts.append(f"done AS ({_outcome_update(_unnest(_OUTCOME_COLUMNS, first, 'u'))})")
+    rows = ["SELECT claim, tx_key FROM done"]
+    if claims:
+        rows.insert(0, "SELECT claim, tx_key FROM claimed")
+    return "WITH " + ",\n".join(parts) + "\n" + "\nUNION ALL\n".join(rows)
+
+
+_JOURNAL = {
+    (claims, outcomes, reversing): _journal_sql(claims, outcomes, reversing)
+    for claims, outcomes, reversing in [
+        (True, False, False),
+        (False, True, False),
+        (False, True, True),
+        (True, True, False),
+        (True, True, True),
+    ]
+}
 
 _RECLAIM = """
 UPDATE transactions t
@@ -666,39 +765,6 @@ _SELECT_RECORDED = """
 SELECT tx_key, fingerprint, state, rc, response_mti, response, response_fields, switch
 FROM transactions WHERE tx_key = ANY($1::text[])
 """
-
-# Outcomes: only a row still claimed takes one. The two statements share their update.
-_OUTCOME_COLUMNS = """
-    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-    $8::text[], $9::text[], $10::float8[]"""
-_OUTCOME_NAMES = """tx_key, state, rc, response_mti, auth_code, response, response_fields,
-    switch, link, latency_ms"""
-_OUTCOME_UPDATE = """
-    UPDATE transactions t
-    SET state = u.state, rc = u.rc, response_mti = u.response_mti, auth_code = u.auth_code,
-        response = u.response::jsonb, response_fields = string_to_array(u.response_fields, ','),
-        switch = u.switch, link = u.link, latency_ms = u.latency_ms, completed_at = now()
-    FROM {source}
-    WHERE t.tx_key = u.tx_key AND t.state = 'claimed'
-    RETURNING t.tx_key"""
-
-# Built from the constants above only: no value ever reaches the text.
-_COMPLETE = _OUTCOME_UPDATE.format(source=f"unnest({_OUTCOME_COLUMNS}) AS u({_OUTCOME_NAMES})")
-
-_COMPLETE_REVERSING = f"""
-WITH u AS (
-    SELECT * FROM unnest({_OUTCOME_COLUMNS}, $11::text[], $12::text[]
-    ) AS u({_OUTCOME_NAMES}, reversal_mti, reversal)
-), done AS ({_OUTCOME_UPDATE.format(source="u")}
-), queued AS (
-    INSERT INTO reversals (tx_key, switch, mti, message, state, reason)
-    SELECT u.tx_key, u.switch, u.reversal_mti, u.reversal::jsonb, 'queued', u.state
-    FROM u JOIN done ON done.tx_key = u.tx_key
-    WHERE u.reversal_mti IS NOT NULL
-    ON CONFLICT (tx_key) DO NOTHING
-)
-SELECT tx_key FROM done
-"""  # noqa: S608 - constants only
 
 _RECORD_LATE = """
 UPDATE transactions SET late_rc = $2, late_latency_ms = $3 WHERE tx_key = $1 RETURNING tx_key

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,8 +16,8 @@ from codec import Message, Mti
 from fixtures.messages import echo, financial
 from fixtures.sim_switch import SimSwitch
 from proxy.app import App
-from proxy.store import DueReversal, Store, StoreUnavailable
-from proxy.transactions import Outcome, TransactionIdentity, reversal_for
+from proxy.store import DueReversal, Store, StoreUnavailable, Written
+from proxy.transactions import Claim, Outcome, TransactionIdentity, reversal_for
 from tests.conftest import (
     TEST_PAN_KEY,
     Database,
@@ -157,6 +158,24 @@ async def test_an_approval_the_terminal_never_received_is_reversed(
     assert rows == [{"rc": "00", "reason": "undelivered"}]
 
 
+WriteBatch = Callable[[Store, list[Claim | Outcome]], Awaitable[list[Written]]]
+
+
+def _lost_after_commit(when: Callable[[list[Outcome]], bool]) -> WriteBatch:
+    """The journal's writer, but a batch whose outcomes `when` picks is committed and
+    then its connection is lost: the caller hears of an error, the database holds it."""
+    write = Store._flush_writes
+
+    async def committed_then_lost(store: Store, writes: list[Claim | Outcome]) -> list[Written]:
+        written = await write(store, writes)
+        outcomes = [w for w in writes if isinstance(w, Outcome)]
+        if outcomes and when(outcomes):
+            raise ConnectionResetError("connection lost after the commit")
+        return written
+
+    return committed_then_lost
+
+
 async def test_an_approval_whose_outcome_write_failed_after_its_commit_is_reversed(
     nursery: trio.Nursery,
     terminals: Terminals,
@@ -166,17 +185,13 @@ async def test_an_approval_whose_outcome_write_failed_after_its_commit_is_revers
     """The database committed the outcome, then the connection broke before its reply:
     the terminal gets RC 96, the journal says approved, and the claim is not open for
     recovery to find. The approval the terminal never got must still be reversed."""
-    write_outcomes = Store._flush_outcomes
     broken: list[list[Outcome]] = []
 
-    async def committed_then_lost(store: Store, outcomes: list[Outcome]) -> list[bool]:
-        written = await write_outcomes(store, outcomes)
-        if not broken:
-            broken.append(outcomes)
-            raise ConnectionResetError("connection lost after the commit")
-        return written
+    def first_time(outcomes: list[Outcome]) -> bool:
+        broken.append(outcomes)
+        return len(broken) == 1
 
-    monkeypatch.setattr(Store, "_flush_outcomes", committed_then_lost)
+    monkeypatch.setattr(Store, "_flush_writes", _lost_after_commit(first_time))
     switch = await start_switch(nursery)
     _, port = await _proxy(nursery, database, switch, switch_timeout=5)
     terminal = await terminals.connect(port)
@@ -198,21 +213,18 @@ async def test_a_terminal_is_read_again_while_its_96s_reversal_is_being_queued(
     """One request in flight per connection: once the terminal has its RC 96 (the outcome
     write failed after its commit), its next request is read and answered, although the
     approval's reversal is still being queued (store retries can take seconds)."""
-    write_outcomes, queue_reversal = Store._flush_outcomes, Store.queue_reversal
+    queue_reversal = Store.queue_reversal
     queuing, queue_may_finish = trio.Event(), trio.Event()
 
-    async def first_committed_then_lost(store: Store, outcomes: list[Outcome]) -> list[bool]:
-        written = await write_outcomes(store, outcomes)
-        if any("11=000063" in outcome.key for outcome in outcomes) and not queuing.is_set():
-            raise ConnectionResetError("connection lost after the commit")
-        return written
+    def stan_63_until_queuing(outcomes: list[Outcome]) -> bool:
+        return any("11=000063" in outcome.key for outcome in outcomes) and not queuing.is_set()
 
     async def slow_queue(store: Store, *args: Any) -> bool:
         queuing.set()
         await queue_may_finish.wait()
         return await queue_reversal(store, *args)
 
-    monkeypatch.setattr(Store, "_flush_outcomes", first_committed_then_lost)
+    monkeypatch.setattr(Store, "_flush_writes", _lost_after_commit(stan_63_until_queuing))
     monkeypatch.setattr(Store, "queue_reversal", slow_queue)
     switch = await start_switch(nursery)
     app, port = await start_proxy(
@@ -248,15 +260,9 @@ async def test_a_stop_while_an_undelivered_approvals_reversal_waits_still_queues
     """The approval's outcome was written, then its connection lost: the terminal got RC
     96. Queuing the reversal failed once and waits to be tried again when the proxy is
     stopped (a grace shorter than the retries): it is tried once more, not dropped."""
-    write_outcomes, queue_reversal = Store._flush_outcomes, Store.queue_reversal
+    queue_reversal = Store.queue_reversal
     failed_once = trio.Event()
     tries: list[str] = []
-
-    async def committed_then_lost(store: Store, outcomes: list[Outcome]) -> list[bool]:
-        written = await write_outcomes(store, outcomes)
-        if not failed_once.is_set():
-            raise ConnectionResetError("connection lost after the commit")
-        return written
 
     async def blip_then_queue(store: Store, *args: Any) -> bool:
         tries.append("try")
@@ -265,7 +271,9 @@ async def test_a_stop_while_an_undelivered_approvals_reversal_waits_still_queues
             raise StoreUnavailable("store not connected")
         return await queue_reversal(store, *args)
 
-    monkeypatch.setattr(Store, "_flush_outcomes", committed_then_lost)
+    monkeypatch.setattr(
+        Store, "_flush_writes", _lost_after_commit(lambda _: not failed_once.is_set())
+    )
     monkeypatch.setattr(Store, "queue_reversal", blip_then_queue)
     switch = await start_switch(nursery)
     config = proxy_config({"alpha": switch.port}, store=database.store(), reversal=QUICK_REVERSALS)

@@ -1,10 +1,12 @@
-"""The journal's batched writes: claims written together stand or fail together only by
-what the database did with them (a repeat in the same batch, whose row the store must
-then look up, cannot take its neighbours down with it when that lookup fails); and the
-connections the batchers keep between writes never hold up the store's closing."""
+"""The journal's batched writes: claims and outcomes gathered together go in one statement,
+and stand or fail together only by what the database did with them (a repeat in the same
+batch, whose row the store must then look up, cannot take its neighbours down with it when
+that lookup fails); and the connection the writer keeps between writes never holds up the
+store's closing."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 
 import pytest
@@ -12,8 +14,9 @@ import trio
 
 import proxy.store
 from fixtures.messages import financial
+from proxy.responses import answer
 from proxy.store import Store, StoreSettings, StoreUnavailable
-from proxy.transactions import Claim, TransactionIdentity, reversal_for
+from proxy.transactions import Claim, Recorded, TransactionIdentity, outcome_of, reversal_for
 from tests.conftest import Database
 
 IDENTITY = TransactionIdentity(("32", "41", "11", "37", "7"), b"claims-test-key")
@@ -50,10 +53,10 @@ async def test_a_repeat_whose_lookup_fails_leaves_the_claim_beside_it_won(
     assert rows == [{"stan": "000001", "state": "claimed"}, {"stan": "000002", "state": "claimed"}]
 
 
-async def test_the_store_closes_promptly_with_its_batchers_connections_kept(
+async def test_the_store_closes_promptly_with_its_writers_connection_kept(
     database: Database,
 ) -> None:
-    """Each batcher keeps a pool connection between writes; closing the pool waits for
+    """The writer keeps a pool connection between writes; closing the pool waits for
     every connection to come back (5 s at most), so the store gives them back first."""
     store = Store(StoreSettings(database.dsn, database.schema, 5.0, 8, 16, 0.0, "claims-test"))
     now = datetime.now(UTC)
@@ -81,7 +84,7 @@ async def test_a_kept_connection_unused_for_a_while_goes_back_to_the_pool(
         pool = store._pool
         assert pool is not None
         assert await store.claim(IDENTITY.claim(financial(4, "CLAIMS03", when=now), now)) is None
-        assert pool.get_idle_size() < pool.get_size()  # kept by the claims' batcher
+        assert pool.get_idle_size() < pool.get_size()  # kept by the journal's writer
         with trio.fail_after(5):  # the lease's own timer, on the store's loop
             while True:
                 if pool.get_idle_size() == pool.get_size():
@@ -118,3 +121,58 @@ async def test_a_lapsed_holders_late_result_does_not_undo_the_next_holders(
         nursery.cancel_scope.cancel()
     rows = await database.fetch("SELECT state, attempts FROM reversals")
     assert rows == [{"state": "failed", "attempts": 1}]
+
+
+async def test_claims_and_outcomes_gathered_together_commit_as_one_write(
+    database: Database,
+) -> None:
+    """A fresh claim, a repeat's, an approval's outcome and a timeout's (with its reversal)
+    queued together go in one statement: one commit (the rows share the transaction that
+    wrote them), and each caller gets its own answer."""
+    now = datetime.now(UTC)
+    answered, timed_out, repeated, fresh = (
+        (request, IDENTITY.claim(request, now))
+        for request in (financial(n, "CLAIMS06", when=now) for n in range(8, 12))
+    )
+    gathering = StoreSettings(database.dsn, database.schema, 5.0, 8, 4, 2.0, "claims-test")
+    async with trio.open_nursery() as nursery:
+        setup = Store(StoreSettings(database.dsn, database.schema, 5.0, 8, 16, 0.0, "setup"))
+        await nursery.start(setup.run)
+        await setup.wait_ready()
+        for _, claim in (answered, timed_out, repeated):
+            assert await setup.claim(claim) is None
+        store = Store(gathering)  # writes once four are queued
+        await nursery.start(store.run)
+        await store.wait_ready()
+        reversal = reversal_for(timed_out[1].fields, "0200", "0400", now)
+        results: dict[str, object] = {}
+
+        async def run(name: str, work: Awaitable[object]) -> None:
+            results[name] = await work
+
+        async with trio.open_nursery() as four:
+            four.start_soon(run, "fresh", store.claim(fresh[1]))
+            four.start_soon(run, "repeated", store.claim(repeated[1]))
+            approval = outcome_of(answered[1], answer(answered[0], "00"), state="answered")
+            four.start_soon(run, "answered", store.complete(approval))
+            timeout = outcome_of(
+                timed_out[1], answer(timed_out[0], "91"), state="timed_out", reversal=reversal
+            )
+            four.start_soon(run, "timed_out", store.complete(timeout))
+        nursery.cancel_scope.cancel()
+    assert results["fresh"] is None  # won: the caller's to forward
+    assert isinstance(results["repeated"], Recorded) and results["repeated"].state == "claimed"
+    assert (results["answered"], results["timed_out"]) == (True, True)
+    rows = await database.fetch(
+        "SELECT stan, state, rc, xmin::text AS written_by FROM transactions ORDER BY stan"
+    )
+    assert [(r["stan"], r["state"], r["rc"]) for r in rows] == [
+        ("000008", "answered", "00"),
+        ("000009", "timed_out", "91"),
+        ("000010", "claimed", None),
+        ("000011", "claimed", None),
+    ]
+    by_stan = {r["stan"]: r["written_by"] for r in rows}
+    assert by_stan["000008"] == by_stan["000009"] == by_stan["000011"] != by_stan["000010"]
+    reversals = await database.fetch("SELECT tx_key, state, reason FROM reversals")
+    assert reversals == [{"tx_key": timed_out[1].key, "state": "queued", "reason": "timed_out"}]

@@ -5,7 +5,10 @@ so for every batch as it grew (the journal's connections plan each statement afr
 from __future__ import annotations
 
 import asyncio
+import itertools
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import trio
@@ -13,45 +16,55 @@ import trio
 from codec import Message
 from fixtures.messages import financial
 from proxy.responses import answer
-from proxy.store import _CLAIM, _migrate, claim_args, outcome_statement, session_settings
+from proxy.store import _migrate, journal_statement, session_settings
 from proxy.transactions import Claim, Outcome, TransactionIdentity, outcome_of, reversal_for
 from tests.conftest import Database
 
 IDENTITY = TransactionIdentity(("32", "41", "11", "37", "7"), b"plans-test-key")
+INSTANCE = "plans-test"
 SMALL, GROWN = 10, 20_000
 
 
 async def _plans_on_a_grown_table(dsn: str, schema: str) -> list[str]:
-    """Run the claim statement and both outcome statements (plain, and queueing a
-    reversal), each prepared once, as the journal's session does: a few times on a small
-    table, then explain them once the table has grown."""
+    """Run each of the journal's write statements (claims, outcomes plain or queueing a
+    reversal, and both together), each prepared once, as the journal's session does: a few
+    times on a small table, then explain them once the table has grown."""
     connection = await asyncpg.connect(dsn, server_settings=session_settings(schema))
     try:
         await _migrate(connection, schema)
         now = datetime.now(UTC)
-        outcomes = (_answered, _timed_out)
-        statements = {"claim": await connection.prepare(_CLAIM, name="claim")}
-        for outcome in outcomes:
-            sql, _ = outcome_statement([outcome(*_claimed(0, now))])
-            statements[outcome.__name__] = await connection.prepare(sql, name=outcome.__name__)
-        for n in range(SMALL):  # PostgreSQL picks a plan to cache after five runs
-            for outcome in outcomes:
-                claimed, request = _claimed(n * len(outcomes) + outcomes.index(outcome), now)
-                await statements["claim"].fetch(*claim_args([claimed], "plans-test"))
-                _, args = outcome_statement([outcome(claimed, request)])
-                await statements[outcome.__name__].fetch(*args)
+        fresh = itertools.count()
+        statements: dict[str, asyncpg.prepared_stmt.PreparedStatement] = {}
+
+        async def batch(name: str) -> list[Any]:
+            """The parameters of a batch for statement `name` (prepared on first use); an
+            outcome's claim is written first, as the journal does."""
+            with_claim, outcome = BATCHES[name]
+            outcomes = []
+            if outcome is not None:
+                claimed, request = _claimed(next(fresh), now)
+                sql, args = journal_statement([claimed], [], INSTANCE)
+                await connection.fetch(sql, *args)
+                outcomes = [outcome(claimed, request)]
+            claims = [_claimed(next(fresh), now)[0]] if with_claim else []
+            sql, args = journal_statement(claims, outcomes, INSTANCE)
+            if name not in statements:
+                statements[name] = await connection.prepare(sql, name=name)
+            return args
+
+        for _ in range(SMALL):  # PostgreSQL picks a plan to cache after five runs
+            for name in BATCHES:
+                args = await batch(name)
+                await statements[name].fetch(*args)
         await connection.execute(
             "INSERT INTO transactions (tx_key, mti, terminal, stan, tx_date, fingerprint,"
             " request, state, instance)"
             " SELECT 'grown-' || g, '0200', 'GROWN001', lpad(g::text, 6, '0'), current_date,"
             f" '\\x00', '{{}}', 'answered', 'plans-test' FROM generate_series(1, {GROWN}) g"
         )
-        claimed, request = _claimed(SMALL * len(outcomes), now)
-        runs = {"claim": claim_args([claimed], "plans-test")}
-        for outcome in outcomes:
-            runs[outcome.__name__] = outcome_statement([outcome(claimed, request)])[1]
         plans = []
-        for name, args in runs.items():
+        for name in BATCHES:
+            args = await batch(name)
             statement = statements[name]
             literals = [  # EXPLAIN EXECUTE takes values written out, not parameters
                 await connection.fetchval(f"SELECT quote_nullable($1::{kind.name}::text)", value)
@@ -78,13 +91,23 @@ def _timed_out(claim: Claim, request: Message) -> Outcome:
     return outcome_of(claim, answer(request, "91"), state="timed_out", reversal=reversal)
 
 
-async def test_the_claim_and_outcome_statements_use_the_key_index_on_a_grown_table(
+# A batch of each statement: whether it has a claim, and the outcome it has, if any.
+BATCHES: dict[str, tuple[bool, Callable[[Claim, Message], Outcome] | None]] = {
+    "claim": (True, None),
+    "answered": (False, _answered),
+    "timed_out": (False, _timed_out),
+    "claim_and_answered": (True, _answered),
+    "claim_and_timed_out": (True, _timed_out),
+}
+
+
+async def test_the_journal_statements_use_the_key_index_on_a_grown_table(
     database: Database,
 ) -> None:
     plans = await trio.to_thread.run_sync(
         asyncio.run, _plans_on_a_grown_table(database.dsn, database.schema)
     )
-    assert len(plans) == 3
+    assert len(plans) == len(BATCHES)
     for plan in plans:
         assert "Seq Scan on transactions" not in plan, plan
         assert "transactions_tx_key_key" in plan, plan
