@@ -237,22 +237,40 @@ class App:
             )
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            if self.admin is not None:
-                self.admin_port = await nursery.start(self.admin.run)
+        # The journal stops last: cancelled with the rest, a request's handler still makes
+        # one shielded try to queue its undelivered approval's reversal, which needs it.
+        journal_scope = trio.CancelScope(shield=True)
+        async with trio.open_nursery() as outer:
             if self.store is not None:
-                await nursery.start(self.store.run)
-            await nursery.start(self.pool.run)
-            if self.reversals is not None:
-                await nursery.start(self.reversals.run)
-                nursery.start_soon(
-                    self.forwarder.record_late_answers, self.pool.late_answers, self.reversals
-                )
-                every = min(RECOVERY_EVERY, self.orphan_age)
-                nursery.start_soon(self.reversals.recover, self.orphan_age, every)
-            port: int = await nursery.start(self.server.run)
-            task_status.started(port)
+                await outer.start(self._run_journal, self.store, journal_scope)
+            try:
+                async with trio.open_nursery() as nursery:
+                    await self._run_rest(nursery, task_status)
+            finally:
+                journal_scope.cancel()
+
+    @staticmethod
+    async def _run_journal(
+        store: Store, scope: trio.CancelScope, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        with scope:
+            await store.run(task_status=task_status)
+
+    async def _run_rest(self, nursery: trio.Nursery, task_status: trio.TaskStatus[int]) -> None:
+        """Everything but the journal: admin, links, reversals, recovery, the listener."""
+        self._nursery = nursery
+        if self.admin is not None:
+            self.admin_port = await nursery.start(self.admin.run)
+        await nursery.start(self.pool.run)
+        if self.reversals is not None:
+            await nursery.start(self.reversals.run)
+            nursery.start_soon(
+                self.forwarder.record_late_answers, self.pool.late_answers, self.reversals
+            )
+            every = min(RECOVERY_EVERY, self.orphan_age)
+            nursery.start_soon(self.reversals.recover, self.orphan_age, every)
+        port: int = await nursery.start(self.server.run)
+        task_status.started(port)
 
 
 def _link_status(pool: Pool, link: Link) -> dict[str, Any]:

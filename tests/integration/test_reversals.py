@@ -259,9 +259,10 @@ async def test_a_stop_while_an_undelivered_approvals_reversal_waits_still_queues
 ) -> None:
     """The approval's outcome was written, then its connection lost: the terminal got RC
     96. Queuing the reversal failed once and waits to be tried again when the proxy is
-    stopped (a grace shorter than the retries): it is tried once more, not dropped."""
-    queue_reversal = Store.queue_reversal
-    failed_once = trio.Event()
+    stopped (a grace shorter than the retries): it is tried once more, not dropped, and
+    the journal, stopped with the rest, stays open for that try."""
+    queue_reversal, run_store = Store.queue_reversal, Store.run
+    failed_once, store_stopped = trio.Event(), trio.Event()
     tries: list[str] = []
 
     async def blip_then_queue(store: Store, *args: Any) -> bool:
@@ -269,12 +270,21 @@ async def test_a_stop_while_an_undelivered_approvals_reversal_waits_still_queues
         if not failed_once.is_set():
             failed_once.set()
             raise StoreUnavailable("store not connected")
+        with trio.move_on_after(1.0):  # a slow last try: the journal must wait for it
+            await store_stopped.wait()
         return await queue_reversal(store, *args)
+
+    async def run_until_stopped(store: Store, *, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            await run_store(store, task_status=task_status)
+        finally:
+            store_stopped.set()
 
     monkeypatch.setattr(
         Store, "_flush_writes", _lost_after_commit(lambda _: not failed_once.is_set())
     )
     monkeypatch.setattr(Store, "queue_reversal", blip_then_queue)
+    monkeypatch.setattr(Store, "run", run_until_stopped)
     switch = await start_switch(nursery)
     config = proxy_config({"alpha": switch.port}, store=database.store(), reversal=QUICK_REVERSALS)
     with trio.CancelScope() as proxy_scope:
