@@ -10,7 +10,9 @@ batcher, which takes what has gathered (up to `batch_max`, waiting at most
 a claim and an outcome are each other's company, so at a given load the batches are
 twice as large as with a writer for each, and the round trips (which cost the proxy and
 PostgreSQL more than the rows do) half as many. An outcome always follows its claim's
-commit, so the two halves of a statement never touch the same new row. No caller stays
+commit, so the two halves of a statement never touch the same new row. The price: a
+statement that fails takes its claims and its outcomes with it (claims are inserted in
+key order, so instances claiming the same keys at once cannot deadlock). No caller stays
 queued past `store.timeout` (the batcher drops it, unwritten): a slow or dead database
 costs an RC 96, never an unbounded backlog.
 
@@ -400,26 +402,36 @@ class Store:
         """One statement for the batch's claims and outcomes. A claim gets None when it
         won its key, or `TAKEN`, for its caller to look up (`_taken`): so that looking up a
         repeat's row, or its failure, never touches the writes beside it. An outcome gets
-        whether it was written (only a row still claimed takes one)."""
-        first: dict[str, Claim] = {}
-        outcomes: list[Outcome] = []
+        whether it was written (only a row still claimed takes one; of two for one key in
+        a batch, the first).
+
+        Claims are inserted in key order, as every instance does: two instances claiming
+        the same keys at once then wait for each other in one order, never in a circle
+        (PostgreSQL would abort one statement, and with it the outcomes beside its claims).
+        """
+        claims: dict[str, Claim] = {}
+        outcomes: dict[str, Outcome] = {}
         for write in writes:
             if isinstance(write, Claim):
-                first.setdefault(write.key, write)
+                claims.setdefault(write.key, write)
             else:
-                outcomes.append(write)
-        statement = journal_statement(list(first.values()), outcomes, self._settings.instance)
+                outcomes.setdefault(write.key, write)
+        statement = journal_statement(
+            [claims[key] for key in sorted(claims)],
+            list(outcomes.values()),
+            self._settings.instance,
+        )
         rows = await self._query(*statement, kept=True)
         won = {row["tx_key"] for row in rows if row["claim"]}
         written = {row["tx_key"] for row in rows if not row["claim"]}
         return [
             (
-                (None if first[write.key] is write else _in_flight(first[write.key]))
+                (None if claims[write.key] is write else _in_flight(claims[write.key]))
                 if write.key in won  # else: a twin in this very batch won, and is in flight
                 else TAKEN
             )
             if isinstance(write, Claim)
-            else write.key in written
+            else outcomes[write.key] is write and write.key in written
             for write in writes
         ]
 

@@ -163,7 +163,8 @@ WriteBatch = Callable[[Store, list[Claim | Outcome]], Awaitable[list[Written]]]
 
 def _lost_after_commit(when: Callable[[list[Outcome]], bool]) -> WriteBatch:
     """The journal's writer, but a batch whose outcomes `when` picks is committed and
-    then its connection is lost: the caller hears of an error, the database holds it."""
+    then its connection is lost: its callers (claims gathered with those outcomes too)
+    hear of an error, the database holds their writes."""
     write = Store._flush_writes
 
     async def committed_then_lost(store: Store, writes: list[Claim | Outcome]) -> list[Written]:

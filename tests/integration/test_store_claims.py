@@ -6,16 +6,20 @@ store's closing."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from functools import partial
 
+import asyncpg
 import pytest
 import trio
 
 import proxy.store
 from fixtures.messages import financial
 from proxy.responses import answer
-from proxy.store import Store, StoreSettings, StoreUnavailable
+from proxy.store import Store, StoreSettings, StoreUnavailable, journal_statement
 from proxy.transactions import Claim, Recorded, TransactionIdentity, outcome_of, reversal_for
 from tests.conftest import Database
 
@@ -176,3 +180,81 @@ async def test_claims_and_outcomes_gathered_together_commit_as_one_write(
     assert by_stan["000008"] == by_stan["000009"] == by_stan["000011"] != by_stan["000010"]
     reversals = await database.fetch("SELECT tx_key, state, reason FROM reversals")
     assert reversals == [{"tx_key": timed_out[1].key, "state": "queued", "reason": "timed_out"}]
+
+
+async def test_another_instance_claiming_the_same_keys_does_not_fail_the_outcome_beside_them(
+    nursery: trio.Nursery, database: Database
+) -> None:
+    """Another instance's batch holds one of two keys this batch claims (a terminal's repeat
+    reached both) and then claims the other. Inserted in whatever order they came, the two
+    statements would wait for each other in a circle and PostgreSQL would abort one: here,
+    with the approval's outcome written beside the claims. Both insert in key order."""
+    now = datetime.now(UTC)
+    approved = financial(12, "CLAIMS07", when=now)
+    answered = IDENTITY.claim(approved, now)
+    low, high = sorted(
+        (IDENTITY.claim(financial(n, "CLAIMS07", when=now), now) for n in (13, 14)),
+        key=lambda claim: claim.key,
+    )
+    setup = Store(StoreSettings(database.dsn, database.schema, 5.0, 8, 16, 0.0, "setup"))
+    await nursery.start(setup.run)
+    await setup.wait_ready()
+    assert await setup.claim(answered) is None
+    holding, go = threading.Event(), threading.Event()
+    nursery.start_soon(
+        trio.to_thread.run_sync, partial(_other_instance, database, low, high, holding, go)
+    )
+    await trio.to_thread.run_sync(holding.wait)  # the other instance holds `low`
+    store = Store(StoreSettings(database.dsn, database.schema, 5.0, 8, 3, 2.0, "claims-test"))
+    await nursery.start(store.run)
+    await store.wait_ready()
+    results: dict[str, object] = {}
+
+    async def write(
+        name: str, work: Callable[[], Awaitable[object]], *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        task_status.started()  # runs on to its write being queued: the batch's order
+        try:
+            results[name] = await work()
+        except StoreUnavailable as error:
+            results[name] = error
+
+    async with trio.open_nursery() as three:  # gathered once all three are queued
+        await three.start(write, "high", partial(store.claim, high))
+        await three.start(write, "low", partial(store.claim, low))
+        outcome = outcome_of(answered, answer(approved, "00"), state="answered")
+        await three.start(write, "outcome", partial(store.complete, outcome))
+        with trio.fail_after(10):  # this batch waits for the other instance's `low`
+            while True:
+                if await database.fetch(
+                    "SELECT 1 FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                ):
+                    break
+                await trio.sleep(0.02)  # nothing to wait on but PostgreSQL's own view
+        go.set()  # the other instance claims `high` and commits
+    assert results["outcome"] is True, results
+    assert isinstance(results["low"], Recorded) and isinstance(results["high"], Recorded)
+
+
+def _other_instance(
+    database: Database, low: Claim, high: Claim, holding: threading.Event, go: threading.Event
+) -> None:
+    """Another instance's claims of `low` then `high`, in one transaction paused between."""
+
+    async def claim_both() -> None:
+        connection = await asyncpg.connect(
+            database.dsn, server_settings={"search_path": database.schema}
+        )
+        try:
+            async with connection.transaction():
+                for claim in (low, high):
+                    sql, args = journal_statement([claim], [], "other-instance")
+                    await connection.fetch(sql, *args)
+                    if claim is low:
+                        holding.set()
+                        await asyncio.get_running_loop().run_in_executor(None, go.wait)
+        finally:
+            await connection.close()
+
+    asyncio.run(claim_both())
