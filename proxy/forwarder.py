@@ -177,15 +177,28 @@ class Forwarder:
             return Reply(response)
         return await self._journaled(message, self._journal)
 
-    def delivered(self, receipt: Receipt) -> None:
+    async def delivered(self, receipt: Receipt) -> None:
         """An answer reached its terminal: a copy of the same answer that did not (on a
-        connection the terminal had already dropped, say) is then no reason to reverse."""
-        key = receipt.claim.key
+        connection the terminal had already dropped, say) is then no reason to reverse.
+        An approval a repeat got from the journal is noted there too, for the instance
+        that carried the original (it may be another)."""
+        claim = receipt.claim
         # Every answer given for the key: a later other one (a 94) must not hide an
         # approval a repeat delivered.
-        _remember(self._delivered, key, self._delivered.get(key, frozenset()) | {receipt.rc})
+        _remember(
+            self._delivered, claim.key, self._delivered.get(claim.key, frozenset()) | {receipt.rc}
+        )
         if receipt.joined:
-            self._joiner_done(receipt.claim.key)
+            self._joiner_done(claim.key)
+        elif (
+            not receipt.original
+            and self._journal is not None
+            and decisions.reversible_approval(Mti.parse(claim.mti), receipt.rc)
+        ):
+            try:
+                await self._journal.store.mark_replayed(claim.key)
+            except StoreUnavailable as error:
+                log.warning("%s approval replayed; not noted in the journal (%s)", claim.mti, error)
 
     def _joiner_done(self, key: str) -> None:
         self._joining[key] -= 1
@@ -244,7 +257,11 @@ class Forwarder:
                     ):
                         log.warning("%s approval undelivered: reversal queued", claim.mti)
                     else:
-                        log.warning("%s approval undelivered: reversal already queued", claim.mti)
+                        log.warning(
+                            "%s approval undelivered: reversal already queued, or a repeat "
+                            "was given the approval",
+                            claim.mti,
+                        )
                     return
                 except StoreUnavailable as error:
                     log.warning(

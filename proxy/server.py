@@ -404,7 +404,7 @@ class _Connection:
                 slot_held = False
                 if reply.receipt is not None:
                     if delivered and not reply.stands_in:
-                        self._forwarder.delivered(reply.receipt)
+                        await self._forwarder.delivered(reply.receipt)
                     else:
                         await self._forwarder.undelivered(reply.receipt)
         finally:

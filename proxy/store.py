@@ -456,10 +456,17 @@ class Store:
     async def queue_reversal(
         self, key: str, switch: str | None, reversal: Message, why: str
     ) -> bool:
-        """Queue the reversal of `key` (once: False when one is already queued)."""
+        """Queue the reversal of `key` (once: False when one is already queued, or when a
+        repeat was given the approval since: `mark_replayed`)."""
         args = [key, switch, reversal.mti.code, json.dumps(dict(reversal.fields)), why]
         rows = await self._guarded(partial(self._query_by, _QUEUE_REVERSAL, args))
         return bool(rows)
+
+    async def mark_replayed(self, key: str) -> None:
+        """Note that a repeat was given the approval held for `key` (its write succeeded):
+        the original's reversal, if its own answer never got through, is then not queued,
+        by any instance."""
+        await self._guarded(partial(self._query_by, _MARK_REPLAYED, [key]))
 
     async def has_reversal(self, key: str) -> bool:
         """Whether a reversal of `key` was ever queued (whatever became of it)."""
@@ -784,9 +791,14 @@ UPDATE transactions SET late_rc = $2, late_latency_ms = $3 WHERE tx_key = $1 RET
 
 _QUEUE_REVERSAL = """
 INSERT INTO reversals (tx_key, switch, mti, message, state, reason)
-VALUES ($1, $2, $3, $4::jsonb, 'queued', $5)
+SELECT $1, $2, $3, $4::jsonb, 'queued', $5
+WHERE NOT EXISTS (SELECT 1 FROM transactions WHERE tx_key = $1 AND replayed_at IS NOT NULL)
 ON CONFLICT (tx_key) DO NOTHING
 RETURNING id
+"""
+
+_MARK_REPLAYED = """
+UPDATE transactions SET replayed_at = now() WHERE tx_key = $1 AND replayed_at IS NULL
 """
 
 _HAS_REVERSAL = "SELECT 1 FROM reversals WHERE tx_key = $1"
