@@ -89,6 +89,7 @@ class Receipt:
     rc: str
     original: bool = True
     joined: bool = False  # a duplicate that waited for the original on this instance
+    replayed: bool = False  # the journal's answer given again to a repeat of the same content
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,15 +191,21 @@ class Forwarder:
         )
         if receipt.joined:
             self._joiner_done(claim.key)
-        elif (
-            not receipt.original
+        if (
+            receipt.replayed
             and self._journal is not None
             and decisions.reversible_approval(Mti.parse(claim.mti), receipt.rc)
         ):
-            try:
-                await self._journal.store.mark_replayed(claim.key)
-            except StoreUnavailable as error:
-                log.warning("%s approval replayed; not noted in the journal (%s)", claim.mti, error)
+            # Shielded and bounded: a stop must not drop it (the original's instance would
+            # reverse what this terminal holds).
+            with trio.CancelScope(shield=True), trio.move_on_after(LAST_CHANCE):
+                try:
+                    await self._journal.store.mark_replayed(claim.key)
+                    return
+                except StoreUnavailable as error:
+                    log.warning("%s approval replayed; not noted (%s)", claim.mti, error)
+                    return
+            log.warning("%s approval replayed; not noted (store too slow)", claim.mti)
 
     def _joiner_done(self, key: str) -> None:
         self._joining[key] -= 1
@@ -256,12 +263,13 @@ class Forwarder:
                         claim.key, receipt.switch, reversal, "undelivered"
                     ):
                         log.warning("%s approval undelivered: reversal queued", claim.mti)
-                    else:
-                        log.warning(
-                            "%s approval undelivered: reversal already queued, or a repeat "
-                            "was given the approval",
-                            claim.mti,
-                        )
+                        return
+                    log.warning(
+                        "%s approval undelivered: reversal already queued, or a repeat was "
+                        "given the approval",
+                        claim.mti,
+                    )
+                    self._reversing.pop(claim.key, None)  # the journal decides for repeats
                     return
                 except StoreUnavailable as error:
                     log.warning(
@@ -309,12 +317,14 @@ class Forwarder:
         if carried is not None:  # a duplicate of a transaction this instance carries
             self._joining[claim.key] += 1  # until its terminal got the answer, or not
             try:
-                reply = await self._duplicate(message, claim, carried.claim.fingerprint, carried)
+                reply, replayed = await self._duplicate(
+                    message, claim, carried.claim.fingerprint, carried
+                )
             except BaseException:
                 self._joiner_done(claim.key)
                 raise
-            receipt = Receipt(claim, None, reply.get("39") or "", original=False, joined=True)
-            return Reply(reply, receipt)
+            rc = reply.get("39") or ""
+            return Reply(reply, Receipt(claim, None, rc, False, joined=True, replayed=replayed))
         pending = _Pending(claim)
         self._carrying[claim.key] = pending
         try:
@@ -331,11 +341,13 @@ class Forwarder:
                     pending.unrecorded_rc = decisions.SYSTEM_MALFUNCTION
                     return Reply(answer(message, decisions.SYSTEM_MALFUNCTION))
                 if recorded is not None:  # claimed before, by another instance or run
-                    reply = await self._duplicate(message, claim, recorded.fingerprint, recorded)
+                    reply, replayed = await self._duplicate(
+                        message, claim, recorded.fingerprint, recorded
+                    )
                     # Its delivery is noted: an undelivered original's reversal, not yet
                     # queued, is then not needed.
-                    receipt = Receipt(claim, None, reply.get("39") or "", original=False)
-                    return Reply(reply, receipt)
+                    rc = reply.get("39") or ""
+                    return Reply(reply, Receipt(claim, None, rc, False, replayed=replayed))
                 response, outcome = await self._forward(
                     message, claim, claim.switch, choose=None if original else choose
                 )
@@ -368,8 +380,10 @@ class Forwarder:
         claim: Claim,
         held_fingerprint: bytes,
         held: Recorded | _Pending,
-    ) -> Message:
-        """`held` is what the journal holds for the key, or the transaction in flight here."""
+    ) -> tuple[Message, bool]:
+        """The answer to a duplicate, and whether it is the answer recorded for the key given
+        again to the same content. `held` is what the journal holds for the key, or the
+        transaction in flight here."""
         journal = self._journal
         assert journal is not None
         recorded = held if isinstance(held, Recorded) else None
@@ -380,14 +394,14 @@ class Forwarder:
         self.duplicates[action] += 1
         if action is decisions.Duplicate.REJECT:
             _log_outcome(message, decisions.DUPLICATE_TRANSMISSION, "same key, other content", 0)
-            return answer(message, decisions.DUPLICATE_TRANSMISSION)
+            return answer(message, decisions.DUPLICATE_TRANSMISSION), False
         if action is decisions.Duplicate.JOIN:
             local = held if isinstance(held, _Pending) else None
             if local is not None:
                 with trio.move_on_after(journal.join_timeout):
                     await local.done.wait()
                 if local.unrecorded_rc is not None:
-                    return answer(message, local.unrecorded_rc)
+                    return answer(message, local.unrecorded_rc), False
                 recorded = local.recorded
             if recorded is None or not recorded.completed:
                 recorded = await self._poll(claim.key, journal)
@@ -398,15 +412,15 @@ class Forwarder:
                 )
                 is decisions.Duplicate.REJECT
             ):  # what ended under the key is another transaction
-                return answer(message, decisions.DUPLICATE_TRANSMISSION)
+                return answer(message, decisions.DUPLICATE_TRANSMISSION), False
         if recorded is None or not recorded.completed:
             _log_outcome(message, decisions.SWITCH_INOPERATIVE, "joined, no outcome", 0)
-            return answer(message, decisions.SWITCH_INOPERATIVE)
+            return answer(message, decisions.SWITCH_INOPERATIVE), False
         if not await self._may_replay(claim, recorded, journal):
             _log_outcome(message, decisions.SYSTEM_MALFUNCTION, "approval being reversed", 0)
-            return answer(message, decisions.SYSTEM_MALFUNCTION)
+            return answer(message, decisions.SYSTEM_MALFUNCTION), False
         _log_outcome(message, recorded.rc or "", "replayed", 0)
-        return replay(message, recorded)
+        return replay(message, recorded), recorded.fingerprint == claim.fingerprint
 
     async def _may_replay(self, claim: Claim, recorded: Recorded, journal: Journal) -> bool:
         """Whether an answer held in the journal may be given again. An approval whose

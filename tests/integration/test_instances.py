@@ -22,6 +22,7 @@ import trio
 from codec import Message, Mti
 from fixtures.messages import financial
 from fixtures.sim_switch import SimSwitch
+from fixtures.terminal import Terminal
 from proxy import server as server_module
 from proxy.app import App, Secrets
 from proxy.config import Config
@@ -434,7 +435,7 @@ async def test_a_request_its_switch_cannot_take_goes_to_the_next_named_first(
                 strict=True,
                 reason="known gap: the original's instance queues its reversal after the "
                 "repeat's instance looked for one and before it noted the repeat's delivery "
-                "in the journal (one round trip)",
+                "in the journal (the repeat's write and one round trip)",
             ),
         ),
     ],
@@ -453,13 +454,15 @@ async def test_an_approval_a_joined_repeat_delivered_is_not_reversed(
     original's instance looks before queuing its reversal."""
     repeat_answered, replay_noted, queued = trio.Event(), trio.Event(), trio.Event()
     queue_reversal, mark_replayed = Store.queue_reversal, Store.mark_replayed
+    queue_results: list[bool] = []
 
     async def queue_after_the_repeat(store: Store, *args: Any) -> bool:
         await repeat_answered.wait()  # the repeat saw no reversal queued yet
         if where == "other instance":
             await replay_noted.wait()
         try:
-            return await queue_reversal(store, *args)
+            queue_results.append(await queue_reversal(store, *args))
+            return queue_results[-1]
         finally:
             queued.set()
 
@@ -481,16 +484,91 @@ async def test_an_approval_a_joined_repeat_delivered_is_not_reversed(
     await first.send(request)
     with trio.fail_after(5):
         await wait_any((alpha, beta), lambda: alpha.financial_total() + beta.financial_total() > 0)
-    stream = first.stream
-    assert isinstance(stream, trio.SocketStream)
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    await first.aclose()  # a reset: the original's answer will find nobody to take it
-    repeat = await ask(terminals, other.port, request.with_fields({}, mti=Mti.parse("0201")))
+    await _reset(first)  # the original's answer will find nobody to take it
+    again = request.with_fields({}, mti=Mti.parse("0201"))
+    repeat = await ask(terminals, other.port, again)
     assert (repeat.mti.code, repeat.get("39")) == ("0210", "00")
     repeat_answered.set()
+    if where == "other instance":  # the original's instance looked, and the note was there
+        with trio.fail_after(10):
+            await queued.wait()
+        assert queue_results == [False]
     await trio.sleep(NOTHING_MORE)  # time enough for a reversal to be queued and sent
     assert await database.fetch("SELECT state, reason FROM reversals") == []
     assert alpha.received_reversals() + beta.received_reversals() == 0
+    # Nothing is being reversed: a further repeat gets the approval, wherever it goes.
+    for instance in (first_instance, other):
+        assert (await ask(terminals, instance.port, again)).get("39") == "00"
+
+
+async def test_a_repeat_that_joined_another_repeat_notes_the_approval_it_got(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+    database: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The original's answer finds its connection gone; its first repeat, on the other
+    instance, waits there for the journal's answer and loses its connection too; a second
+    repeat joins the first on that instance and gets the approval. That delivery is noted
+    in the journal, and the original's instance does not reverse it."""
+    polling, noted, queued = trio.Event(), trio.Event(), trio.Event()
+    recorded, queue_reversal, mark_replayed = (
+        Store.recorded,
+        Store.queue_reversal,
+        Store.mark_replayed,
+    )
+    queue_results: list[bool] = []
+
+    async def look(store: Store, key: str) -> Any:
+        polling.set()  # the first repeat waits for the journal's answer
+        return await recorded(store, key)
+
+    async def queue_after_the_note(store: Store, *args: Any) -> bool:
+        await noted.wait()
+        queue_results.append(await queue_reversal(store, *args))
+        queued.set()
+        return queue_results[-1]
+
+    async def mark(store: Store, key: str) -> None:
+        await mark_replayed(store, key)
+        noted.set()
+
+    monkeypatch.setattr(Store, "recorded", look)
+    monkeypatch.setattr(Store, "queue_reversal", queue_after_the_note)
+    monkeypatch.setattr(Store, "mark_replayed", mark)
+    alpha = await start_switch(nursery, delay=1.0)
+    beta = await start_switch(nursery, delay=1.0)
+    config = two_switch_config(database, alpha, beta, reversal=QUICK_REVERSALS)
+    first_instance = await start_instance(nursery, config)
+    other = await start_instance(nursery, config)
+    request = financial(511)
+    again = request.with_fields({}, mti=Mti.parse("0201"))
+    first = await terminals.connect(first_instance.port)
+    await first.send(request)
+    with trio.fail_after(5):
+        await wait_any((alpha, beta), lambda: alpha.financial_total() + beta.financial_total() > 0)
+    await _reset(first)
+    first_repeat = await terminals.connect(other.port)
+    await first_repeat.send(again)
+    with trio.fail_after(5):
+        await polling.wait()
+    await _reset(first_repeat)
+    assert (await ask(terminals, other.port, again)).get("39") == "00"
+    with trio.fail_after(5):
+        await noted.wait()
+        await queued.wait()
+    assert queue_results == [False]
+    rows = await database.fetch("SELECT replayed_at IS NOT NULL AS noted FROM transactions")
+    assert rows == [{"noted": True}]
+    assert await database.fetch("SELECT state FROM reversals") == []
+
+
+async def _reset(terminal: Terminal) -> None:
+    """Close `terminal`'s connection with a reset: what the proxy writes to it then fails."""
+    stream = terminal.stream
+    assert isinstance(stream, trio.SocketStream)
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await terminal.aclose()
 
 
 async def test_an_approval_a_repeat_was_given_stays_so_after_a_later_94(
@@ -550,10 +628,7 @@ async def test_a_refused_duplicate_does_not_count_as_delivering_the_approval(
         await wait_any((alpha, beta), lambda: alpha.financial_total() + beta.financial_total() > 0)
     other_content = request.with_fields({"4": "000000009999"})
     assert (await ask(terminals, instance.port, other_content)).get("39") == "94"
-    stream = first.stream
-    assert isinstance(stream, trio.SocketStream)
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    await first.aclose()
+    await _reset(first)
     with trio.fail_after(10):
         await wait_any(
             (alpha, beta), lambda: alpha.received_reversals() + beta.received_reversals() > 0
