@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable
@@ -148,8 +149,9 @@ class Forwarder:
         self._joining: Counter[str] = Counter()  # duplicates of a key whose answer is pending
         # Undelivered approvals whose reversal this instance began to queue (an insert
         # under way, written, or failed but maybe written; the most recent keys, dropped
-        # when queuing gave up): a repeat does not replay such an approval, even if its
-        # look in the journal came too early to see the reversal (`_may_replay`).
+        # when queuing gave up, or the journal holds no reversal because a repeat was given
+        # the approval): a repeat does not replay such an approval, even if its look in
+        # the journal came too early to see the reversal (`_may_replay`).
         self._reversing: OrderedDict[str, None] = OrderedDict()
         self._joiners_settled = Watch()
         self.duplicates: Counter[decisions.Duplicate] = Counter()
@@ -184,11 +186,13 @@ class Forwarder:
         An approval a repeat got from the journal is noted there too, for the instance
         that carried the original (it may be another)."""
         claim = receipt.claim
-        # Every answer given for the key: a later other one (a 94) must not hide an
-        # approval a repeat delivered.
-        _remember(
-            self._delivered, claim.key, self._delivered.get(claim.key, frozenset()) | {receipt.rc}
-        )
+        # Every answer of this transaction given for the key (the original's, or its
+        # recorded answer given again to the same content): a later other one (a 94) must
+        # not hide an approval a repeat delivered, and other content given the approval
+        # (`on_conflict: replay`) does not count as the original's delivery.
+        if receipt.original or receipt.replayed:
+            delivered = self._delivered.get(claim.key, frozenset())
+            _remember(self._delivered, claim.key, delivered | {receipt.rc})
         if receipt.joined:
             self._joiner_done(claim.key)
         if (
@@ -269,7 +273,7 @@ class Forwarder:
                         "given the approval",
                         claim.mti,
                     )
-                    self._reversing.pop(claim.key, None)  # the journal decides for repeats
+                    await self._forget_unless_reversed(claim.key, journal)
                     return
                 except StoreUnavailable as error:
                     log.warning(
@@ -283,6 +287,15 @@ class Forwarder:
             raise
         self._reversing.pop(claim.key, None)  # the journal decides again
         log.error("%s approval undelivered; reversal NOT queued: the store is away", claim.mti)
+
+    async def _forget_unless_reversed(self, key: str, journal: Journal) -> None:
+        """The journal refused this instance's reversal of `key`: a repeat was given the
+        approval (the journal then decides what later repeats get), or a reversal is
+        queued already (perhaps this instance's own, committed on a try whose reply was
+        lost: repeats here keep getting 96 even when the journal cannot be read)."""
+        with contextlib.suppress(StoreUnavailable):
+            if not await journal.store.has_reversal(key):
+                self._reversing.pop(key, None)
 
     async def record_late_answers(
         self, late: trio.MemoryReceiveChannel[LateAnswer], reversals: ReversalWorker | None

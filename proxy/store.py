@@ -408,6 +408,9 @@ class Store:
         Claims are inserted in key order, as every instance does: two instances claiming
         the same keys at once then wait for each other in one order, never in a circle
         (PostgreSQL would abort one statement, and with it the outcomes beside its claims).
+        This relies on the claims' CTE running before the outcomes' (the final UNION ALL
+        reads it first; PostgreSQL does not promise an order): the outcomes update only
+        rows this instance claimed, so they wait for no other instance in any case.
         """
         claims: dict[str, Claim] = {}
         outcomes: dict[str, Outcome] = {}

@@ -26,6 +26,8 @@ from fixtures.terminal import Terminal
 from proxy import server as server_module
 from proxy.app import App, Secrets
 from proxy.config import Config
+from proxy.decisions import Duplicate
+from proxy.forwarder import Forwarder, Receipt
 from proxy.reversals import ReversalWorker
 from proxy.store import Store
 from tests.conftest import (
@@ -554,6 +556,7 @@ async def test_a_repeat_that_joined_another_repeat_notes_the_approval_it_got(
         await polling.wait()
     await _reset(first_repeat)
     assert (await ask(terminals, other.port, again)).get("39") == "00"
+    assert other.app.forwarder.duplicates[Duplicate.JOIN] == 2  # the second joined the first
     with trio.fail_after(5):
         await noted.wait()
         await queued.wait()
@@ -561,6 +564,58 @@ async def test_a_repeat_that_joined_another_repeat_notes_the_approval_it_got(
     rows = await database.fetch("SELECT replayed_at IS NOT NULL AS noted FROM transactions")
     assert rows == [{"noted": True}]
     assert await database.fetch("SELECT state FROM reversals") == []
+
+
+@pytest.mark.parametrize("where", ["same instance", "other instance"])
+async def test_other_content_given_an_approval_does_not_stop_its_reversal(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+    database: Database,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:
+    """With `on_conflict: replay`, other content under the key of an approval whose
+    terminal never got it is given that approval. That is no delivery of the original
+    (the terminal did not ask for that purchase): it is reversed all the same."""
+    undelivered, delivered = Forwarder.undelivered, Forwarder.delivered
+    original_settling, other_content_delivered = trio.Event(), trio.Event()
+
+    async def after_the_other_content(self: Forwarder, receipt: Receipt) -> None:
+        original_settling.set()
+        await other_content_delivered.wait()
+        await undelivered(self, receipt)
+
+    async def then_tell(self: Forwarder, receipt: Receipt) -> None:
+        await delivered(self, receipt)
+        if not receipt.original:
+            other_content_delivered.set()
+
+    monkeypatch.setattr(Forwarder, "undelivered", after_the_other_content)
+    monkeypatch.setattr(Forwarder, "delivered", then_tell)
+    alpha = await start_switch(nursery, delay=0.5)
+    beta = await start_switch(nursery, delay=0.5)
+    config = two_switch_config(
+        database, alpha, beta, reversal=QUICK_REVERSALS, idempotency={"on_conflict": "replay"}
+    )
+    first_instance = await start_instance(nursery, config)
+    other = first_instance if where == "same instance" else await start_instance(nursery, config)
+    request = financial(521)
+    first = await terminals.connect(first_instance.port)
+    await first.send(request)
+    with trio.fail_after(5):
+        await wait_any((alpha, beta), lambda: alpha.financial_total() + beta.financial_total() > 0)
+    await _reset(first)
+    with trio.fail_after(5):
+        await original_settling.wait()  # recorded, its write failed: not yet reversed
+    other_content = request.with_fields({"4": "000000009999"})
+    assert (await ask(terminals, other.port, other_content)).get("39") == "00"
+    with trio.fail_after(10):
+        await wait_any(
+            (alpha, beta), lambda: alpha.received_reversals() + beta.received_reversals() > 0
+        )
+    rows = await database.fetch("SELECT replayed_at IS NULL AS unnoted FROM transactions")
+    assert rows == [{"unnoted": True}]
+    assert await database.fetch("SELECT reason FROM reversals") == [{"reason": "undelivered"}]
 
 
 async def _reset(terminal: Terminal) -> None:

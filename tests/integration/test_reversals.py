@@ -363,6 +363,39 @@ async def test_a_repeat_while_its_approvals_reversal_is_retried_is_not_approved(
     await _reversed_once(app, switch)
 
 
+async def test_a_repeat_after_a_reversal_whose_reply_was_lost_is_not_approved(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+    database: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Queuing the undelivered approval's reversal commits, but its reply is lost; the next
+    try finds it queued. A repeat on that instance, which cannot read the journal, still
+    gets RC 96: the instance keeps knowing that its reversal is queued."""
+    queue_reversal = Store.queue_reversal
+    results: list[bool] = []
+    refused = trio.Event()
+
+    async def committed_then_lost(store: Store, *args: Any) -> bool:
+        results.append(await queue_reversal(store, *args))
+        if len(results) == 1:
+            raise StoreUnavailable("store error: ConnectionResetError")
+        refused.set()
+        return results[-1]
+
+    async def unreadable(store: Store, key: str) -> bool:
+        raise StoreUnavailable("store not connected")
+
+    monkeypatch.setattr(Store, "queue_reversal", committed_then_lost)
+    monkeypatch.setattr(Store, "has_reversal", unreadable)
+    app, switch, port = await _approval_left_undelivered(nursery, terminals, database, 84)
+    with trio.fail_after(10):
+        await refused.wait()
+    assert results == [True, False]
+    await _repeat_refused(terminals, port, 84)
+    await _reversed_once(app, switch)
+
+
 async def test_a_repeat_whose_look_missed_its_reversal_being_queued_is_not_approved(
     nursery: trio.Nursery,
     terminals: Terminals,
