@@ -204,7 +204,8 @@ async def test_another_instance_claiming_the_same_keys_does_not_fail_the_outcome
     nursery.start_soon(
         trio.to_thread.run_sync, partial(_other_instance, database, low, high, holding, go)
     )
-    await trio.to_thread.run_sync(holding.wait)  # the other instance holds `low`
+    # The other instance holds `low` (its thread gives up on its own after 10 s).
+    assert await trio.to_thread.run_sync(holding.wait, 10)
     store = Store(StoreSettings(database.dsn, database.schema, 5.0, 8, 3, 2.0, "claims-test"))
     await nursery.start(store.run)
     await store.wait_ready()
@@ -219,20 +220,23 @@ async def test_another_instance_claiming_the_same_keys_does_not_fail_the_outcome
         except StoreUnavailable as error:
             results[name] = error
 
-    async with trio.open_nursery() as three:  # gathered once all three are queued
-        await three.start(write, "high", partial(store.claim, high))
-        await three.start(write, "low", partial(store.claim, low))
-        outcome = outcome_of(answered, answer(approved, "00"), state="answered")
-        await three.start(write, "outcome", partial(store.complete, outcome))
-        with trio.fail_after(10):  # this batch waits for the other instance's `low`
-            while True:
-                if await database.fetch(
-                    "SELECT 1 FROM pg_stat_activity"
-                    " WHERE wait_event_type = 'Lock' AND datname = current_database()"
-                ):
-                    break
-                await trio.sleep(0.02)  # nothing to wait on but PostgreSQL's own view
-        go.set()  # the other instance claims `high` and commits
+    try:
+        async with trio.open_nursery() as three:  # gathered once all three are queued
+            await three.start(write, "high", partial(store.claim, high))
+            await three.start(write, "low", partial(store.claim, low))
+            outcome = outcome_of(answered, answer(approved, "00"), state="answered")
+            await three.start(write, "outcome", partial(store.complete, outcome))
+            with trio.fail_after(10):  # this batch waits for the other instance's `low`
+                while True:
+                    if await database.fetch(
+                        "SELECT 1 FROM pg_stat_activity"
+                        " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                    ):
+                        break
+                    await trio.sleep(0.02)  # nothing to wait on but PostgreSQL's own view
+            go.set()  # the other instance claims `high` and commits
+    finally:
+        go.set()  # never a thread left waiting
     assert results["outcome"] is True, results
     assert isinstance(results["low"], Recorded) and isinstance(results["high"], Recorded)
 
@@ -253,7 +257,7 @@ def _other_instance(
                     await connection.fetch(sql, *args)
                     if claim is low:
                         holding.set()
-                        await asyncio.get_running_loop().run_in_executor(None, go.wait)
+                        await asyncio.get_running_loop().run_in_executor(None, go.wait, 10)
         finally:
             await connection.close()
 

@@ -108,8 +108,9 @@ async def test_the_journal_statements_use_the_key_index_on_a_grown_table(
         asyncio.run, _plans_on_a_grown_table(database.dsn, database.schema)
     )
     assert len(plans) == len(BATCHES)
-    for (_, outcome), plan in zip(BATCHES.values(), plans, strict=True):
+    for (with_claim, outcome), plan in zip(BATCHES.values(), plans, strict=True):
         assert "Seq Scan on transactions" not in plan, plan
-        assert "Conflict Arbiter Indexes: transactions_tx_key_key" in plan or outcome, plan
+        if with_claim:
+            assert "Conflict Arbiter Indexes: transactions_tx_key_key" in plan, plan
         if outcome is not None:  # the update finds its row by key, not by the open claims
             assert "Index Scan using transactions_tx_key_key on transactions t" in plan, plan
