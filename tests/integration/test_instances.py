@@ -476,17 +476,11 @@ async def test_an_approval_a_joined_repeat_delivered_is_not_reversed(
 
     monkeypatch.setattr(Store, "queue_reversal", queue_after_the_repeat)
     monkeypatch.setattr(Store, "mark_replayed", mark)
-    alpha = await start_switch(nursery, delay=0.5)
-    beta = await start_switch(nursery, delay=0.5)
-    config = two_switch_config(database, alpha, beta, reversal=QUICK_REVERSALS)
-    first_instance = await start_instance(nursery, config)
-    other = first_instance if where == "same instance" else await start_instance(nursery, config)
+    first_instance, other, (alpha, beta) = await _slow_switches_and_instances(
+        nursery, database, 0.5, where == "same instance"
+    )
     request = financial(501)
-    first = await terminals.connect(first_instance.port)
-    await first.send(request)
-    with trio.fail_after(5):
-        await wait_any((alpha, beta), lambda: alpha.financial_total() + beta.financial_total() > 0)
-    await _reset(first)  # the original's answer will find nobody to take it
+    await _sent_then_reset(terminals, first_instance.port, request, (alpha, beta))
     again = request.with_fields({}, mti=Mti.parse("0201"))
     repeat = await ask(terminals, other.port, again)
     assert (repeat.mti.code, repeat.get("39")) == ("0210", "00")
@@ -538,18 +532,12 @@ async def test_a_repeat_that_joined_another_repeat_notes_the_approval_it_got(
     monkeypatch.setattr(Store, "recorded", look)
     monkeypatch.setattr(Store, "queue_reversal", queue_after_the_note)
     monkeypatch.setattr(Store, "mark_replayed", mark)
-    alpha = await start_switch(nursery, delay=1.0)
-    beta = await start_switch(nursery, delay=1.0)
-    config = two_switch_config(database, alpha, beta, reversal=QUICK_REVERSALS)
-    first_instance = await start_instance(nursery, config)
-    other = await start_instance(nursery, config)
+    first_instance, other, switches = await _slow_switches_and_instances(
+        nursery, database, 1.0, False
+    )
     request = financial(511)
     again = request.with_fields({}, mti=Mti.parse("0201"))
-    first = await terminals.connect(first_instance.port)
-    await first.send(request)
-    with trio.fail_after(5):
-        await wait_any((alpha, beta), lambda: alpha.financial_total() + beta.financial_total() > 0)
-    await _reset(first)
+    await _sent_then_reset(terminals, first_instance.port, request, switches)
     first_repeat = await terminals.connect(other.port)
     await first_repeat.send(again)
     with trio.fail_after(5):
@@ -592,19 +580,11 @@ async def test_other_content_given_an_approval_does_not_stop_its_reversal(
 
     monkeypatch.setattr(Forwarder, "undelivered", after_the_other_content)
     monkeypatch.setattr(Forwarder, "delivered", then_tell)
-    alpha = await start_switch(nursery, delay=0.5)
-    beta = await start_switch(nursery, delay=0.5)
-    config = two_switch_config(
-        database, alpha, beta, reversal=QUICK_REVERSALS, idempotency={"on_conflict": "replay"}
+    first_instance, other, (alpha, beta) = await _slow_switches_and_instances(
+        nursery, database, 0.5, where == "same instance", idempotency={"on_conflict": "replay"}
     )
-    first_instance = await start_instance(nursery, config)
-    other = first_instance if where == "same instance" else await start_instance(nursery, config)
     request = financial(521)
-    first = await terminals.connect(first_instance.port)
-    await first.send(request)
-    with trio.fail_after(5):
-        await wait_any((alpha, beta), lambda: alpha.financial_total() + beta.financial_total() > 0)
-    await _reset(first)
+    await _sent_then_reset(terminals, first_instance.port, request, (alpha, beta))
     with trio.fail_after(5):
         await original_settling.wait()  # recorded, its write failed: not yet reversed
     other_content = request.with_fields({"4": "000000009999"})
@@ -616,6 +596,31 @@ async def test_other_content_given_an_approval_does_not_stop_its_reversal(
     rows = await database.fetch("SELECT replayed_at IS NULL AS unnoted FROM transactions")
     assert rows == [{"unnoted": True}]
     assert await database.fetch("SELECT reason FROM reversals") == [{"reason": "undelivered"}]
+
+
+async def _slow_switches_and_instances(
+    nursery: trio.Nursery, database: Database, delay: float, shared: bool, **sections: Any
+) -> tuple[Instance, Instance, tuple[SimSwitch, SimSwitch]]:
+    """Two switches answering `delay` s late, and an instance for the original and one for
+    its repeats (the same one when `shared`), with quick reversals and `sections`."""
+    alpha = await start_switch(nursery, delay=delay)
+    beta = await start_switch(nursery, delay=delay)
+    config = two_switch_config(database, alpha, beta, reversal=QUICK_REVERSALS, **sections)
+    first = await start_instance(nursery, config)
+    other = first if shared else await start_instance(nursery, config)
+    return first, other, (alpha, beta)
+
+
+async def _sent_then_reset(
+    terminals: Terminals, port: int, request: Message, switches: Sequence[SimSwitch]
+) -> None:
+    """`request` from a terminal that resets its connection once a switch has it: the
+    answer will find nobody to take it."""
+    terminal = await terminals.connect(port)
+    await terminal.send(request)
+    with trio.fail_after(5):
+        await wait_any(switches, lambda: sum(s.financial_total() for s in switches) > 0)
+    await _reset(terminal)
 
 
 async def _reset(terminal: Terminal) -> None:
