@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from proxy.latency import Histogram
 from proxy.pool import Answered, Chooser, LateAnswer, Pool
 from proxy.responses import answer
 from proxy.reversals import LATE_TAG, ReversalWorker
-from proxy.store import Store, StoreUnavailable
+from proxy.store import Queued, Store, StoreUnavailable
 from proxy.transactions import (
     Claim,
     Outcome,
@@ -263,17 +262,12 @@ class Forwarder:
         try:
             for delay in (*retries, None):
                 try:
-                    if await journal.store.queue_reversal(
+                    queued = await journal.store.queue_reversal(
                         claim.key, receipt.switch, reversal, "undelivered"
-                    ):
-                        log.warning("%s approval undelivered: reversal queued", claim.mti)
-                        return
-                    log.warning(
-                        "%s approval undelivered: reversal already queued, or a repeat was "
-                        "given the approval",
-                        claim.mti,
                     )
-                    await self._forget_unless_reversed(claim.key, journal)
+                    log.warning("%s approval undelivered: reversal %s", claim.mti, queued.value)
+                    if queued is Queued.NOT_NEEDED:  # a repeat has it: the journal decides
+                        self._reversing.pop(claim.key, None)
                     return
                 except StoreUnavailable as error:
                     log.warning(
@@ -287,15 +281,6 @@ class Forwarder:
             raise
         self._reversing.pop(claim.key, None)  # the journal decides again
         log.error("%s approval undelivered; reversal NOT queued: the store is away", claim.mti)
-
-    async def _forget_unless_reversed(self, key: str, journal: Journal) -> None:
-        """The journal refused this instance's reversal of `key`: a repeat was given the
-        approval (the journal then decides what later repeats get), or a reversal is
-        queued already (perhaps this instance's own, committed on a try whose reply was
-        lost: repeats here keep getting 96 even when the journal cannot be read)."""
-        with contextlib.suppress(StoreUnavailable):
-            if not await journal.store.has_reversal(key):
-                self._reversing.pop(key, None)
 
     async def record_late_answers(
         self, late: trio.MemoryReceiveChannel[LateAnswer], reversals: ReversalWorker | None

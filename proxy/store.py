@@ -458,12 +458,15 @@ class Store:
 
     async def queue_reversal(
         self, key: str, switch: str | None, reversal: Message, why: str
-    ) -> bool:
-        """Queue the reversal of `key` (once: False when one is already queued, or when a
-        repeat was given the approval since: `mark_replayed`)."""
+    ) -> Queued:
+        """Queue the reversal of `key`, once; not when a repeat was given the approval
+        (`mark_replayed`). What the journal did, from the one statement."""
         args = [key, switch, reversal.mti.code, json.dumps(dict(reversal.fields)), why]
         rows = await self._guarded(partial(self._query_by, _QUEUE_REVERSAL, args))
-        return bool(rows)
+        row = rows[0]
+        if row["queued_now"]:
+            return Queued.NOW
+        return Queued.NOT_NEEDED if row["replayed"] and not row["queued_before"] else Queued.ALREADY
 
     async def mark_replayed(self, key: str) -> None:
         """Note that a repeat was given the approval held for `key` (its write succeeded):
@@ -656,6 +659,14 @@ def _recorded(row: asyncpg.Record) -> Recorded:
     )
 
 
+class Queued(enum.Enum):
+    """What queuing a reversal did."""
+
+    NOW = "queued"
+    ALREADY = "already queued"  # before this call (whatever became of it since)
+    NOT_NEEDED = "not needed"  # a repeat was given the approval, and none is queued
+
+
 class _Taken(enum.Enum):
     """A claim's key was already in the journal: its caller looks up what is there."""
 
@@ -792,12 +803,21 @@ _RECORD_LATE = """
 UPDATE transactions SET late_rc = $2, late_latency_ms = $3 WHERE tx_key = $1 RETURNING tx_key
 """
 
+# One row, saying what it did: queued now; else whether a repeat was given the approval,
+# and whether a reversal was queued before (both as the statement's snapshot saw them).
 _QUEUE_REVERSAL = """
-INSERT INTO reversals (tx_key, switch, mti, message, state, reason)
-SELECT $1, $2, $3, $4::jsonb, 'queued', $5
-WHERE NOT EXISTS (SELECT 1 FROM transactions WHERE tx_key = $1 AND replayed_at IS NOT NULL)
-ON CONFLICT (tx_key) DO NOTHING
-RETURNING id
+WITH replayed AS (
+    SELECT 1 FROM transactions WHERE tx_key = $1 AND replayed_at IS NOT NULL
+), queued AS (
+    INSERT INTO reversals (tx_key, switch, mti, message, state, reason)
+    SELECT $1, $2, $3, $4::jsonb, 'queued', $5
+    WHERE NOT EXISTS (SELECT 1 FROM replayed)
+    ON CONFLICT (tx_key) DO NOTHING
+    RETURNING id
+)
+SELECT EXISTS (SELECT 1 FROM queued) AS queued_now,
+       EXISTS (SELECT 1 FROM replayed) AS replayed,
+       EXISTS (SELECT 1 FROM reversals WHERE tx_key = $1) AS queued_before
 """
 
 _MARK_REPLAYED = """

@@ -29,7 +29,7 @@ from proxy.config import Config
 from proxy.decisions import Duplicate
 from proxy.forwarder import Forwarder, Receipt
 from proxy.reversals import ReversalWorker
-from proxy.store import Store
+from proxy.store import Queued, Store
 from tests.conftest import (
     TEST_ADMIN_TOKEN,
     TEST_PAN_KEY,
@@ -456,9 +456,9 @@ async def test_an_approval_a_joined_repeat_delivered_is_not_reversed(
     original's instance looks before queuing its reversal."""
     repeat_answered, replay_noted, queued = trio.Event(), trio.Event(), trio.Event()
     queue_reversal, mark_replayed = Store.queue_reversal, Store.mark_replayed
-    queue_results: list[bool] = []
+    queue_results: list[Queued] = []
 
-    async def queue_after_the_repeat(store: Store, *args: Any) -> bool:
+    async def queue_after_the_repeat(store: Store, *args: Any) -> Queued:
         await repeat_answered.wait()  # the repeat saw no reversal queued yet
         if where == "other instance":
             await replay_noted.wait()
@@ -488,7 +488,7 @@ async def test_an_approval_a_joined_repeat_delivered_is_not_reversed(
     if where == "other instance":  # the original's instance looked, and the note was there
         with trio.fail_after(10):
             await queued.wait()
-        assert queue_results == [False]
+        assert queue_results == [Queued.NOT_NEEDED]
     await trio.sleep(NOTHING_MORE)  # time enough for a reversal to be queued and sent
     assert await database.fetch("SELECT state, reason FROM reversals") == []
     assert alpha.received_reversals() + beta.received_reversals() == 0
@@ -513,13 +513,13 @@ async def test_a_repeat_that_joined_another_repeat_notes_the_approval_it_got(
         Store.queue_reversal,
         Store.mark_replayed,
     )
-    queue_results: list[bool] = []
+    queue_results: list[Queued] = []
 
     async def look(store: Store, key: str) -> Any:
         polling.set()  # the first repeat waits for the journal's answer
         return await recorded(store, key)
 
-    async def queue_after_the_note(store: Store, *args: Any) -> bool:
+    async def queue_after_the_note(store: Store, *args: Any) -> Queued:
         await noted.wait()
         queue_results.append(await queue_reversal(store, *args))
         queued.set()
@@ -548,7 +548,7 @@ async def test_a_repeat_that_joined_another_repeat_notes_the_approval_it_got(
     with trio.fail_after(5):
         await noted.wait()
         await queued.wait()
-    assert queue_results == [False]
+    assert queue_results == [Queued.NOT_NEEDED]
     rows = await database.fetch("SELECT replayed_at IS NOT NULL AS noted FROM transactions")
     assert rows == [{"noted": True}]
     assert await database.fetch("SELECT state FROM reversals") == []

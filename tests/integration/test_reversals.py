@@ -16,7 +16,7 @@ from codec import Message, Mti
 from fixtures.messages import echo, financial
 from fixtures.sim_switch import SimSwitch
 from proxy.app import App
-from proxy.store import DueReversal, Store, StoreUnavailable, Written
+from proxy.store import DueReversal, Queued, Store, StoreUnavailable, Written
 from proxy.transactions import Claim, Outcome, TransactionIdentity, reversal_for
 from tests.conftest import (
     TEST_PAN_KEY,
@@ -220,7 +220,7 @@ async def test_a_terminal_is_read_again_while_its_96s_reversal_is_being_queued(
     def stan_63_until_queuing(outcomes: list[Outcome]) -> bool:
         return any("11=000063" in outcome.key for outcome in outcomes) and not queuing.is_set()
 
-    async def slow_queue(store: Store, *args: Any) -> bool:
+    async def slow_queue(store: Store, *args: Any) -> Queued:
         queuing.set()
         await queue_may_finish.wait()
         return await queue_reversal(store, *args)
@@ -266,7 +266,7 @@ async def test_a_stop_while_an_undelivered_approvals_reversal_waits_still_queues
     failed_once, store_stopped = trio.Event(), trio.Event()
     tries: list[str] = []
 
-    async def blip_then_queue(store: Store, *args: Any) -> bool:
+    async def blip_then_queue(store: Store, *args: Any) -> Queued:
         tries.append("try")
         if not failed_once.is_set():
             failed_once.set()
@@ -349,7 +349,7 @@ async def test_a_repeat_while_its_approvals_reversal_is_retried_is_not_approved(
     queue_reversal = Store.queue_reversal
     failed_once = trio.Event()
 
-    async def blip_then_queue(store: Store, *args: Any) -> bool:
+    async def blip_then_queue(store: Store, *args: Any) -> Queued:
         if not failed_once.is_set():
             failed_once.set()
             raise StoreUnavailable("store slower than 2 s")
@@ -373,10 +373,10 @@ async def test_a_repeat_after_a_reversal_whose_reply_was_lost_is_not_approved(
     try finds it queued. A repeat on that instance, which cannot read the journal, still
     gets RC 96: the instance keeps knowing that its reversal is queued."""
     queue_reversal = Store.queue_reversal
-    results: list[bool] = []
+    results: list[Queued] = []
     refused = trio.Event()
 
-    async def committed_then_lost(store: Store, *args: Any) -> bool:
+    async def committed_then_lost(store: Store, *args: Any) -> Queued:
         results.append(await queue_reversal(store, *args))
         if len(results) == 1:
             raise StoreUnavailable("store error: ConnectionResetError")
@@ -391,7 +391,7 @@ async def test_a_repeat_after_a_reversal_whose_reply_was_lost_is_not_approved(
     app, switch, port = await _approval_left_undelivered(nursery, terminals, database, 84)
     with trio.fail_after(10):
         await refused.wait()
-    assert results == [True, False]
+    assert results == [Queued.NOW, Queued.ALREADY]
     await _repeat_refused(terminals, port, 84)
     await _reversed_once(app, switch)
 
@@ -413,7 +413,7 @@ async def test_a_repeat_whose_look_missed_its_reversal_being_queued_is_not_appro
         await queued.wait()  # the answer arrives after the reversal was committed
         return found
 
-    async def queue_after_the_look(store: Store, *args: Any) -> bool:
+    async def queue_after_the_look(store: Store, *args: Any) -> Queued:
         queuing.set()
         await looked.wait()
         result = await queue_reversal(store, *args)
@@ -441,7 +441,7 @@ async def test_a_repeat_of_an_approval_whose_reversal_is_queued_is_not_approved(
     queued, released = trio.Event(), trio.Event()
     queue_reversal, lease_reversals = Store.queue_reversal, Store.lease_reversals
 
-    async def queue_then_tell(store: Store, *args: Any) -> bool:
+    async def queue_then_tell(store: Store, *args: Any) -> Queued:
         result = await queue_reversal(store, *args)
         queued.set()
         return result
@@ -542,7 +542,7 @@ async def _queue(app: App, database: Database, reversal: Message) -> None:
     assert app.store is not None
     claim = TransactionIdentity(("41", "11"), TEST_PAN_KEY).claim(financial(91), datetime.now(UTC))
     assert await app.store.claim(claim) is None
-    assert await app.store.queue_reversal(claim.key, "alpha", reversal, "timed_out")
+    assert await app.store.queue_reversal(claim.key, "alpha", reversal, "timed_out") is Queued.NOW
 
 
 async def test_a_reversal_waits_out_an_outage_without_spending_attempts(

@@ -19,7 +19,7 @@ import trio
 import proxy.store
 from fixtures.messages import financial
 from proxy.responses import answer
-from proxy.store import Store, StoreSettings, StoreUnavailable, journal_statement
+from proxy.store import Queued, Store, StoreSettings, StoreUnavailable, journal_statement
 from proxy.transactions import Claim, Recorded, TransactionIdentity, outcome_of, reversal_for
 from tests.conftest import Database
 
@@ -116,7 +116,7 @@ async def test_a_lapsed_holders_late_result_does_not_undo_the_next_holders(
         claim = IDENTITY.claim(financial(7, "CLAIMS05", when=now), now)
         assert await one.claim(claim) is None
         reversal = reversal_for({"11": "000007"}, "0200", "0400", now)
-        assert await one.queue_reversal(claim.key, "alpha", reversal, "timed_out")
+        assert await one.queue_reversal(claim.key, "alpha", reversal, "timed_out") is Queued.NOW
         [held] = await one.lease_reversals(1, 0.0)  # a lease that has lapsed at once
         [taken] = await two.lease_reversals(1, 30.0)
         assert (taken.id, taken.lapsed) == (held.id, True)
