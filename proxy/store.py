@@ -460,13 +460,16 @@ class Store:
         self, key: str, switch: str | None, reversal: Message, why: str
     ) -> Queued:
         """Queue the reversal of `key`, once; not when a repeat was given the approval
-        (`mark_replayed`). What the journal did, from the one statement."""
+        (`mark_replayed`). NOW: this call inserted it; NOT_NEEDED: a repeat was given the
+        approval and no reversal was seen; else ALREADY. One statement, so "seen" is as of
+        its snapshot: an earlier try of this very reversal whose reply was lost may still
+        commit after it."""
         args = [key, switch, reversal.mti.code, json.dumps(dict(reversal.fields)), why]
         rows = await self._guarded(partial(self._query_by, _QUEUE_REVERSAL, args))
         row = rows[0]
         if row["queued_now"]:
             return Queued.NOW
-        return Queued.NOT_NEEDED if row["replayed"] and not row["queued_before"] else Queued.ALREADY
+        return Queued.NOT_NEEDED if row["replayed"] and not row["reversal_seen"] else Queued.ALREADY
 
     async def mark_replayed(self, key: str) -> None:
         """Note that a repeat was given the approval held for `key` (its write succeeded):
@@ -664,7 +667,7 @@ class Queued(enum.Enum):
 
     NOW = "queued"
     ALREADY = "already queued"  # before this call (whatever became of it since)
-    NOT_NEEDED = "not needed"  # a repeat was given the approval, and none is queued
+    NOT_NEEDED = "not needed"  # a repeat was given the approval, and no reversal was seen
 
 
 class _Taken(enum.Enum):
@@ -804,7 +807,8 @@ UPDATE transactions SET late_rc = $2, late_latency_ms = $3 WHERE tx_key = $1 RET
 """
 
 # One row, saying what it did: queued now; else whether a repeat was given the approval,
-# and whether a reversal was queued before (both as the statement's snapshot saw them).
+# and whether a reversal was there (both as the statement's snapshot saw them: one that
+# another transaction commits while this waits on ON CONFLICT is not seen).
 _QUEUE_REVERSAL = """
 WITH replayed AS (
     SELECT 1 FROM transactions WHERE tx_key = $1 AND replayed_at IS NOT NULL
@@ -817,7 +821,7 @@ WITH replayed AS (
 )
 SELECT EXISTS (SELECT 1 FROM queued) AS queued_now,
        EXISTS (SELECT 1 FROM replayed) AS replayed,
-       EXISTS (SELECT 1 FROM reversals WHERE tx_key = $1) AS queued_before
+       EXISTS (SELECT 1 FROM reversals WHERE tx_key = $1) AS reversal_seen
 """
 
 _MARK_REPLAYED = """
