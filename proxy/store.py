@@ -67,6 +67,9 @@ LEASE_POOL_SIZE = 3  # the smallest pool whose writer keeps a connection (2 left
 LEASE_IDLE = 30.0  # seconds the writer keeps a connection it does not use
 LEASE_STATEMENTS = 10_000  # statements on one kept connection before it goes back
 MIGRATION_LOCK = 0x150_8583  # pg_advisory_xact_lock key shared by all instances
+# How long a migration waits for a table lock before it gives up (and start-up retries):
+# waiting, it would hold up every other instance's journal writes queued behind it.
+MIGRATION_LOCK_TIMEOUT = "1s"
 # Database errors, and the OS errors of a lost connection: all mean "store unavailable".
 _DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 # Errors of the data, not the connection: the store is fine, this write is not.
@@ -576,9 +579,12 @@ async def _recover(pool: asyncpg.Pool, older_than: float, reversal_mti: str) -> 
 
 
 async def _migrate(connection: asyncpg.Connection, schema: str | None) -> None:
-    """Apply the SQL files not applied yet, in order, one instance at a time."""
+    """Apply the SQL files not applied yet, in order, one instance at a time; a table
+    another session holds (a long report, a dump) is waited for `MIGRATION_LOCK_TIMEOUT`
+    at most, then LockNotAvailableError."""
     async with connection.transaction():
         await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await connection.execute(f"SET LOCAL lock_timeout = '{MIGRATION_LOCK_TIMEOUT}'")
         exists = await connection.fetchval(
             "SELECT true FROM pg_namespace WHERE nspname = $1", schema
         )

@@ -19,7 +19,15 @@ import trio
 import proxy.store
 from fixtures.messages import financial
 from proxy.responses import answer
-from proxy.store import Queued, Store, StoreSettings, StoreUnavailable, journal_statement
+from proxy.store import (
+    Queued,
+    Store,
+    StoreSettings,
+    StoreUnavailable,
+    _migrate,
+    journal_statement,
+    session_settings,
+)
 from proxy.transactions import Claim, Recorded, TransactionIdentity, outcome_of, reversal_for
 from tests.conftest import Database
 
@@ -262,3 +270,38 @@ def _other_instance(
             await connection.close()
 
     asyncio.run(claim_both())
+
+
+async def test_a_migration_gives_up_on_a_table_another_session_holds(
+    database: Database,
+) -> None:
+    """A migration that alters `transactions` while a long report reads it would wait, and
+    every other instance's journal writes would queue behind its lock request: it gives up
+    within its lock timeout instead (start-up tries again later)."""
+
+    async def migrate_while_a_report_reads() -> str:
+        settings = session_settings(database.schema)
+        report = await asyncpg.connect(database.dsn, server_settings=settings)
+        # Without a lock timeout it would wait for the report for ever: cut at 5 s here.
+        migrator = await asyncpg.connect(
+            database.dsn, server_settings={**settings, "statement_timeout": "5000"}
+        )
+        try:
+            await _migrate(migrator, database.schema)
+            await migrator.execute(
+                "ALTER TABLE transactions DROP COLUMN replayed_at;"
+                " DELETE FROM schema_migrations WHERE version = '003_replayed'"
+            )
+            async with report.transaction():
+                await report.fetch("SELECT count(*) FROM transactions")  # holds its lock
+                try:
+                    await _migrate(migrator, database.schema)
+                except asyncpg.PostgresError as error:
+                    return type(error).__name__
+                return "migrated"
+        finally:
+            await report.close()
+            await migrator.close()
+
+    outcome = await trio.to_thread.run_sync(asyncio.run, migrate_while_a_report_reads())
+    assert outcome == "LockNotAvailableError"  # not QueryCanceledError, 5 s later
