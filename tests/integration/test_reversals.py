@@ -16,7 +16,7 @@ from codec import Message, Mti
 from fixtures.messages import echo, financial
 from fixtures.sim_switch import SimSwitch
 from proxy.app import App
-from proxy.store import DueReversal, Queued, Store, StoreUnavailable, Written
+from proxy.store import DueReversal, Queued, Store, StoreSettings, StoreUnavailable, Written
 from proxy.transactions import Claim, Outcome, TransactionIdentity, reversal_for
 from tests.conftest import (
     TEST_PAN_KEY,
@@ -570,6 +570,37 @@ async def test_a_reversal_waits_out_an_outage_without_spending_attempts(
     assert [r.mti.code for r in switch.requests if r.mti.message_class == 4] == ["0400"]
     rows = await database.fetch("SELECT state, attempts FROM reversals")
     assert rows == [{"state": "acknowledged", "attempts": 1}]
+
+
+async def test_a_lapsed_reversal_whose_next_try_never_left_is_sent_as_a_repeat(
+    nursery: trio.Nursery, database: Database
+) -> None:
+    """Another instance leased the reversal and its lease lapsed: it may have sent the
+    0400. This instance's tries cannot leave (its switch is down); once they can, the
+    switch gets a repeat (0401), never a second 0400."""
+    gone = Store(StoreSettings(database.dsn, database.schema, 5.0, 8, 16, 0.0, "gone"))
+    await nursery.start(gone.run)
+    await gone.wait_ready()
+    claim = TransactionIdentity(("41", "11"), TEST_PAN_KEY).claim(financial(91), datetime.now(UTC))
+    assert await gone.claim(claim) is None
+    assert await gone.queue_reversal(claim.key, "alpha", _queued_reversal(), "timed_out") == (
+        Queued.NOW
+    )
+    assert len(await gone.lease_reversals(1, 0.0)) == 1  # leased, and lapsed at once
+    switch_port = await unused_port()
+    app, _ = await start_proxy(
+        nursery,
+        proxy_config({"alpha": switch_port}, store=database.store(), reversal=QUICK_REVERSALS),
+        links_up=False,
+    )
+    worker = app.reversals
+    assert worker is not None
+    with trio.fail_after(10):  # tries while the switch is down
+        await worker.wait_until(lambda: worker.tried >= 3)
+    switch = await start_switch(nursery, port=switch_port)
+    with trio.fail_after(15):
+        await worker.wait_until(lambda: worker.acknowledged >= 1)
+    assert [r.mti.code for r in switch.requests if r.mti.message_class == 4] == ["0401"]
 
 
 async def test_a_reversal_answered_without_processing_is_not_acknowledged(
