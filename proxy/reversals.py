@@ -122,10 +122,7 @@ class ReversalWorker:
         written: bool,
         rc: str | None = None,
     ) -> None:
-        # A holder whose lease lapsed may have written it: that counts as an attempt even
-        # when this one never left, so that the next send is a repeat (0401), not 0400.
-        counted = written or (due.lapsed and due.attempts == 0)
-        attempts = due.attempts + counted
+        attempts = due.attempts + written
         if written and attempts >= self._config.max_attempts:
             log.error(
                 "reversal %d (%s) given up after %d attempts: %s",
@@ -140,7 +137,7 @@ class ReversalWorker:
         # delays a reversal, it never makes it give up unsent.
         delay = self._backoff.delay(max(attempts - 1, 0), self._rng)
         log.warning("reversal %d not acknowledged (%s); again in %.1fs", due.id, why, delay)
-        await self._record(due, "queued", rc, delay, written=counted)
+        await self._record(due, "queued", rc, delay, written=written)
 
     async def acknowledge_late(self, reversal_id: int, rc: str | None) -> None:
         """A switch answered a reversal after its deadline: that is an acknowledgment."""

@@ -67,9 +67,9 @@ LEASE_POOL_SIZE = 3  # the smallest pool whose writer keeps a connection (2 left
 LEASE_IDLE = 30.0  # seconds the writer keeps a connection it does not use
 LEASE_STATEMENTS = 10_000  # statements on one kept connection before it goes back
 MIGRATION_LOCK = 0x150_8583  # pg_advisory_xact_lock key shared by all instances
-# How long a migration waits for a table lock before it gives up (and start-up retries):
-# waiting, it would hold up every other instance's journal writes queued behind it.
-MIGRATION_LOCK_TIMEOUT = "1s"
+# How long a migration waits for a table's lock before it gives up (start-up tries again
+# later): while it waits, every other instance's journal writes queue behind it.
+MIGRATION_LOCK_TIMEOUT = 0.25
 # Database errors, and the OS errors of a lost connection: all mean "store unavailable".
 _DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 # Errors of the data, not the connection: the store is fine, this write is not.
@@ -366,7 +366,7 @@ class Store:
                 log.info("store: connected")
                 return
             except Exception as error:
-                log.warning("store: cannot connect (%s); retrying", type(error).__name__)
+                log.warning("store: cannot connect or migrate (%s); retrying", type(error).__name__)
             await trio.sleep(backoff.delay(attempt, self._rng))
             attempt += 1
 
@@ -508,7 +508,9 @@ class Store:
 
     async def lease_reversals(self, limit: int, lease: float) -> list[DueReversal]:
         """Due reversals for this instance to send, oldest first, leased for `lease` seconds
-        (other instances skip them meanwhile: each is sent by one instance at a time)."""
+        (other instances skip them meanwhile: each is sent by one instance at a time). One
+        whose earlier holder's lease lapsed counts that holder's attempt (it may have been
+        sent) when none is counted, so that what follows is a repeat."""
         rows = await self._guarded(
             partial(self._query_by, _LEASE_REVERSALS, [self._settings.instance, limit, lease])
         )
@@ -581,10 +583,11 @@ async def _recover(pool: asyncpg.Pool, older_than: float, reversal_mti: str) -> 
 async def _migrate(connection: asyncpg.Connection, schema: str | None) -> None:
     """Apply the SQL files not applied yet, in order, one instance at a time; a table
     another session holds (a long report, a dump) is waited for `MIGRATION_LOCK_TIMEOUT`
-    at most, then LockNotAvailableError."""
+    seconds at most, then LockNotAvailableError."""
     async with connection.transaction():
         await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-        await connection.execute(f"SET LOCAL lock_timeout = '{MIGRATION_LOCK_TIMEOUT}'")
+        lock_timeout = f"{round(MIGRATION_LOCK_TIMEOUT * 1000)}ms"
+        await connection.execute("SELECT set_config('lock_timeout', $1, true)", lock_timeout)
         exists = await connection.fetchval(
             "SELECT true FROM pg_namespace WHERE nspname = $1", schema
         )
@@ -846,7 +849,8 @@ WITH due AS (
     LIMIT $2
 )
 UPDATE reversals r
-SET leased_by = $1, lease_until = now() + make_interval(secs => $3), updated_at = now()
+SET leased_by = $1, lease_until = now() + make_interval(secs => $3), updated_at = now(),
+    attempts = CASE WHEN due.lapsed THEN greatest(r.attempts, 1) ELSE r.attempts END
 FROM due
 WHERE r.id = due.id
 RETURNING r.id, r.tx_key, r.switch, r.mti, r.message, r.attempts, due.lapsed

@@ -601,6 +601,8 @@ async def test_a_lapsed_reversal_whose_next_try_never_left_is_sent_as_a_repeat(
     with trio.fail_after(15):
         await worker.wait_until(lambda: worker.acknowledged >= 1)
     assert [r.mti.code for r in switch.requests if r.mti.message_class == 4] == ["0401"]
+    rows = await database.fetch("SELECT state, attempts FROM reversals")
+    assert rows == [{"state": "acknowledged", "attempts": 2}]  # the lapsed holder's, and this
 
 
 async def test_a_reversal_answered_without_processing_is_not_acknowledged(
