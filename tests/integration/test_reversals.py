@@ -16,6 +16,7 @@ from codec import Message, Mti
 from fixtures.messages import echo, financial
 from fixtures.sim_switch import SimSwitch
 from proxy.app import App
+from proxy.reversals import ReversalWorker
 from proxy.store import DueReversal, Queued, Store, StoreSettings, StoreUnavailable, Written
 from proxy.transactions import Claim, Outcome, TransactionIdentity, reversal_for
 from tests.conftest import (
@@ -561,15 +562,23 @@ async def test_a_reversal_waits_out_an_outage_without_spending_attempts(
     assert app.store is not None and app.reversals is not None
     await app.store.wait_ready()
     await _queue(app, database, _queued_reversal())
-    worker = app.reversals
-    with trio.fail_after(10):  # several tries while the switch is down: none counted
-        await worker.wait_until(lambda: worker.tried >= 4)
+    # Several tries while the switch is down: none counted.
+    assert await _acknowledged_after_an_outage(nursery, app.reversals, switch_port, 4) == ["0400"]
+    rows = await database.fetch("SELECT state, attempts FROM reversals")
+    assert rows == [{"state": "acknowledged", "attempts": 1}]
+
+
+async def _acknowledged_after_an_outage(
+    nursery: trio.Nursery, worker: ReversalWorker, switch_port: int, tries: int
+) -> list[str]:
+    """Once `worker` has tried `tries` times with its switch down, the switch comes up on
+    `switch_port`: the reversals it got, by MTI, once one was acknowledged."""
+    with trio.fail_after(10):
+        await worker.wait_until(lambda: worker.tried >= tries)
     switch = await start_switch(nursery, port=switch_port)
     with trio.fail_after(15):
         await worker.wait_until(lambda: worker.acknowledged >= 1)
-    assert [r.mti.code for r in switch.requests if r.mti.message_class == 4] == ["0400"]
-    rows = await database.fetch("SELECT state, attempts FROM reversals")
-    assert rows == [{"state": "acknowledged", "attempts": 1}]
+    return [r.mti.code for r in switch.requests if r.mti.message_class == 4]
 
 
 async def test_a_lapsed_reversal_whose_next_try_never_left_is_sent_as_a_repeat(
@@ -593,14 +602,8 @@ async def test_a_lapsed_reversal_whose_next_try_never_left_is_sent_as_a_repeat(
         proxy_config({"alpha": switch_port}, store=database.store(), reversal=QUICK_REVERSALS),
         links_up=False,
     )
-    worker = app.reversals
-    assert worker is not None
-    with trio.fail_after(10):  # tries while the switch is down
-        await worker.wait_until(lambda: worker.tried >= 3)
-    switch = await start_switch(nursery, port=switch_port)
-    with trio.fail_after(15):
-        await worker.wait_until(lambda: worker.acknowledged >= 1)
-    assert [r.mti.code for r in switch.requests if r.mti.message_class == 4] == ["0401"]
+    assert app.reversals is not None
+    assert await _acknowledged_after_an_outage(nursery, app.reversals, switch_port, 3) == ["0401"]
     rows = await database.fetch("SELECT state, attempts FROM reversals")
     assert rows == [{"state": "acknowledged", "attempts": 2}]  # the lapsed holder's, and this
 
