@@ -201,14 +201,13 @@ class Forwarder:
         ):
             # Shielded and bounded: a stop must not drop it (the original's instance would
             # reverse what this terminal holds).
-            with trio.CancelScope(shield=True), trio.move_on_after(LAST_CHANCE):
+            with trio.CancelScope(shield=True), trio.move_on_after(LAST_CHANCE) as bound:
                 try:
                     await self._journal.store.mark_replayed(claim.key)
-                    return
                 except StoreUnavailable as error:
                     log.warning("%s approval replayed; not noted (%s)", claim.mti, error)
-                    return
-            log.warning("%s approval replayed; not noted (store too slow)", claim.mti)
+            if bound.cancelled_caught:
+                log.warning("%s approval replayed; not noted (store too slow)", claim.mti)
 
     def _joiner_done(self, key: str) -> None:
         self._joining[key] -= 1
