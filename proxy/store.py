@@ -475,7 +475,8 @@ class Store:
         return Queued.NOT_NEEDED if row["replayed"] and not row["reversal_seen"] else Queued.ALREADY
 
     async def mark_replayed(self, key: str) -> None:
-        """Note that a repeat was given the approval held for `key` (its write succeeded):
+        """Note that a repeat was given the approval held for `key` (an answered row; its
+        write succeeded):
         the original's reversal, if its own answer never got through, is then not queued,
         by any instance."""
         await self._guarded(partial(self._query_by, _MARK_REPLAYED, [key]))
@@ -796,7 +797,7 @@ _RECLAIM = """
 UPDATE transactions t
 SET state = 'claimed', mti = u.mti, instance = $5, claimed_at = now(), completed_at = NULL,
     switch = u.switch, link = NULL, rc = NULL, response_mti = NULL, auth_code = NULL,
-    response = NULL, response_fields = NULL, latency_ms = NULL
+    response = NULL, response_fields = NULL, latency_ms = NULL, replayed_at = NULL
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(tx_key, mti, from_state, switch)
 WHERE t.tx_key = u.tx_key AND t.state = u.from_state
 RETURNING t.tx_key
@@ -834,7 +835,8 @@ SELECT EXISTS (SELECT 1 FROM queued) AS queued_now,
 """
 
 _MARK_REPLAYED = """
-UPDATE transactions SET replayed_at = now() WHERE tx_key = $1 AND replayed_at IS NULL
+UPDATE transactions SET replayed_at = now()
+WHERE tx_key = $1 AND state = 'answered' AND replayed_at IS NULL
 """
 
 _HAS_REVERSAL = "SELECT 1 FROM reversals WHERE tx_key = $1"

@@ -305,3 +305,29 @@ async def test_a_migration_gives_up_on_a_table_another_session_holds(
 
     outcome = await trio.to_thread.run_sync(asyncio.run, migrate_while_a_report_reads())
     assert outcome == "LockNotAvailableError"  # not QueryCanceledError, 5 s later
+
+
+async def test_only_an_answered_row_is_noted_as_replayed_and_a_reclaim_clears_the_note(
+    database: Database,
+) -> None:
+    """The replay note says a repeat holds the row's answer (so no reversal is queued for
+    the original). A row that failed holds no answer to give: it takes no note; and a row
+    claimed again starts a new attempt, so a note left from before must go."""
+    now = datetime.now(UTC)
+    request = financial(13, "CLAIMS07", when=now)
+    claim = IDENTITY.claim(request, now)
+    async with trio.open_nursery() as nursery:
+        store = Store(StoreSettings(database.dsn, database.schema, 5.0, 8, 16, 0.0, "replays"))
+        await nursery.start(store.run)
+        await store.wait_ready()
+        assert await store.claim(claim) is None
+        failed = outcome_of(claim, answer(request, "96"), state="failed")
+        assert await store.complete(failed)
+        await store.mark_replayed(claim.key)
+        [row] = await database.fetch("SELECT replayed_at IS NULL AS unnoted FROM transactions")
+        assert row == {"unnoted": True}
+        await database.fetch("UPDATE transactions SET replayed_at = now()")  # an old note
+        assert await store.claim(claim) is None  # reclaimed: it never left
+        nursery.cancel_scope.cancel()
+    rows = await database.fetch("SELECT state, replayed_at IS NULL AS unnoted FROM transactions")
+    assert rows == [{"state": "claimed", "unnoted": True}]
