@@ -476,9 +476,8 @@ class Store:
 
     async def mark_replayed(self, key: str) -> None:
         """Note that a repeat was given the approval held for `key` (an answered row; its
-        write succeeded):
-        the original's reversal, if its own answer never got through, is then not queued,
-        by any instance."""
+        write succeeded): the original's reversal, if its own answer never got through, is
+        then not queued, by any instance."""
         await self._guarded(partial(self._query_by, _MARK_REPLAYED, [key]))
 
     async def has_reversal(self, key: str) -> bool:
