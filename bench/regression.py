@@ -13,11 +13,16 @@ sockets, pyiso8583, waking for every batch of frames) on the same machine at the
 time, without any of the proxy's own code: where a machine's wake-ups are dear, both
 pay. Exits 1 when the ratio is more than `TOLERANCE` above the recorded one `ATTEMPTS`
 times running; `--record` writes the median of `ATTEMPTS` measurements.
+
+The baseline names the simulated switch it was measured with (a digest of its source): a
+cheaper switch raises the ratio as a dearer proxy would, so once the switch changes the
+check refuses to run (exit 2) until the baseline is recorded again.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from datetime import UTC, datetime
@@ -31,6 +36,7 @@ from bench.cast import Cast, database, running_cast
 from bench.processes import machine, measured, until_signalled
 
 BASELINE = Path(__file__).with_name("baseline.json")
+YARDSTICK = Path(__file__).parent.parent / "fixtures" / "sim_switch.py"
 TOLERANCE = 1.30
 RUNS = 5
 ATTEMPTS = 3
@@ -67,10 +73,20 @@ async def proxy_cpu_per_transaction(dsn: str) -> dict[str, Any]:
     }
 
 
+class StaleBaseline(Exception):
+    """The baseline was measured with another simulated switch: its ratio says nothing."""
+
+
+def yardstick() -> str:
+    """A digest of the simulated switch's source, the yardstick's own code."""
+    return hashlib.sha256(YARDSTICK.read_bytes()).hexdigest()[:16]
+
+
 async def check(dsn: str) -> tuple[bool, list[dict[str, Any]]]:
     """Whether the proxy is within `TOLERANCE` of the recorded ratio, and the
     measurements. A ratio above the limit is measured again (up to `ATTEMPTS` in all): a
-    regression is there every time, a busy machine is not."""
+    regression is there every time, a busy machine is not. StaleBaseline when the
+    simulated switch is not the one the baseline was measured with."""
     limit = recorded() * TOLERANCE
     found = []
     for _ in range(ATTEMPTS):
@@ -86,8 +102,16 @@ async def measure_repeatedly(dsn: str) -> list[dict[str, Any]]:
 
 
 def recorded() -> float:
-    """The recorded ratio of the proxy's CPU per transaction to the switch's."""
-    ratio: float = json.loads(BASELINE.read_text())["ratio"]
+    """The recorded ratio of the proxy's CPU per transaction to the switch's; StaleBaseline
+    when the simulated switch has changed since."""
+    baseline = json.loads(BASELINE.read_text())
+    if baseline.get("yardstick") != yardstick():
+        raise StaleBaseline(
+            f"{YARDSTICK.name} changed since {BASELINE.name} was recorded (a cheaper or "
+            "dearer switch moves the ratio as the proxy would): record it again with "
+            "`python -m bench.regression --record`"
+        )
+    ratio: float = baseline["ratio"]
     return ratio
 
 
@@ -114,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     **typical,
                     "ratios_measured": [f["ratio"] for f in found],
+                    "yardstick": yardstick(),
                     "date": datetime.now(UTC).date().isoformat(),
                     "machine": machine(),
                     "method": f"min of {RUNS} closed-loop runs of {DURATION:g} s, "
@@ -127,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"recorded ratio {typical['ratio']} in {BASELINE}: {describe(found)}")
         return 0
-    ok, found = trio.run(until_signalled, partial(check, dsn))
+    try:
+        ok, found = trio.run(until_signalled, partial(check, dsn))
+    except StaleBaseline as error:
+        print(f"python -m bench.regression: {error}", file=sys.stderr)
+        return 2
     verdict = "ok" if ok else "REGRESSION"
     print(f"{describe(found)}; limit {recorded() * TOLERANCE:.3f}: {verdict}")
     return 0 if ok else 1

@@ -2,7 +2,8 @@
 relative to the simulated switch's when the same load goes straight at it (interleaved,
 in the same run), stays within 30% of the ratio recorded in bench/baseline.json
 (re-record it with `python -m bench.regression --record` when a change makes the proxy
-faster)."""
+faster, and after any change to the simulated switch, the yardstick: the check refuses a
+baseline recorded with another)."""
 
 from __future__ import annotations
 
