@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import struct
 from collections import Counter
 
+import pytest
 import trio
 
 from codec import FrameFormat, LengthPrefix, Mti, decode
@@ -268,3 +270,53 @@ async def test_a_switch_down_at_start_is_connected_when_it_comes_up(
         await app.pool.wait_until(lambda: all(link.is_up for link in links))
     assert (await terminal.request(financial(2))).get("39") == "00"
     assert switch.financial_total() == 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(struct.pack(">H", 60_000), id="length prefix over max_frame"),
+        pytest.param(b"\x00\x0bnot iso8583", id="a frame that does not decode"),
+    ],
+)
+async def test_a_bad_frame_from_a_switch_fails_its_pending_requests_at_once_and_reconnects(
+    nursery: trio.Nursery, terminals: Terminals, bad: bytes
+) -> None:
+    """DESIGN scenario 9: the link is closed and dialled again; the requests written on it
+    are answered 91 at once, not at their (30 s) deadline; the new connection serves."""
+    switch_port, streams = await _fake_switch(nursery)
+    config = proxy_config({"alpha": switch_port}, switch={"connections": 1, "timeout": 30})
+    app, port = await start_proxy(nursery, config, links_up=False)
+    spec = app.config.switches[0].endpoint.spec
+    link = app.pool.links["alpha"][0]
+
+    async def answer_probe() -> Terminal:
+        switch = terminals.adopt(Terminal(await streams.receive(), FrameFormat(), spec))
+        probe = await switch.receive()
+        await switch.send(probe.with_fields({"39": "00"}, mti=probe.mti.response()))
+        await app.pool.wait_until(lambda: link.is_up)
+        return switch
+
+    switch = await answer_probe()
+    first, second = [await terminals.connect(port) for _ in range(2)]
+    await first.send(financial(31, "BADFRAM1"))
+    await second.send(financial(32, "BADFRAM2"))
+    assert {(await switch.receive()).get("11") for _ in range(2)} == {"000031", "000032"}
+
+    await switch.stream.send_all(bad)
+    with trio.fail_after(3):  # far inside the requests' own deadline
+        answers = [await first.receive(), await second.receive()]
+        assert [a.get("39") for a in answers] == ["91", "91"]
+        assert await switch.stream.receive_some(100) == b""  # the proxy closed its side
+        switch = await answer_probe()  # it dialled again
+    assert link.connects == 2
+    reply = trio.Event()
+
+    async def answer_one() -> None:
+        request = await switch.receive()
+        await switch.send(request.with_fields({"39": "00"}, mti=request.mti.response()))
+        reply.set()
+
+    nursery.start_soon(answer_one)
+    assert (await first.request(financial(33, "BADFRAM1"))).get("39") == "00"
+    await reply.wait()
