@@ -7,8 +7,9 @@ from collections import Counter
 
 import pytest
 import trio
+import trio.testing
 
-from codec import FrameFormat, LengthPrefix, Mti, decode
+from codec import FrameFormat, LengthPrefix, Message, Mti, decode
 from fixtures.messages import echo, financial
 from fixtures.sim_switch import SimSwitch
 from fixtures.terminal import Terminal
@@ -47,19 +48,49 @@ async def test_pipelined_terminals_with_colliding_stans_get_their_own_answers(
     assert abs(beta.financial_total() - 500) <= 50
 
 
-async def test_backpressure_at_the_in_flight_cap_loses_nothing(
-    nursery: trio.Nursery,
-    terminals: Terminals,
+async def test_backpressure_at_the_in_flight_cap_lets_one_through_an_answer_and_loses_nothing(
+    nursery: trio.Nursery, terminals: Terminals
 ) -> None:
-    switch = await start_switch(nursery, delay=0.01)
-    _, port = await start_proxy(
-        nursery,
-        proxy_config({"alpha": switch.port}, listen={"max_inflight_per_connection": 4}),
+    """DESIGN scenario 19: with `max_inflight_per_connection: 4`, a terminal that pipelines
+    100 requests has 4 at the switch at a time (the rest wait unread in its socket), and
+    each answer lets one more through."""
+    switch_port, streams = await _fake_switch(nursery)
+    config = proxy_config(
+        {"alpha": switch_port},
+        listen={"max_inflight_per_connection": 4},
+        switch={"connections": 1, "timeout": 30},
+        health={"echo_interval": 60},  # no echo mixed into the requests
     )
+    app, port = await start_proxy(nursery, config, links_up=False)
+    switch = terminals.adopt(
+        Terminal(await streams.receive(), FrameFormat(), app.config.switches[0].endpoint.spec)
+    )
+    probe = await switch.receive()
+    await switch.send(probe.with_fields({"39": "00"}, mti=probe.mti.response()))
+    link = app.pool.links["alpha"][0]
+    await app.pool.wait_until(lambda: link.is_up)
     terminal = await terminals.connect(port)
-    received = await pipeline(terminal, [financial(stan) for stan in range(1, 101)])
-    assert sorted(int(m.get("11") or 0) for m in received) == list(range(1, 101))
-    assert switch.financial_total() == 100
+    await terminal.stream.send_all(
+        b"".join(terminal.frame(financial(stan, "CAPPED01")) for stan in range(1, 101))
+    )
+
+    async def answer(request: Message) -> None:
+        await switch.send(request.with_fields({"39": "00"}, mti=request.mti.response()))
+
+    waiting = [await switch.receive() for _ in range(4)]
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+    assert (app.server.in_flight, app.pool.in_flight(link)) == (4, 4)
+    await answer(waiting.pop(0))
+    waiting.append(await switch.receive())  # one answered, one more let through
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+    assert (app.server.in_flight, app.pool.in_flight(link)) == (4, 4)
+    for _ in range(95):  # the rest, one let through for each answer
+        await answer(waiting.pop(0))
+        waiting.append(await switch.receive())
+    for request in waiting:
+        await answer(request)
+    answered = [await terminal.receive() for _ in range(100)]
+    assert sorted(int(a.get("11") or 0) for a in answered) == list(range(1, 101))
 
 
 async def test_a_killed_switch_reconnects_while_traffic_flows_elsewhere(
