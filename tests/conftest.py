@@ -14,8 +14,10 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import asyncpg
+import h11
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from codec import FrameFormat, Message, load_spec
 from fixtures.chaos import ChaosProxy, Mode
@@ -106,6 +108,46 @@ async def wait_any(watched: Sequence[Watched], condition: Callable[[], bool]) ->
                 waiting.cancel_scope.cancel()
 
             waiting.start_soon(wait)
+
+
+async def http(
+    port: int, path: str, method: str = "GET", token: str | None = None
+) -> tuple[int, bytes]:
+    """One request to 127.0.0.1:`port` (h11 on the client side too); status and body."""
+    client = h11.Connection(h11.CLIENT)
+    headers = [("host", "localhost"), ("content-length", "0")]
+    if token is not None:
+        headers.append(("authorization", f"Bearer {token}"))
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        request = h11.Request(method=method, target=path, headers=headers)
+        await stream.send_all(client.send(request) + client.send(h11.EndOfMessage()))
+        status, body = 0, b""
+        while True:
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                client.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                return status, body
+
+
+def metric_samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text as {(sample name, sorted labels): value}."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text.decode())
+        for sample in family.samples
+    }
+
+
+async def metrics(app: App) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """What the proxy's /metrics says now, as `metric_samples` reads it."""
+    status, body = await http(app.admin_port, "/metrics")
+    assert status == 200
+    return metric_samples(body)
 
 
 def open_fds() -> int:

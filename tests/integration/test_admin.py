@@ -8,7 +8,6 @@ import sys
 from functools import partial
 from pathlib import Path
 
-import h11
 import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,43 +23,13 @@ from tests.conftest import (
     Database,
     Terminals,
     all_links,
+    http,
+    metric_samples,
     proxy_config,
     start_killable_switch,
     start_proxy,
     start_switch,
 )
-
-
-async def http(
-    port: int, path: str, method: str = "GET", token: str | None = None
-) -> tuple[int, bytes]:
-    """One request to 127.0.0.1:`port` (h11 on the client side too); status and body."""
-    client = h11.Connection(h11.CLIENT)
-    headers = [("host", "localhost"), ("content-length", "0")]
-    if token is not None:
-        headers.append(("authorization", f"Bearer {token}"))
-    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-        request = h11.Request(method=method, target=path, headers=headers)
-        await stream.send_all(client.send(request) + client.send(h11.EndOfMessage()))
-        status, body = 0, b""
-        while True:
-            event = client.next_event()
-            if event is h11.NEED_DATA:
-                client.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                return status, body
-
-
-def _samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text.decode())
-        for sample in family.samples
-    }
 
 
 async def test_health_readiness_and_metrics(
@@ -87,7 +56,7 @@ async def test_health_readiness_and_metrics(
     assert (await terminal.request(financial(4))).get("39") == "00"  # a re-send: replayed
     status, text = await http(admin, "/metrics")
     assert status == 200
-    samples = _samples(text)
+    samples = metric_samples(text)
     assert samples[("isoproxy_switch_up", (("switch", "alpha"),))] == 1
     assert samples[("isoproxy_switch_up", (("switch", "beta"),))] == 1
     assert samples[("isoproxy_duplicates_total", (("action", "replay"),))] == 1
@@ -106,10 +75,8 @@ async def test_health_readiness_and_metrics(
     del beta_sim_scope
     await app.pool.wait_until(lambda: not any(link.is_up for link in app.pool.links["alpha"]))
     assert (await http(admin, "/readyz"))[0] == 200  # beta is still up
-    assert (
-        _samples((await http(admin, "/metrics"))[1])[("isoproxy_switch_up", (("switch", "alpha"),))]
-        == 0
-    )
+    samples = metric_samples((await http(admin, "/metrics"))[1])
+    assert samples[("isoproxy_switch_up", (("switch", "alpha"),))] == 0
     assert all(link.is_up for link in beta_links)
 
 
@@ -174,7 +141,7 @@ async def test_metrics_count_per_switch_and_rc_and_echo_latency_shows_the_slow_s
         assert (await terminal.request(financial(stan))).get("39") == "00"
     with trio.fail_after(5):  # several echoes each
         await slow.wait_until(lambda: slow.received["0800"] >= 5)
-    samples = _samples((await http(app.admin_port, "/metrics"))[1])
+    samples = metric_samples((await http(app.admin_port, "/metrics"))[1])
     assert (
         samples[
             ("isoproxy_transactions_total", (("mti", "0200"), ("rc", "00"), ("switch", "fast")))

@@ -9,7 +9,14 @@ import trio
 from codec import encode
 from fixtures.messages import financial
 from fixtures.terminal import Terminal
-from tests.conftest import Terminals, proxy_config, proxy_with_one_switch, start_proxy, start_switch
+from tests.conftest import (
+    Terminals,
+    metrics,
+    proxy_config,
+    proxy_with_one_switch,
+    start_proxy,
+    start_switch,
+)
 
 
 def _binary2(body: bytes) -> bytes:
@@ -61,6 +68,13 @@ async def test_malformed_and_oversized_frames_while_others_are_served(
     assert (await bystander.request(financial(3))).get("39") == "00"
 
     assert switch.financial_total() == 8  # 2 follow-ups, 6 bystander requests
+    counted = await metrics(app)
+    rejected = {
+        dict(labels)["reason"]: value
+        for (name, labels), value in counted.items()
+        if name == "isoproxy_rejections_total" and value
+    }
+    assert rejected == {"format_error": 2, "undecodable": 3, "bad_frame": 1}
 
 
 async def test_one_byte_chunks_and_many_frames_in_one_write(

@@ -16,6 +16,7 @@ from fixtures.terminal import Terminal
 from proxy.health import LinkState
 from tests.conftest import (
     Terminals,
+    metrics,
     pipeline,
     pipelined_sessions,
     proxy_config,
@@ -285,6 +286,10 @@ async def test_switch_traffic_the_proxy_did_not_ask_for(
     assert (first.get("11"), first.get("38")) == ("000021", "AUTH01")
     assert (await terminal.request(echo(22))).mti.code == "0810"  # nothing else was queued
     assert app.pool.links["alpha"][0].state is LinkState.UP
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # the duplicate read, too
+    counted = await metrics(app)
+    assert counted[("isoproxy_unmatched_responses_total", ())] == 2  # NOBODY01, AUTH02
+    assert counted[("isoproxy_late_responses_total", ())] == 0
 
 
 async def test_a_switch_down_at_start_is_connected_when_it_comes_up(

@@ -23,6 +23,7 @@ from tests.conftest import (
     TEST_PAN_KEY,
     Database,
     Terminals,
+    metrics,
     proxy_config,
     start_proxy,
     start_switch,
@@ -82,6 +83,7 @@ async def test_a_late_approval_is_recorded_not_delivered_and_reversed_once(
     )
     assert rows[0]["state"] == "timed_out" and rows[0]["rc"] == "91"
     assert rows[0]["late_rc"] == "00"  # the late approval, recorded
+    assert (await metrics(app))[("isoproxy_late_responses_total", ())] == 1
     # Nothing reached the terminal after its 91: the next thing it gets is its echo's answer.
     reply = await terminal.request(echo(22))
     assert (reply.mti.code, reply.get("11")) == ("0810", "000022")
