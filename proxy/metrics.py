@@ -141,6 +141,11 @@ class ProxyCollector(Collector):
             reversals.add_metric(["failed"], float(self._reversals.failed))
             reversals.add_metric(["tried"], float(self._reversals.tried))
         yield reversals
+        yield CounterMetricFamily(
+            "isoproxy_recovered",
+            "Open claims closed by crash recovery (each reversal queued once)",
+            value=float(self._reversals.recovered if self._reversals is not None else 0),
+        )
 
 
 def registry_for(collector: Collector) -> CollectorRegistry:

@@ -61,6 +61,7 @@ class ReversalWorker:
         self.tried = 0
         self.acknowledged = 0
         self.failed = 0
+        self.recovered = 0  # open claims closed by the recovery sweep
         self._recorded = Watch()
 
     async def recover(self, older_than: float, every: float) -> None:
@@ -71,6 +72,8 @@ class ReversalWorker:
             try:
                 if recovered := await self._store.recover(older_than, self._config.message):
                     log.warning("recovered %d open transaction(s): reversals queued", recovered)
+                    self.recovered += recovered
+                    self._recorded.changed()
             except StoreUnavailable as error:
                 log.warning("recovery postponed: %s", error)
             await trio.sleep(every)
@@ -145,7 +148,8 @@ class ReversalWorker:
         await self._record_id(reversal_id, "acknowledged", rc, 0.0, written=False)
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
-        """Wait until `condition()` holds; it is checked after each recorded attempt."""
+        """Wait until `condition()` holds; it is checked after each recorded attempt and
+        each recovery sweep that closed claims."""
         await self._recorded.wait_until(condition)
 
     async def _record(

@@ -208,6 +208,52 @@ async def test_an_approval_whose_outcome_write_failed_after_its_commit_is_revers
     assert rows == [{"state": "answered", "rc": "00", "reason": "undelivered"}]
 
 
+async def test_an_approval_whose_outcome_write_failed_before_its_commit_is_reversed_once(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+    database: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DESIGN scenario 28, the write that never landed: the terminal gets RC 96 and the
+    claim stays open. The approval is reversed at once (undelivered), and recovery, which
+    later closes the open claim, queues no second reversal."""
+    write = Store._flush_writes
+    failed: list[bool] = []
+
+    async def lost_before_commit(store: Store, writes: list[Claim | Outcome]) -> list[Written]:
+        if not failed and any(isinstance(w, Outcome) for w in writes):
+            failed.append(True)
+            raise ConnectionResetError("connection lost before the commit")
+        return await write(store, writes)
+
+    monkeypatch.setattr(Store, "_flush_writes", lost_before_commit)
+    switch = await start_switch(nursery)
+    config = proxy_config(
+        {"alpha": switch.port},
+        switch={"timeout": 0.3},
+        store=database.store(timeout=0.5),
+        reversal=QUICK_REVERSALS,
+    )
+    app, port = await start_proxy(nursery, config)
+    assert app.store is not None
+    with trio.fail_after(10):
+        await app.store.wait_ready()
+    terminal = await terminals.connect(port)
+    assert (await terminal.request(financial(64))).get("39") == "96"
+    assert (await database.fetch("SELECT state FROM transactions")) == [{"state": "claimed"}]
+    assert app.orphan_age == 3.3  # timeout 0.3 + write grace 1 + 2 x 0.5 + 1
+    reversals = app.reversals
+    assert reversals is not None
+    with trio.fail_after(2 * app.orphan_age + 5):  # recovery runs every orphan_age
+        await switch.wait_until(lambda: switch.received_reversals() >= 1)
+        await reversals.wait_until(lambda: reversals.recovered >= 1 and reversals.tried >= 1)
+    assert (await database.fetch("SELECT state FROM transactions")) == [{"state": "timed_out"}]
+    rows = await database.fetch("SELECT reason, state FROM reversals")
+    assert rows == [{"reason": "undelivered", "state": "acknowledged"}]
+    assert switch.received_reversals() == 1
+    assert (await metrics(app))[("isoproxy_recovered_total", ())] == 1
+
+
 async def test_a_terminal_is_read_again_while_its_96s_reversal_is_being_queued(
     nursery: trio.Nursery,
     terminals: Terminals,
