@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -255,6 +256,45 @@ async def test_postgres_lost_mid_run_means_rc_96_and_nothing_forwarded_until_bac
         {"stan": "000001", "state": "answered"},
         {"stan": "000005", "state": "answered"},
     ]
+
+
+async def test_a_slow_postgres_costs_each_request_at_most_twice_the_store_timeout(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    """DESIGN scenario 27: with every database round trip slower than `store.timeout` (1 s),
+    20 requests at once each get RC 96 within twice that (a claim may wait that long for
+    its write to begin, and the write that long again), nothing is forwarded, nothing
+    stays in flight; once the database is quick again, requests are approved."""
+    switch, app, port, chaos = await _store_behind_chaos(nursery, database, Mode.RELAY)
+    assert app.store is not None
+    with trio.fail_after(10):
+        await app.store.wait_ready()
+    chaos.latency = 3.0
+    answers: list[tuple[str | None, float]] = []
+
+    async def one(stan: int) -> None:
+        terminal = await terminals.connect(port)
+        started = trio.current_time()
+        answer = await terminal.request(financial(stan, f"SLOWPG{stan:02d}"))
+        answers.append((answer.get("39"), trio.current_time() - started))
+
+    async with trio.open_nursery() as twenty:
+        for stan in range(1, 21):
+            twenty.start_soon(one, stan)
+    assert [rc for rc, _ in answers] == ["96"] * 20
+    assert max(took for _, took in answers) < 2 * 1.0 + 0.5  # twice store.timeout, and some
+    assert switch.financial_total() == 0
+    assert app.server.in_flight == 0
+
+    chaos.latency = 0.0
+    chaos.sever()  # what was held back behind the latency goes with the old connections
+    terminal = await terminals.connect(port)
+    with trio.fail_after(15):
+        for stan in itertools.count(21):  # 96 until the store has reconnected
+            await app.store.wait_ready()
+            if (await terminal.request(financial(stan, "SLOWPG21"))).get("39") == "00":
+                break
+    assert switch.financial_total() == 1  # the 96s were never forwarded
 
 
 async def test_a_duplicate_never_gets_the_answer_of_other_content_under_its_key(
