@@ -186,6 +186,19 @@ async def test_a_killed_proxy_has_what_it_left_in_flight_reversed_once(
     await _stop(second)
 
 
+async def _refused(port: int) -> bool:
+    """Whether connecting to `port` is refused (nothing listens there), trying for 0.1 s:
+    the listener closes in the proxy's next scheduler pass after it logs that."""
+    for _ in range(10):
+        try:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+        except OSError:
+            return True
+        await stream.aclose()
+        await trio.sleep(0.01)
+    return False
+
+
 async def test_sigterm_under_load_answers_every_request_taken_then_exits_0(
     tmp_path: Path, nursery: trio.Nursery, children: _Children, terminals: Terminals
 ) -> None:
@@ -206,6 +219,8 @@ async def test_sigterm_under_load_answers_every_request_taken_then_exits_0(
         )
         await switch.wait_until(lambda: switch.financial_total() == 20)
         proxy.process.send_signal(signal.SIGTERM)  # all 20 in flight at the switch
+        await proxy.wait_for(re.compile(rb"draining: 20 request\(s\) in flight"))
+        assert await _refused(port)  # the listener is closed while the 20 are answered
         answers = [await terminal.receive() for _ in range(20)]
         assert sorted(a.get("11") or "" for a in answers) == [f"{s:06d}" for s in range(1, 21)]
         assert {a.get("39") for a in answers} == {"00"}
