@@ -95,6 +95,25 @@ async def test_a_repeat_after_completion_gets_the_stored_answer(
         assert answer.get("2") == TEST_PAN  # the switch echoed it; the journal did not keep it
 
 
+async def test_a_repeat_whose_original_is_unknown_is_forwarded_once_as_the_transaction(
+    nursery: trio.Nursery, terminals: Terminals, database: Database
+) -> None:
+    """DESIGN scenario 15: a 0201 whose 0200 never came (lost before the proxy) goes to
+    the switch as it is, once; its own repeat, and the late original, get its answer."""
+    switch, _, port = await _journaled(nursery, database)
+    terminal = await terminals.connect(port)
+    original = financial(8)
+    repeat = original.with_fields({}, mti=Mti.parse("0201"))
+    first = await terminal.request(repeat)
+    second = await terminal.request(repeat)
+    late_original = await terminal.request(original)
+    assert [r.mti.code for r in switch.transactions()] == ["0201"]
+    for answer in (first, second, late_original):
+        assert (answer.mti.code, answer.get("39"), answer.get("11")) == ("0210", "00", "000008")
+    rows = await database.fetch("SELECT mti, state, rc FROM transactions")
+    assert rows == [{"mti": "0201", "state": "answered", "rc": "00"}]
+
+
 async def test_the_same_key_with_other_content_gets_rc_94(
     nursery: trio.Nursery, terminals: Terminals, database: Database
 ) -> None:
