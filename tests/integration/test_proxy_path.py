@@ -15,6 +15,7 @@ from fixtures.sim_switch import SimSwitch
 from fixtures.terminal import Terminal
 from proxy.health import LinkState
 from tests.conftest import (
+    Database,
     Terminals,
     metrics,
     pipeline,
@@ -145,12 +146,17 @@ async def test_no_link_up_answers_rc_91_at_once(
     nursery: trio.Nursery,
     terminals: Terminals,
 ) -> None:
+    """DESIGN scenario 10: every switch down means RC 91 at once; nothing waits for a link
+    to come back (200 requests at once leave nothing in flight)."""
     dead_port = await unused_port()
-    _, port = await start_proxy(nursery, proxy_config({"alpha": dead_port}), links_up=False)
+    app, port = await start_proxy(nursery, proxy_config({"alpha": dead_port}), links_up=False)
     terminal = await terminals.connect(port)
     with trio.fail_after(2):  # far below the switch's 5 s timeout
         response = await terminal.request(financial(1))
-    assert response.get("39") == "91"
+        assert response.get("39") == "91"
+        answers = await pipelined_sessions(terminals, port, sessions=4, each=50)
+    assert [a.get("39") for each in answers.values() for a in each] == ["91"] * 200
+    assert app.server.in_flight == 0
 
 
 async def test_a_link_lost_mid_flight_fails_its_requests_at_once(
@@ -254,12 +260,16 @@ async def _fake_switch(
 
 
 async def test_switch_traffic_the_proxy_did_not_ask_for(
-    nursery: trio.Nursery, terminals: Terminals
+    nursery: trio.Nursery, terminals: Terminals, database: Database
 ) -> None:
+    """DESIGN scenarios 6 and 7: unsolicited answers and a duplicate answer are counted,
+    never delivered; the transaction is journaled once, with the first answer."""
     switch_port, streams = await _fake_switch(nursery)
-    app, port = await start_proxy(
-        nursery, proxy_config({"alpha": switch_port}, switch={"connections": 1}), links_up=False
-    )
+    config = proxy_config({"alpha": switch_port}, switch={"connections": 1}, store=database.store())
+    app, port = await start_proxy(nursery, config, links_up=False)
+    assert app.store is not None
+    with trio.fail_after(10):
+        await app.store.wait_ready()
     spec = app.config.switches[0].endpoint.spec
     switch = terminals.adopt(Terminal(await streams.receive(), FrameFormat(), spec))
     terminal = await terminals.connect(port)
@@ -290,6 +300,8 @@ async def test_switch_traffic_the_proxy_did_not_ask_for(
     counted = await metrics(app)
     assert counted[("isoproxy_unmatched_responses_total", ())] == 2  # NOBODY01, AUTH02
     assert counted[("isoproxy_late_responses_total", ())] == 0
+    rows = await database.fetch("SELECT stan, state, auth_code FROM transactions")
+    assert rows == [{"stan": "000021", "state": "answered", "auth_code": "AUTH01"}]
 
 
 async def test_a_switch_down_at_start_is_connected_when_it_comes_up(
