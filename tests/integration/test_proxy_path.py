@@ -159,6 +159,23 @@ async def test_no_link_up_answers_rc_91_at_once(
     assert app.server.in_flight == 0
 
 
+async def test_a_slow_switch_within_its_budget_causes_no_false_timeouts(
+    nursery: trio.Nursery, terminals: Terminals
+) -> None:
+    """DESIGN scenario 5: a switch that takes 0.8 of its 1 s timeout for every answer, 50
+    requests at once: all approved, none counted as timed out."""
+    switch = await start_switch(nursery, delay=0.8)
+    config = proxy_config({"alpha": switch.port}, switch={"timeout": 1})
+    app, port = await start_proxy(nursery, config)
+    answers = await pipelined_sessions(terminals, port, sessions=5, each=10)
+    assert [a.get("39") for each in answers.values() for a in each] == ["00"] * 50
+    assert not any(
+        value
+        for (name, _), value in (await metrics(app)).items()
+        if name == "isoproxy_timeouts_total"
+    )
+
+
 async def test_a_link_lost_mid_flight_fails_its_requests_at_once(
     nursery: trio.Nursery,
     terminals: Terminals,
