@@ -93,11 +93,16 @@ async def test_a_flapping_link_is_never_used_until_its_echoes_pass(
     upstream = Counter(_key(r) for r in [*flaky.transactions(), *steady.transactions()])
     assert max(upstream.values()) == 1
     assert len(flaky.openings) > 3  # it really flapped
+    carried = 0
     for opening in flaky.openings:  # a connection carries traffic only after its echoes
         first_transaction = next(
-            (i for i, label in enumerate(opening) if not label.startswith("08")), len(opening)
+            (i for i, label in enumerate(opening) if not label.startswith("08")), None
         )
-        assert opening[:first_transaction].count("0800/301") >= 2
+        if first_transaction is None:  # no traffic yet (the run may end before its rise)
+            continue
+        carried += 1
+        assert opening[:first_transaction].count("0800/301") >= 2, list(flaky.openings)
+    assert carried > 1  # the first connection and at least one after it carried traffic
     assert "matches no request" not in caplog.text
 
 
