@@ -32,14 +32,16 @@ class _Process:
         self._ended = False
 
     async def pump(self) -> None:
-        assert self.process.stderr is not None
-        pending = b""
-        while chunk := await self.process.stderr.receive_some(4096):
-            self.output += chunk
-            *lines, pending = (pending + chunk).split(b"\n")
-            self.lines.extend(lines)
-            self._new_line.set()
-            self._new_line = trio.Event()
+        stderr = self.process.stderr
+        assert stderr is not None
+        async with stderr:  # closed at the child's end, or when the test's nursery ends
+            pending = b""
+            while chunk := await stderr.receive_some(4096):
+                self.output += chunk
+                *lines, pending = (pending + chunk).split(b"\n")
+                self.lines.extend(lines)
+                self._new_line.set()
+                self._new_line = trio.Event()
         self._ended = True
         self._new_line.set()
 
