@@ -22,3 +22,4 @@ def test_a_changed_simulated_switch_makes_the_baseline_stale(
     monkeypatch.setattr(regression, "YARDSTICK", changed)
     with pytest.raises(regression.StaleBaseline, match="--record"):
         regression.recorded()
+    assert regression.main([]) == 2  # refused before anything is measured
