@@ -143,7 +143,7 @@ class ProxyCollector(Collector):
         yield reversals
         yield CounterMetricFamily(
             "isoproxy_recovered",
-            "Open claims closed by crash recovery (each reversal queued once)",
+            "Open claims closed by crash recovery (a reversal queued where due, once)",
             value=float(self._reversals.recovered if self._reversals is not None else 0),
         )
 

@@ -277,7 +277,7 @@ async def test_postgres_lost_mid_run_means_rc_96_and_nothing_forwarded_until_bac
     ]
 
 
-async def test_a_slow_postgres_costs_each_request_at_most_twice_the_store_timeout(
+async def test_a_slow_postgres_refuses_each_claim_within_twice_the_store_timeout(
     nursery: trio.Nursery, terminals: Terminals, database: Database
 ) -> None:
     """DESIGN scenario 27: with every database round trip slower than `store.timeout` (1 s),
