@@ -143,6 +143,17 @@ def metric_samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]],
     }
 
 
+def nonzero_by(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, label: str
+) -> dict[str, float]:
+    """The samples of `name` that are not zero, by the value of their `label`."""
+    return {
+        dict(labels)[label]: value
+        for (sample, labels), value in samples.items()
+        if sample == name and value
+    }
+
+
 async def metrics(app: App) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """What the proxy's /metrics says now, as `metric_samples` reads it."""
     status, body = await http(app.admin_port, "/metrics")

@@ -12,6 +12,7 @@ from fixtures.terminal import Terminal
 from tests.conftest import (
     Terminals,
     metrics,
+    nonzero_by,
     proxy_config,
     proxy_with_one_switch,
     start_proxy,
@@ -68,12 +69,7 @@ async def test_malformed_and_oversized_frames_while_others_are_served(
     assert (await bystander.request(financial(3))).get("39") == "00"
 
     assert switch.financial_total() == 8  # 2 follow-ups, 6 bystander requests
-    counted = await metrics(app)
-    rejected = {
-        dict(labels)["reason"]: value
-        for (name, labels), value in counted.items()
-        if name == "isoproxy_rejections_total" and value
-    }
+    rejected = nonzero_by(await metrics(app), "isoproxy_rejections_total", "reason")
     assert rejected == {"format_error": 2, "undecodable": 3, "bad_frame": 1}
 
 
