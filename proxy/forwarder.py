@@ -26,7 +26,7 @@ from proxy.latency import Histogram
 from proxy.pool import Answered, Chooser, LateAnswer, Pool
 from proxy.responses import answer
 from proxy.reversals import LATE_TAG, ReversalWorker
-from proxy.store import Queued, Store, StoreUnavailable
+from proxy.store import Queued, ReplayHold, Store, StoreUnavailable
 from proxy.transactions import (
     Claim,
     Outcome,
@@ -90,6 +90,7 @@ class Receipt:
     original: bool = True
     joined: bool = False  # a duplicate that waited for the original on this instance
     replayed: bool = False  # the journal's answer given again to a repeat of the same content
+    hold: ReplayHold | None = None  # its row, locked until this answer's delivery is known
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,11 +195,14 @@ class Forwarder:
             _remember(self._delivered, claim.key, delivered | {receipt.rc})
         if receipt.joined:
             self._joiner_done(claim.key)
-        if (
+        if receipt.hold is not None:  # the replay is noted as its row is let go
+            assert self._journal is not None
+            await self._journal.store.release_hold(receipt.hold, delivered=True)
+        elif (
             receipt.replayed
             and self._journal is not None
             and decisions.reversible_approval(Mti.parse(claim.mti), receipt.rc)
-        ):
+        ):  # replayed unchecked (the journal could not be asked): noted now
             # Shielded and bounded: a stop must not drop it (the original's instance would
             # reverse what this terminal holds).
             with trio.CancelScope(shield=True), trio.move_on_after(LAST_CHANCE) as bound:
@@ -222,6 +226,9 @@ class Forwarder:
         same answer to the terminal."""
         journal = self._journal
         claim = receipt.claim
+        if receipt.hold is not None:  # the original's reversal, if due, may go ahead
+            assert journal is not None
+            await journal.store.release_hold(receipt.hold, delivered=False)
         if not receipt.original:
             if receipt.joined:
                 self._joiner_done(claim.key)
@@ -314,14 +321,15 @@ class Forwarder:
         if carried is not None:  # a duplicate of a transaction this instance carries
             self._joining[claim.key] += 1  # until its terminal got the answer, or not
             try:
-                reply, replayed = await self._duplicate(
+                reply, replayed, hold = await self._duplicate(
                     message, claim, carried.claim.fingerprint, carried
                 )
             except BaseException:
                 self._joiner_done(claim.key)
                 raise
             rc = reply.get("39") or ""
-            return Reply(reply, Receipt(claim, None, rc, False, joined=True, replayed=replayed))
+            receipt = Receipt(claim, None, rc, False, joined=True, replayed=replayed, hold=hold)
+            return Reply(reply, receipt)
         pending = _Pending(claim)
         self._carrying[claim.key] = pending
         try:
@@ -338,13 +346,14 @@ class Forwarder:
                     pending.unrecorded_rc = decisions.SYSTEM_MALFUNCTION
                     return Reply(answer(message, decisions.SYSTEM_MALFUNCTION))
                 if recorded is not None:  # claimed before, by another instance or run
-                    reply, replayed = await self._duplicate(
+                    reply, replayed, hold = await self._duplicate(
                         message, claim, recorded.fingerprint, recorded
                     )
                     # Its delivery is noted: an undelivered original's reversal, not yet
                     # queued, is then not needed.
                     rc = reply.get("39") or ""
-                    return Reply(reply, Receipt(claim, None, rc, False, replayed=replayed))
+                    receipt = Receipt(claim, None, rc, False, replayed=replayed, hold=hold)
+                    return Reply(reply, receipt)
                 response, outcome = await self._forward(
                     message, claim, claim.switch, choose=None if original else choose
                 )
@@ -377,9 +386,10 @@ class Forwarder:
         claim: Claim,
         held_fingerprint: bytes,
         held: Recorded | _Pending,
-    ) -> tuple[Message, bool]:
-        """The answer to a duplicate, and whether it is the answer recorded for the key given
-        again to the same content. `held` is what the journal holds for the key, or the
+    ) -> tuple[Message, bool, ReplayHold | None]:
+        """The answer to a duplicate; whether it is the answer recorded for the key given
+        again to the same content; and for an approval so given, the hold on its row until
+        the answer's delivery is known. `held` is what the journal holds for the key, or the
         transaction in flight here."""
         journal = self._journal
         assert journal is not None
@@ -391,14 +401,14 @@ class Forwarder:
         self.duplicates[action] += 1
         if action is decisions.Duplicate.REJECT:
             _log_outcome(message, decisions.DUPLICATE_TRANSMISSION, "same key, other content", 0)
-            return answer(message, decisions.DUPLICATE_TRANSMISSION), False
+            return answer(message, decisions.DUPLICATE_TRANSMISSION), False, None
         if action is decisions.Duplicate.JOIN:
             local = held if isinstance(held, _Pending) else None
             if local is not None:
                 with trio.move_on_after(journal.join_timeout):
                     await local.done.wait()
                 if local.unrecorded_rc is not None:
-                    return answer(message, local.unrecorded_rc), False
+                    return answer(message, local.unrecorded_rc), False, None
                 recorded = local.recorded
             if recorded is None or not recorded.completed:
                 recorded = await self._poll(claim.key, journal)
@@ -409,33 +419,47 @@ class Forwarder:
                 )
                 is decisions.Duplicate.REJECT
             ):  # what ended under the key is another transaction
-                return answer(message, decisions.DUPLICATE_TRANSMISSION), False
+                return answer(message, decisions.DUPLICATE_TRANSMISSION), False, None
         if recorded is None or not recorded.completed:
             _log_outcome(message, decisions.SWITCH_INOPERATIVE, "joined, no outcome", 0)
-            return answer(message, decisions.SWITCH_INOPERATIVE), False
-        if not await self._may_replay(claim, recorded, journal):
+            return answer(message, decisions.SWITCH_INOPERATIVE), False, None
+        same_content = recorded.fingerprint == claim.fingerprint
+        response = replay(message, recorded)
+        allowed, hold = await self._may_replay(claim, recorded, journal, same_content)
+        if not allowed:
             _log_outcome(message, decisions.SYSTEM_MALFUNCTION, "approval being reversed", 0)
-            return answer(message, decisions.SYSTEM_MALFUNCTION), False
+            return answer(message, decisions.SYSTEM_MALFUNCTION), False, None
         _log_outcome(message, recorded.rc or "", "replayed", 0)
-        return replay(message, recorded), recorded.fingerprint == claim.fingerprint
+        return response, same_content, hold
 
-    async def _may_replay(self, claim: Claim, recorded: Recorded, journal: Journal) -> bool:
-        """Whether an answer held in the journal may be given again. An approval whose
-        terminal never got it has a reversal queued: replaying it would leave the terminal
-        approved and the cardholder refunded, so it is not; nor while this instance is
-        queuing that reversal (retries included). Nothing is decided in the journal here
-        (the replay may yet fail to reach its terminal); if the journal cannot tell, the
-        approval is replayed, as it always was."""
+    async def _may_replay(
+        self, claim: Claim, recorded: Recorded, journal: Journal, same_content: bool
+    ) -> tuple[bool, ReplayHold | None]:
+        """Whether an answer held in the journal may be given again; for an approval given
+        again to the same content, with the hold on its row.
+
+        An approval whose terminal never got it has a reversal queued: replaying it would
+        leave the terminal approved and the cardholder refunded, so it is not; nor while
+        this instance is queuing that reversal (retries included). The row stays locked
+        until the replay's delivery is known (`Store.hold_for_replay`): an instance queuing
+        the reversal meanwhile waits, then finds the replay noted if it got through, and
+        goes ahead if it did not. Other content given the approval (`on_conflict: replay`)
+        is no delivery of the original's: it is only checked. If the journal cannot tell,
+        the approval is replayed, as it always was."""
         if not decisions.reversible_approval(Mti.parse(claim.mti), recorded.rc or ""):
-            return True
+            return True, None
         try:
-            reversed_ = await journal.store.has_reversal(claim.key)
+            hold = await journal.store.hold_for_replay(claim.key)
         except StoreUnavailable as error:
             log.warning("%s replayed unchecked for a reversal (%s)", claim.mti, error)
-            reversed_ = False
-        # Looked at after the read: this instance's insert may have been under way, or
-        # written while the read looked (too early to see it).
-        return not (reversed_ or claim.key in self._reversing)
+            return claim.key not in self._reversing, None
+        if hold is None:  # a reversal was queued
+            return False, None
+        # Looked at once the row is held: this instance's insert may have been under way.
+        if claim.key in self._reversing or not same_content:
+            await journal.store.release_hold(hold, delivered=False)
+            return claim.key not in self._reversing, None
+        return True, hold
 
     async def _poll(self, key: str, journal: Journal) -> Recorded | None:
         """The outcome of a transaction another instance carries, once the journal has it."""

@@ -23,6 +23,15 @@ caller alone then looks up what the journal holds, and reclaims it when it ended
 switch's answer and may go again: so neither that lookup nor its failure touches the
 claims written beside it. An outcome is written once: only a row still `claimed` takes one.
 
+A repeat given an approval whose original answer never reached its terminal must not
+meet that approval's reversal being queued at the same moment: `hold_for_replay` locks the
+transaction's row (`SELECT ... FOR UPDATE`, in a transaction of its own on a pool
+connection) from the repeat's look for a reversal until its answer's delivery is known,
+and `queue_reversal` takes the same lock first. So the two decisions are taken one after
+the other on one row: the reversal is queued only if the replay did not get through, and
+a replay is refused once a reversal is queued. Row locks do not stop the writer: a claim
+of a taken key and an outcome of a row no longer `claimed` touch no locked row.
+
 The schema is created and migrated at startup from the versioned SQL files beside this
 module, under a transaction-scoped advisory lock, so instances starting together take
 turns. When Postgres is down at startup the proxy still starts (not ready; financial
@@ -67,6 +76,11 @@ LEASE_POOL_SIZE = 3  # the smallest pool whose writer keeps a connection (2 left
 LEASE_IDLE = 30.0  # seconds the writer keeps a connection it does not use
 LEASE_STATEMENTS = 10_000  # statements on one kept connection before it goes back
 MIGRATION_LOCK = 0x150_8583  # pg_advisory_xact_lock key shared by all instances
+# The longest a repeat may hold its approval's row while its terminal is written to (a
+# write is cut at the listener's write_timeout long before); PostgreSQL ends a session
+# idle in its transaction for longer, so that a hold leaked by a bug cannot block the
+# original's reversal for ever.
+REPLAY_HOLD_LIMIT = 60.0
 # How long a migration waits for a table's lock before it gives up (start-up tries again
 # later): while it waits, every other instance's journal writes queue behind it.
 MIGRATION_LOCK_TIMEOUT = 0.25
@@ -214,6 +228,73 @@ def _closed(connection: asyncpg.Connection) -> bool:
     return closed
 
 
+@dataclass(frozen=True, eq=False)
+class ReplayHold:
+    """An approval's row, locked while a repeat is given that approval (see
+    `Store.hold_for_replay`)."""
+
+    key: str
+
+
+_Held = tuple[asyncpg.Connection, Any]  # the connection, and its open transaction
+
+
+async def _hold(pool: asyncpg.Pool, hold: ReplayHold, holds: dict[ReplayHold, _Held]) -> bool:
+    """In the bridge's loop: lock the row, then look for a reversal (a statement of its own,
+    so that it sees one committed while it waited for the lock). Held (True) with none;
+    else the transaction is rolled back."""
+    connection = await pool.acquire()
+    transaction = connection.transaction()
+    try:
+        await transaction.start()
+        limit = f"{round(REPLAY_HOLD_LIMIT * 1000)}ms"
+        await connection.execute(
+            "SELECT set_config('idle_in_transaction_session_timeout', $1, true)", limit
+        )
+        await connection.execute(_HOLD_ROW, hold.key)
+        reversal_seen = await connection.fetchval(_REVERSAL_SEEN, hold.key)
+    except BaseException:
+        await _end_transaction(pool, connection, transaction, commit=False)
+        raise
+    if reversal_seen:
+        await _end_transaction(pool, connection, transaction, commit=False)
+        return False
+    holds[hold] = (connection, transaction)
+    return True
+
+
+async def _release(
+    pool: asyncpg.Pool, hold: ReplayHold, holds: dict[ReplayHold, _Held], delivered: bool
+) -> None:
+    """In the bridge's loop: end a hold, noting the replay when it was delivered."""
+    held = holds.pop(hold, None)
+    if held is None:
+        return
+    connection, transaction = held
+    if delivered:
+        try:
+            await connection.execute(_MARK_REPLAYED, hold.key)
+        except BaseException:
+            await _end_transaction(pool, connection, transaction, commit=False)
+            raise
+    await _end_transaction(pool, connection, transaction, commit=delivered)
+
+
+async def _end_transaction(
+    pool: asyncpg.Pool, connection: asyncpg.Connection, transaction: Any, *, commit: bool
+) -> None:
+    """Commit or roll back, then give the connection back (asyncpg rolls back what is
+    left open)."""
+    try:
+        if commit:
+            await transaction.commit()
+        else:
+            with contextlib.suppress(*_DATABASE_ERRORS):
+                await transaction.rollback()
+    finally:
+        await _give_back(pool, connection)
+
+
 class Store:
     """The journal. `run` keeps it connected; `claim`, `complete` and `recorded` use it."""
 
@@ -227,6 +308,8 @@ class Store:
         # One connection kept by the writer, where the pool has room for the other queries
         # beside it.
         self._lease = _Lease() if settings.pool_size >= LEASE_POOL_SIZE else None
+        # Rows held for replays (`hold_for_replay`), by hold: on the bridge's loop only.
+        self._holds: dict[ReplayHold, _Held] = {}
         self._writes: Batcher[Claim | Outcome, Written] = Batcher(
             self._flush_writes,
             settings.batch_max,
@@ -266,6 +349,9 @@ class Store:
                         if self._pool is not None:
                             pool = self._pool
                             with trio.move_on_after(5):
+                                for hold in list(self._holds):  # else close waits for them
+                                    with contextlib.suppress(Exception):
+                                        await bridge.call(_release(pool, hold, self._holds, False))
                                 if self._lease is not None:  # else close waits for it
                                     try:
                                         await bridge.call(self._lease.release(pool))
@@ -464,9 +550,10 @@ class Store:
     ) -> Queued:
         """Queue the reversal of `key`, once; not when a repeat was given the approval
         (`mark_replayed`). NOW: this call inserted it; NOT_NEEDED: a repeat was given the
-        approval and no reversal was seen; else ALREADY. One statement, so "seen" is as of
-        its snapshot: an earlier try of this very reversal whose reply was lost may still
-        commit after it."""
+        approval and no reversal was seen; else ALREADY. It takes the row's lock first, so
+        a repeat holding the row for a replay (`hold_for_replay`) is waited for. One
+        statement, so "seen" is as of its snapshot: an earlier try of this very reversal
+        whose reply was lost may still commit after it."""
         args = [key, switch, reversal.mti.code, json.dumps(dict(reversal.fields)), why]
         rows = await self._guarded(partial(self._query_by, _QUEUE_REVERSAL, args))
         row = rows[0]
@@ -480,9 +567,44 @@ class Store:
         then not queued, by any instance."""
         await self._guarded(partial(self._query_by, _MARK_REPLAYED, [key]))
 
-    async def has_reversal(self, key: str) -> bool:
-        """Whether a reversal of `key` was ever queued (whatever became of it)."""
-        return bool(await self._guarded(partial(self._query_by, _HAS_REVERSAL, [key])))
+    async def hold_for_replay(self, key: str) -> ReplayHold | None:
+        """Lock `key`'s row before its approval is given to a repeat: None when a reversal of
+        it was ever queued (the approval is not to be given again). Until `release_hold`,
+        another instance queuing that reversal (`queue_reversal`) waits, and then finds the
+        replay noted if the repeat's terminal got it. StoreUnavailable when the journal
+        cannot tell."""
+        bridge, pool = self._bridge, self._pool
+        if not self.ready or bridge is None or pool is None:
+            raise StoreUnavailable("store not connected")
+        hold = ReplayHold(key)
+        try:
+            with trio.fail_after(self._settings.timeout):
+                held = await bridge.call(_hold(pool, hold, self._holds))
+        except BaseException as error:
+            await self.release_hold(hold, delivered=False)  # taken as the call was cut short
+            if isinstance(error, trio.TooSlowError):
+                raise StoreUnavailable("store too slow to hold the row") from None
+            if isinstance(error, Stopped):
+                raise StoreUnavailable("store stopping") from None
+            if isinstance(error, _DATABASE_ERRORS):
+                raise StoreUnavailable(f"store error: {type(error).__name__}") from None
+            raise
+        return hold if held else None
+
+    async def release_hold(self, hold: ReplayHold, *, delivered: bool) -> None:
+        """End a hold: with `delivered`, the replay is noted (`mark_replayed`) as the lock
+        goes; else nothing is written. Shielded (a stop must not leave the row locked) and
+        bounded; a failure is logged (PostgreSQL then rolls the hold back)."""
+        bridge, pool = self._bridge, self._pool
+        if bridge is None or pool is None:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(self._settings.timeout) as bound:
+            try:
+                await bridge.call(_release(pool, hold, self._holds, delivered))
+            except (Stopped, *_DATABASE_ERRORS) as error:
+                log.warning("replay hold not ended cleanly (%s)", type(error).__name__)
+        if bound.cancelled_caught:
+            log.warning("replay hold not ended cleanly (store too slow)")
 
     async def recover(self, older_than: float, reversal_mti: str) -> int:
         """Claims left open longer than any transaction can take (a crash, or an outcome
@@ -819,8 +941,10 @@ UPDATE transactions SET late_rc = $2, late_latency_ms = $3 WHERE tx_key = $1 RET
 # and whether a reversal was there (both as the statement's snapshot saw them: one that
 # another transaction commits while this waits on ON CONFLICT is not seen).
 _QUEUE_REVERSAL = """
-WITH replayed AS (
-    SELECT 1 FROM transactions WHERE tx_key = $1 AND replayed_at IS NOT NULL
+WITH held AS (
+    SELECT replayed_at FROM transactions WHERE tx_key = $1 FOR UPDATE
+), replayed AS (
+    SELECT 1 FROM held WHERE replayed_at IS NOT NULL
 ), queued AS (
     INSERT INTO reversals (tx_key, switch, mti, message, state, reason)
     SELECT $1, $2, $3, $4::jsonb, 'queued', $5
@@ -838,7 +962,9 @@ UPDATE transactions SET replayed_at = now()
 WHERE tx_key = $1 AND state = 'answered' AND replayed_at IS NULL
 """
 
-_HAS_REVERSAL = "SELECT 1 FROM reversals WHERE tx_key = $1"
+_HOLD_ROW = "SELECT 1 FROM transactions WHERE tx_key = $1 FOR UPDATE"
+
+_REVERSAL_SEEN = "SELECT EXISTS (SELECT 1 FROM reversals WHERE tx_key = $1)"
 
 _LEASE_REVERSALS = """
 WITH due AS (

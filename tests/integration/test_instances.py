@@ -29,7 +29,7 @@ from proxy.config import Config
 from proxy.decisions import Duplicate
 from proxy.forwarder import Forwarder, Receipt
 from proxy.reversals import ReversalWorker
-from proxy.store import Queued, Store
+from proxy.store import Queued, ReplayHold, Store
 from tests.conftest import (
     TEST_ADMIN_TOKEN,
     TEST_PAN_KEY,
@@ -431,15 +431,7 @@ async def test_a_request_its_switch_cannot_take_goes_to_the_next_named_first(
     [
         "same instance",
         "other instance",
-        pytest.param(
-            "other instance, not noted yet",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known gap: the original's instance queues its reversal after the "
-                "repeat's instance looked for one and before it noted the repeat's delivery "
-                "in the journal (the repeat's write and one round trip)",
-            ),
-        ),
+        "other instance, not noted yet",
     ],
 )
 async def test_an_approval_a_joined_repeat_delivered_is_not_reversed(
@@ -452,30 +444,33 @@ async def test_an_approval_a_joined_repeat_delivered_is_not_reversed(
     """The terminal's connection breaks while its purchase is at the (slow) switch; it
     reconnects and repeats, the repeat joins and gets the approval. The original's own
     answer then finds its connection gone: that is no reason to reverse what the terminal
-    holds. Across instances, the repeat's delivery is noted in the journal, where the
-    original's instance looks before queuing its reversal."""
-    repeat_answered, replay_noted, queued = trio.Event(), trio.Event(), trio.Event()
-    queue_reversal, mark_replayed = Store.queue_reversal, Store.mark_replayed
+    holds. Across instances, the repeat holds the approval's row until its delivery is
+    noted there, and the original's instance, queuing its reversal meanwhile ("not noted
+    yet"), waits for the row and then finds the note."""
+    repeat_answered, replay_noted, queuing, queued = (trio.Event() for _ in range(4))
+    queue_reversal, release_hold = Store.queue_reversal, Store.release_hold
     queue_results: list[Queued] = []
 
     async def queue_after_the_repeat(store: Store, *args: Any) -> Queued:
-        await repeat_answered.wait()  # the repeat saw no reversal queued yet
+        await repeat_answered.wait()  # the repeat saw no reversal queued
         if where == "other instance":
             await replay_noted.wait()
+        queuing.set()
         try:
             queue_results.append(await queue_reversal(store, *args))
             return queue_results[-1]
         finally:
             queued.set()
 
-    async def mark(store: Store, key: str) -> None:
+    async def release(store: Store, hold: ReplayHold, *, delivered: bool) -> None:
         if where == "other instance, not noted yet":
-            await queued.wait()
-        await mark_replayed(store, key)
-        replay_noted.set()
+            await queuing.wait()  # the original's instance is queuing its reversal
+        await release_hold(store, hold, delivered=delivered)
+        if delivered:
+            replay_noted.set()
 
     monkeypatch.setattr(Store, "queue_reversal", queue_after_the_repeat)
-    monkeypatch.setattr(Store, "mark_replayed", mark)
+    monkeypatch.setattr(Store, "release_hold", release)
     first_instance, other, (alpha, beta) = await _slow_switches_and_instances(
         nursery, database, 0.5, where == "same instance"
     )
@@ -485,7 +480,7 @@ async def test_an_approval_a_joined_repeat_delivered_is_not_reversed(
     repeat = await ask(terminals, other.port, again)
     assert (repeat.mti.code, repeat.get("39")) == ("0210", "00")
     repeat_answered.set()
-    if where == "other instance":  # the original's instance looked, and the note was there
+    if where != "same instance":  # the original's instance looked, and the note was there
         with trio.fail_after(10):
             await queued.wait()
         assert queue_results == [Queued.NOT_NEEDED]
@@ -508,10 +503,10 @@ async def test_a_repeat_that_joined_another_repeat_notes_the_approval_it_got(
     repeat joins the first on that instance and gets the approval. That delivery is noted
     in the journal, and the original's instance does not reverse it."""
     polling, noted, queued = trio.Event(), trio.Event(), trio.Event()
-    recorded, queue_reversal, mark_replayed = (
+    recorded, queue_reversal, release_hold = (
         Store.recorded,
         Store.queue_reversal,
-        Store.mark_replayed,
+        Store.release_hold,
     )
     queue_results: list[Queued] = []
 
@@ -525,13 +520,14 @@ async def test_a_repeat_that_joined_another_repeat_notes_the_approval_it_got(
         queued.set()
         return queue_results[-1]
 
-    async def mark(store: Store, key: str) -> None:
-        await mark_replayed(store, key)
-        noted.set()
+    async def release(store: Store, hold: ReplayHold, *, delivered: bool) -> None:
+        await release_hold(store, hold, delivered=delivered)
+        if delivered:
+            noted.set()
 
     monkeypatch.setattr(Store, "recorded", look)
     monkeypatch.setattr(Store, "queue_reversal", queue_after_the_note)
-    monkeypatch.setattr(Store, "mark_replayed", mark)
+    monkeypatch.setattr(Store, "release_hold", release)
     first_instance, other, switches = await _slow_switches_and_instances(
         nursery, database, 1.0, False
     )

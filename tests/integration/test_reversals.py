@@ -17,7 +17,15 @@ from fixtures.messages import echo, financial
 from fixtures.sim_switch import SimSwitch
 from proxy.app import App
 from proxy.reversals import ReversalWorker
-from proxy.store import DueReversal, Queued, Store, StoreSettings, StoreUnavailable, Written
+from proxy.store import (
+    DueReversal,
+    Queued,
+    ReplayHold,
+    Store,
+    StoreSettings,
+    StoreUnavailable,
+    Written,
+)
 from proxy.transactions import Claim, Outcome, TransactionIdentity, reversal_for
 from tests.conftest import (
     TEST_PAN_KEY,
@@ -432,11 +440,11 @@ async def test_a_repeat_after_a_reversal_whose_reply_was_lost_is_not_approved(
         refused.set()
         return results[-1]
 
-    async def unreadable(store: Store, key: str) -> bool:
+    async def unreadable(store: Store, key: str) -> ReplayHold | None:
         raise StoreUnavailable("store not connected")
 
     monkeypatch.setattr(Store, "queue_reversal", committed_then_lost)
-    monkeypatch.setattr(Store, "has_reversal", unreadable)
+    monkeypatch.setattr(Store, "hold_for_replay", unreadable)
     app, switch, port = await _approval_left_undelivered(nursery, terminals, database, 84)
     with trio.fail_after(10):
         await refused.wait()
@@ -451,25 +459,23 @@ async def test_a_repeat_whose_look_missed_its_reversal_being_queued_is_not_appro
     database: Database,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The repeat looks for a reversal just before the original's is committed, and its
-    answer (none) comes back just after: on the same instance that is still seen."""
-    has_reversal, queue_reversal = Store.has_reversal, Store.queue_reversal
-    queuing, looked, queued = trio.Event(), trio.Event(), trio.Event()
+    """The repeat holds the approval's row (no reversal there yet) while the original's
+    instance is about to queue one: on that same instance the reversal under way is still
+    seen, and the hold is let go for it."""
+    hold_for_replay, queue_reversal = Store.hold_for_replay, Store.queue_reversal
+    queuing, looked = trio.Event(), trio.Event()
 
-    async def look_before_it_lands(store: Store, key: str) -> bool:
-        found = await has_reversal(store, key)
+    async def look_before_it_lands(store: Store, key: str) -> ReplayHold | None:
+        hold = await hold_for_replay(store, key)
         looked.set()
-        await queued.wait()  # the answer arrives after the reversal was committed
-        return found
+        return hold
 
     async def queue_after_the_look(store: Store, *args: Any) -> Queued:
         queuing.set()
         await looked.wait()
-        result = await queue_reversal(store, *args)
-        queued.set()
-        return result
+        return await queue_reversal(store, *args)
 
-    monkeypatch.setattr(Store, "has_reversal", look_before_it_lands)
+    monkeypatch.setattr(Store, "hold_for_replay", look_before_it_lands)
     monkeypatch.setattr(Store, "queue_reversal", queue_after_the_look)
     app, switch, port = await _approval_left_undelivered(nursery, terminals, database, 82)
     with trio.fail_after(10):

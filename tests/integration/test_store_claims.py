@@ -331,3 +331,60 @@ async def test_only_an_answered_row_is_noted_as_replayed_and_a_reclaim_clears_th
         nursery.cancel_scope.cancel()
     rows = await database.fetch("SELECT state, replayed_at IS NULL AS unnoted FROM transactions")
     assert rows == [{"state": "claimed", "unnoted": True}]
+
+
+@pytest.mark.parametrize("delivered", [True, False])
+async def test_a_reversal_queued_while_a_repeat_holds_the_row_waits_for_its_delivery(
+    database: Database, delivered: bool
+) -> None:
+    """One instance holds an approval's row while its repeat is given the approval; the
+    other, queuing the original's reversal meanwhile, waits. Delivered: the replay is
+    noted and no reversal is queued. Not delivered: the reversal is queued. Once a
+    reversal is queued, the row is no longer held for a replay."""
+    now = datetime.now(UTC)
+    request = financial(14, "CLAIMS08", when=now)
+    claim = IDENTITY.claim(request, now)
+    reversal = reversal_for(claim.fields, "0200", "0400", now)
+    repeats, original = (
+        Store(StoreSettings(database.dsn, database.schema, 5.0, 8, 16, 0.0, name))
+        for name in ("repeat-instance", "original-instance")
+    )
+    results: list[Queued] = []
+    queued = trio.Event()
+    async with trio.open_nursery() as nursery:
+        for store in (repeats, original):
+            await nursery.start(store.run)
+            await store.wait_ready()
+        assert await original.claim(claim) is None
+        assert await original.complete(outcome_of(claim, answer(request, "00"), state="answered"))
+        hold = await repeats.hold_for_replay(claim.key)
+        assert hold is not None
+
+        async def queue() -> None:
+            results.append(await original.queue_reversal(claim.key, "alpha", reversal, "why"))
+            queued.set()
+
+        nursery.start_soon(queue)
+        await _until_a_statement_waits_for_a_row_lock(database)
+        assert results == []  # it waits for the hold
+        await repeats.release_hold(hold, delivered=delivered)
+        with trio.fail_after(5):
+            await queued.wait()
+        assert results == [Queued.NOT_NEEDED if delivered else Queued.NOW]
+        assert (await repeats.hold_for_replay(claim.key) is None) is not delivered
+        nursery.cancel_scope.cancel()
+    rows = await database.fetch("SELECT replayed_at IS NOT NULL AS noted FROM transactions")
+    assert rows == [{"noted": delivered}]
+    assert len(await database.fetch("SELECT 1 FROM reversals")) == (0 if delivered else 1)
+
+
+async def _until_a_statement_waits_for_a_row_lock(database: Database) -> None:
+    """Wait until PostgreSQL shows a session waiting for another's row lock."""
+    for _ in range(500):
+        if await database.fetch(
+            "SELECT 1 FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ):
+            return
+        await trio.sleep(0.01)  # nothing to wait on but PostgreSQL's own view
+    raise AssertionError("no statement waits for a row lock")
