@@ -102,6 +102,7 @@ class Reply:
     message: Message
     receipt: Receipt | None = None
     stands_in: bool = False
+    write_by: float | None = None  # a replay holding its row: written by then, or not at all
 
 
 class _Pending:
@@ -329,7 +330,7 @@ class Forwarder:
                 raise
             rc = reply.get("39") or ""
             receipt = Receipt(claim, None, rc, False, joined=True, replayed=replayed, hold=hold)
-            return Reply(reply, receipt)
+            return Reply(reply, receipt, write_by=self._write_by(hold))
         pending = _Pending(claim)
         self._carrying[claim.key] = pending
         try:
@@ -353,7 +354,7 @@ class Forwarder:
                     # queued, is then not needed.
                     rc = reply.get("39") or ""
                     receipt = Receipt(claim, None, rc, False, replayed=replayed, hold=hold)
-                    return Reply(reply, receipt)
+                    return Reply(reply, receipt, write_by=self._write_by(hold))
                 response, outcome = await self._forward(
                     message, claim, claim.switch, choose=None if original else choose
                 )
@@ -460,6 +461,13 @@ class Forwarder:
             await journal.store.release_hold(hold, delivered=False)
             return claim.key not in self._reversing, None
         return True, hold
+
+    def _write_by(self, hold: ReplayHold | None) -> float | None:
+        """When a replay holding its row must have been written: the hold is short, so that
+        an instance queuing the original's reversal meanwhile waits within its timeout."""
+        if hold is None or self._journal is None:
+            return None
+        return trio.current_time() + self._journal.store.replay_write_bound
 
     async def _poll(self, key: str, journal: Journal) -> Recorded | None:
         """The outcome of a transaction another instance carries, once the journal has it."""

@@ -396,7 +396,7 @@ class _Connection:
                 return
             delivered = False
             try:
-                delivered = await self._reply(request, reply.message, tpdu)
+                delivered = await self._reply(request, reply.message, tpdu, reply.write_by)
             finally:  # settled even when cancelled mid-write: it may owe a reversal
                 # The terminal has its answer (or never will): its next request may be
                 # read while a reversal is queued, which may take retries.
@@ -412,9 +412,16 @@ class _Connection:
                 self._in_flight.release()
             self._server.request_done()
 
-    async def _reply(self, request: Message | None, response: Message, tpdu: bytes | None) -> bool:
+    async def _reply(
+        self,
+        request: Message | None,
+        response: Message,
+        tpdu: bytes | None,
+        by: float | None = None,
+    ) -> bool:
         """Send `response` (one the terminal's format cannot carry becomes RC 96); whether
-        the terminal got `response` itself."""
+        the terminal got `response` itself. With `by`, it is written by then or not at all
+        (see `_write`)."""
         try:
             data = self._frame(response, tpdu)
         except CodecError as exc:
@@ -425,7 +432,7 @@ class _Connection:
                         self._frame(answer(request, SYSTEM_MALFUNCTION), tpdu), response
                     )
             return False
-        return await self._write(data, response)
+        return await self._write(data, response, by)
 
     def _frame(self, message: Message, tpdu: bytes | None) -> bytes:
         return encode_frame(
@@ -433,13 +440,23 @@ class _Connection:
             Frame(encode(message, self._endpoint.spec), swap_tpdu(tpdu) if tpdu else None),
         )
 
-    async def _write(self, data: bytes, message: Message) -> bool:
+    async def _write(self, data: bytes, message: Message, by: float | None = None) -> bool:
         """Write one whole frame (a cancel never leaves half a frame on the wire); whether
         it was written. Most answers leave in one system call (`send_whole`); what the
-        socket cannot take at once follows under the write deadline."""
-        await _acquire(self._write_lock)
+        socket cannot take at once follows under the write deadline, or by `by` when that
+        is sooner (an answer not begun by then is not written at all)."""
+        if by is None:
+            await _acquire(self._write_lock)
+        else:
+            with trio.move_on_at(by) as waited:
+                await _acquire(self._write_lock)
+            if waited.cancelled_caught:  # not begun: nothing of it on the wire
+                log.warning("answer %s undelivered: earlier answers still wait", message.mti)
+                return False
         try:
             deadline = trio.current_time() + self._listen.write_timeout
+            if by is not None:
+                deadline = min(deadline, by)
             try:
                 written = await send_whole(self._stream, data, deadline)
             except (trio.BrokenResourceError, trio.ClosedResourceError):

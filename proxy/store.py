@@ -76,11 +76,12 @@ LEASE_POOL_SIZE = 3  # the smallest pool whose writer keeps a connection (2 left
 LEASE_IDLE = 30.0  # seconds the writer keeps a connection it does not use
 LEASE_STATEMENTS = 10_000  # statements on one kept connection before it goes back
 MIGRATION_LOCK = 0x150_8583  # pg_advisory_xact_lock key shared by all instances
-# The longest a repeat may hold its approval's row while its terminal is written to (a
-# write is cut at the listener's write_timeout long before); PostgreSQL ends a session
-# idle in its transaction for longer, so that a hold leaked by a bug cannot block the
-# original's reversal for ever.
-REPLAY_HOLD_LIMIT = 60.0
+# A repeat holding its approval's row has this share of `store.timeout` to write its
+# answer (`Store.replay_write_bound`), so that an instance queuing the original's reversal
+# meanwhile waits well within its own `store.timeout`. PostgreSQL ends a hold left idle in
+# its transaction for `REPLAY_HOLD_LIMIT` times `store.timeout` (a hold leaked by a bug).
+REPLAY_WRITE_SHARE = 0.5
+REPLAY_HOLD_LIMIT = 4
 # How long a migration waits for a table's lock before it gives up (start-up tries again
 # later): while it waits, every other instance's journal writes queue behind it.
 MIGRATION_LOCK_TIMEOUT = 0.25
@@ -239,15 +240,17 @@ class ReplayHold:
 _Held = tuple[asyncpg.Connection, Any]  # the connection, and its open transaction
 
 
-async def _hold(pool: asyncpg.Pool, hold: ReplayHold, holds: dict[ReplayHold, _Held]) -> bool:
+async def _hold(
+    pool: asyncpg.Pool, hold: ReplayHold, holds: dict[ReplayHold, _Held], limit_s: float
+) -> bool:
     """In the bridge's loop: lock the row, then look for a reversal (a statement of its own,
-    so that it sees one committed while it waited for the lock). Held (True) with none;
-    else the transaction is rolled back."""
+    in READ COMMITTED, so that it sees one committed while it waited for the lock). Held
+    (True) with none; else the transaction is rolled back."""
     connection = await pool.acquire()
-    transaction = connection.transaction()
+    transaction = connection.transaction(isolation="read_committed")
     try:
         await transaction.start()
-        limit = f"{round(REPLAY_HOLD_LIMIT * 1000)}ms"
+        limit = f"{round(limit_s * 1000)}ms"
         await connection.execute(
             "SELECT set_config('idle_in_transaction_session_timeout', $1, true)", limit
         )
@@ -578,8 +581,9 @@ class Store:
             raise StoreUnavailable("store not connected")
         hold = ReplayHold(key)
         try:
+            limit = REPLAY_HOLD_LIMIT * self._settings.timeout
             with trio.fail_after(self._settings.timeout):
-                held = await bridge.call(_hold(pool, hold, self._holds))
+                held = await bridge.call(_hold(pool, hold, self._holds, limit))
         except BaseException as error:
             await self.release_hold(hold, delivered=False)  # taken as the call was cut short
             if isinstance(error, trio.TooSlowError):
@@ -591,6 +595,11 @@ class Store:
             raise
         return hold if held else None
 
+    @property
+    def replay_write_bound(self) -> float:
+        """Seconds a replay holding its row has to write its answer (from the hold)."""
+        return REPLAY_WRITE_SHARE * self._settings.timeout
+
     async def release_hold(self, hold: ReplayHold, *, delivered: bool) -> None:
         """End a hold: with `delivered`, the replay is noted (`mark_replayed`) as the lock
         goes; else nothing is written. Shielded (a stop must not leave the row locked) and
@@ -598,13 +607,18 @@ class Store:
         bridge, pool = self._bridge, self._pool
         if bridge is None or pool is None:
             return
+        why = ""
         with trio.CancelScope(shield=True), trio.move_on_after(self._settings.timeout) as bound:
             try:
                 await bridge.call(_release(pool, hold, self._holds, delivered))
             except (Stopped, *_DATABASE_ERRORS) as error:
-                log.warning("replay hold not ended cleanly (%s)", type(error).__name__)
+                why = type(error).__name__
         if bound.cancelled_caught:
-            log.warning("replay hold not ended cleanly (store too slow)")
+            why = "store too slow"
+        if why and delivered:  # the original's instance may reverse what the terminal holds
+            log.error("approval replayed; its delivery not noted (%s)", why)
+        elif why:
+            log.warning("replay hold not ended cleanly (%s)", why)
 
     async def recover(self, older_than: float, reversal_mti: str) -> int:
         """Claims left open longer than any transaction can take (a crash, or an outcome

@@ -161,6 +161,20 @@ async def metrics(app: App) -> dict[tuple[str, tuple[tuple[str, str], ...]], flo
     return metric_samples(body)
 
 
+async def until_waiting_for_a_lock(database: Database, statement_part: str) -> None:
+    """Wait until PostgreSQL shows a statement holding `statement_part` waiting for another
+    session's lock (in this test's database)."""
+    query = (
+        "SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+        " AND wait_event_type = 'Lock' AND strpos(query, '%s') > 0"
+    )
+    for _ in range(500):
+        if await database.fetch(query % statement_part.replace("'", "''")):
+            return
+        await trio.sleep(0.01)  # nothing to wait on but PostgreSQL's own view
+    raise AssertionError(f"no statement with {statement_part!r} waits for a lock")
+
+
 def open_fds() -> int:
     """How many file descriptors this process has open."""
     return len(os.listdir("/proc/self/fd"))

@@ -20,10 +20,11 @@ import pytest
 import trio
 
 from codec import Message, Mti
-from fixtures.messages import financial
+from fixtures.messages import echo, financial
 from fixtures.sim_switch import SimSwitch
 from fixtures.terminal import Terminal
 from proxy import server as server_module
+from proxy import streams
 from proxy.app import App, Secrets
 from proxy.config import Config
 from proxy.decisions import Duplicate
@@ -38,6 +39,7 @@ from tests.conftest import (
     all_links,
     proxy_config,
     start_switch,
+    until_waiting_for_a_lock,
     wait_any,
 )
 
@@ -463,8 +465,9 @@ async def test_an_approval_a_joined_repeat_delivered_is_not_reversed(
             queued.set()
 
     async def release(store: Store, hold: ReplayHold, *, delivered: bool) -> None:
-        if where == "other instance, not noted yet":
-            await queuing.wait()  # the original's instance is queuing its reversal
+        if where == "other instance, not noted yet" and not replay_noted.is_set():
+            await queuing.wait()  # the original's instance is queuing its reversal,
+            await until_waiting_for_a_lock(database, "INSERT INTO reversals")  # for this row
         await release_hold(store, hold, delivered=delivered)
         if delivered:
             replay_noted.set()
@@ -490,6 +493,60 @@ async def test_an_approval_a_joined_repeat_delivered_is_not_reversed(
     # Nothing is being reversed: a further repeat gets the approval, wherever it goes.
     for instance in (first_instance, other):
         assert (await ask(terminals, instance.port, again)).get("39") == "00"
+
+
+async def test_a_replay_not_written_within_its_hold_is_let_go_and_the_original_reversed(
+    nursery: trio.Nursery,
+    terminals: Terminals,
+    database: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A repeat on the other instance holds the approval's row, but its terminal's earlier
+    answer is still being written: by the hold's bound (half of store.timeout) the replay
+    has not begun, so it is not written at all, and the hold is let go. The original's
+    instance, which was queuing its reversal meanwhile, waited for the row and queues it:
+    nobody got the approval."""
+    held, released = trio.Event(), trio.Event()
+    hold_for_replay, queue_reversal = Store.hold_for_replay, Store.queue_reversal
+    send_whole = streams.send_whole
+    queue_results: list[Queued] = []
+
+    async def hold_then_tell(store: Store, key: str) -> ReplayHold | None:
+        hold = await hold_for_replay(store, key)
+        held.set()
+        return hold
+
+    async def queue_once_held(store: Store, *args: Any) -> Queued:
+        await held.wait()
+        queue_results.append(await queue_reversal(store, *args))
+        return queue_results[-1]
+
+    async def echo_answer_stuck(stream: trio.abc.Stream, data: bytes, deadline: float) -> bool:
+        if b"0810" in data and not released.is_set():
+            await released.wait()  # the connection's write lock is held meanwhile
+        return await send_whole(stream, data, deadline)
+
+    monkeypatch.setattr(Store, "hold_for_replay", hold_then_tell)
+    monkeypatch.setattr(Store, "queue_reversal", queue_once_held)
+    monkeypatch.setattr(server_module, "send_whole", echo_answer_stuck)
+    first_instance, other, switches = await _slow_switches_and_instances(
+        nursery, database, 0.5, False
+    )
+    request = financial(521)
+    await _sent_then_reset(terminals, first_instance.port, request, switches)
+    repeating = await terminals.connect(other.port)
+    await repeating.send(echo(522))  # its answer will hold the connection's writes
+    await repeating.send(request.with_fields({}, mti=Mti.parse("0201")))
+    with trio.fail_after(10):
+        await wait_any(switches, lambda: sum(s.received_reversals() for s in switches) > 0)
+    assert queue_results == [Queued.NOW]
+    released.set()
+    assert (await repeating.receive()).mti.code == "0810"
+    rows = await database.fetch("SELECT replayed_at IS NULL AS unnoted FROM transactions")
+    assert rows == [{"unnoted": True}]
+    assert await database.fetch("SELECT reason FROM reversals") == [{"reason": "undelivered"}]
+    with trio.move_on_after(0.2):  # nothing follows the echo's answer: the replay never left
+        assert await repeating.receive_frame() is None
 
 
 async def test_a_repeat_that_joined_another_repeat_notes_the_approval_it_got(
@@ -640,12 +697,14 @@ async def test_an_approval_a_repeat_was_given_stays_so_after_a_later_94(
     stuck, release = trio.Event(), trio.Event()
     write = server_module._Connection._write
 
-    async def first_approval_stuck(self: Any, data: bytes, message: Message) -> bool:
+    async def first_approval_stuck(
+        self: Any, data: bytes, message: Message, by: float | None = None
+    ) -> bool:
         if message.get("11") == "000091" and message.get("39") == "00" and not stuck.is_set():
             stuck.set()
             await release.wait()  # then its write fails (as at the write deadline)
             return False
-        return await write(self, data, message)
+        return await write(self, data, message, by)
 
     monkeypatch.setattr(server_module._Connection, "_write", first_approval_stuck)
     alpha = await start_switch(nursery)

@@ -29,7 +29,7 @@ from proxy.store import (
     session_settings,
 )
 from proxy.transactions import Claim, Recorded, TransactionIdentity, outcome_of, reversal_for
-from tests.conftest import Database
+from tests.conftest import Database, until_waiting_for_a_lock
 
 IDENTITY = TransactionIdentity(("32", "41", "11", "37", "7"), b"claims-test-key")
 
@@ -365,26 +365,17 @@ async def test_a_reversal_queued_while_a_repeat_holds_the_row_waits_for_its_deli
             queued.set()
 
         nursery.start_soon(queue)
-        await _until_a_statement_waits_for_a_row_lock(database)
+        await until_waiting_for_a_lock(database, "INSERT INTO reversals")
         assert results == []  # it waits for the hold
         await repeats.release_hold(hold, delivered=delivered)
         with trio.fail_after(5):
             await queued.wait()
         assert results == [Queued.NOT_NEEDED if delivered else Queued.NOW]
-        assert (await repeats.hold_for_replay(claim.key) is None) is not delivered
+        again = await repeats.hold_for_replay(claim.key)
+        assert (again is None) is not delivered  # refused once a reversal is queued
+        if again is not None:
+            await repeats.release_hold(again, delivered=False)
         nursery.cancel_scope.cancel()
     rows = await database.fetch("SELECT replayed_at IS NOT NULL AS noted FROM transactions")
     assert rows == [{"noted": delivered}]
     assert len(await database.fetch("SELECT 1 FROM reversals")) == (0 if delivered else 1)
-
-
-async def _until_a_statement_waits_for_a_row_lock(database: Database) -> None:
-    """Wait until PostgreSQL shows a session waiting for another's row lock."""
-    for _ in range(500):
-        if await database.fetch(
-            "SELECT 1 FROM pg_stat_activity"
-            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-        ):
-            return
-        await trio.sleep(0.01)  # nothing to wait on but PostgreSQL's own view
-    raise AssertionError("no statement waits for a row lock")
