@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import ssl
 from collections import Counter
 from collections.abc import Callable
@@ -429,7 +430,7 @@ class _Connection:
             if request is not None:
                 with contextlib.suppress(CodecError):
                     await self._write(
-                        self._frame(answer(request, SYSTEM_MALFUNCTION), tpdu), response
+                        self._frame(answer(request, SYSTEM_MALFUNCTION), tpdu), response, by
                     )
             return False
         return await self._write(data, response, by)
@@ -464,7 +465,8 @@ class _Connection:
                 return False
             if not written:  # closed before another answer can follow half a frame
                 log.debug("terminal not reading; closing connection")
-                await self._server.refuse(self._stream, Rejection.WRITE_TIMEOUT)
+                with trio.move_on_at(by if by is not None else math.inf):  # closed at once
+                    await self._server.refuse(self._stream, Rejection.WRITE_TIMEOUT)
             return written
         finally:
             self._write_lock.release()

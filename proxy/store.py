@@ -124,8 +124,13 @@ def session_settings(schema: str | None) -> dict[str, str]:
     parameters: a plan PostgreSQL caches while the journal is small scans the whole table
     (the cheapest way then) and goes on doing so as the table grows, until something
     analyzes it; PostgreSQL's CPU a row rose from 140 to 870 us over 120 000 rows that
-    way, where planned each time it stays near 75 (BENCHMARKS.md). PostgreSQL 12+."""
-    settings = {"plan_cache_mode": "force_custom_plan"}
+    way, where planned each time it stays near 75 (BENCHMARKS.md). READ COMMITTED whatever
+    the server's default: the row locks that order a replay and a reversal
+    (`hold_for_replay`) rely on it. PostgreSQL 12+."""
+    settings = {
+        "plan_cache_mode": "force_custom_plan",
+        "default_transaction_isolation": "read committed",
+    }
     if schema:
         settings["search_path"] = schema
     return settings
@@ -271,7 +276,9 @@ async def _release(
 ) -> None:
     """In the bridge's loop: end a hold, noting the replay when it was delivered."""
     held = holds.pop(hold, None)
-    if held is None:
+    if held is None:  # let go already (by the store's stop): its note, if any, is lost
+        if delivered:
+            raise Stopped("the hold ended before its replay was noted")
         return
     connection, transaction = held
     if delivered:
