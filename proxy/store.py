@@ -583,24 +583,21 @@ class Store:
         another instance queuing that reversal (`queue_reversal`) waits, and then finds the
         replay noted if the repeat's terminal got it. StoreUnavailable when the journal
         cannot tell."""
-        bridge, pool = self._bridge, self._pool
-        if not self.ready or bridge is None or pool is None:
-            raise StoreUnavailable("store not connected")
         hold = ReplayHold(key)
         try:
-            limit = REPLAY_HOLD_LIMIT * self._settings.timeout
-            with trio.fail_after(self._settings.timeout):
-                held = await bridge.call(_hold(pool, hold, self._holds, limit))
-        except BaseException as error:
+            held = await self._guarded(partial(self._take_hold, hold))
+        except BaseException:
             await self.release_hold(hold, delivered=False)  # taken as the call was cut short
-            if isinstance(error, trio.TooSlowError):
-                raise StoreUnavailable("store too slow to hold the row") from None
-            if isinstance(error, Stopped):
-                raise StoreUnavailable("store stopping") from None
-            if isinstance(error, _DATABASE_ERRORS):
-                raise StoreUnavailable(f"store error: {type(error).__name__}") from None
             raise
         return hold if held else None
+
+    async def _take_hold(self, hold: ReplayHold, deadline: float) -> bool:
+        bridge, pool = self._bridge, self._pool
+        assert bridge is not None and pool is not None  # `_guarded` found the store ready
+        limit = REPLAY_HOLD_LIMIT * self._settings.timeout
+        with trio.move_on_at(deadline):
+            return await bridge.call(_hold(pool, hold, self._holds, limit))
+        raise trio.TooSlowError
 
     @property
     def replay_write_bound(self) -> float:
