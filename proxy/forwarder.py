@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -108,11 +108,12 @@ class Reply:
 class _Pending:
     """A transaction this instance is carrying: duplicates wait here for its outcome."""
 
-    __slots__ = ("claim", "done", "recorded", "unrecorded_rc")
+    __slots__ = ("claim", "ended", "ending", "recorded", "unrecorded_rc")
 
     def __init__(self, claim: Claim) -> None:
         self.claim = claim
-        self.done = trio.Event()
+        self.ended = False
+        self.ending = Watch()  # an event only once a duplicate waits: most never have one
         self.recorded: Recorded | None = None
         self.unrecorded_rc: str | None = None  # what its terminal got when it ended unrecorded
 
@@ -339,7 +340,7 @@ class Forwarder:
             # turn. The switch is chosen now, and the request forwarded to it alone.
             original = await self._original_switch(message, journal)
             with self._pool.choosing() as choose:
-                claim = pending.claim = replace(claim, switch=original or choose(()))
+                claim = pending.claim = claim.naming(original or choose(()))
                 try:
                     recorded = await journal.store.claim(claim)
                 except StoreUnavailable as error:
@@ -379,7 +380,8 @@ class Forwarder:
             return Reply(response, Receipt(claim, outcome.switch, outcome.rc))
         finally:
             del self._carrying[claim.key]
-            pending.done.set()
+            pending.ended = True
+            pending.ending.changed()
 
     async def _duplicate(
         self,
@@ -407,7 +409,7 @@ class Forwarder:
             local = held if isinstance(held, _Pending) else None
             if local is not None:
                 with trio.move_on_after(journal.join_timeout):
-                    await local.done.wait()
+                    await local.ending.wait_until(lambda: local.ended)
                 if local.unrecorded_rc is not None:
                     return answer(message, local.unrecorded_rc), False, None
                 recorded = local.recorded

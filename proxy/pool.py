@@ -7,7 +7,6 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -32,6 +31,7 @@ from proxy.health import LinkState
 from proxy.keys import MatchKey, match_key
 from proxy.network import StanSequence
 from proxy.upstream import WRITE_GRACE, Dialer, Link, dial_tcp
+from proxy.wakeup import Wakeup
 from proxy.watch import Watch
 
 log = logging.getLogger("iso_proxy.upstream")
@@ -68,7 +68,7 @@ class _Waiter:
     __slots__ = ("connection", "error", "event", "response", "tag", "written_at")
 
     def __init__(self, tag: str | None) -> None:
-        self.event = trio.Event()
+        self.event = Wakeup()
         self.response: Message | None = None
         self.error: UpstreamError | None = None
         self.connection = ""
@@ -92,6 +92,37 @@ class _Waiter:
 def _no_answer(waiter: _Waiter) -> None:
     """A written request's deadline passed: its caller wakes to no answer (a timeout)."""
     waiter.event.set()
+
+
+class Choices:
+    """The context of `Pool.choosing` (a class: a generator's context manager costs the
+    hot path a dozen calls)."""
+
+    __slots__ = ("_choose", "_chosen", "_held")
+
+    def __init__(self, choose: Chooser, chosen: Counter[str]) -> None:
+        self._choose = choose
+        self._chosen = chosen  # the pool's count of requests each switch was chosen for
+        self._held: list[str] = []
+
+    def __enter__(self) -> Chooser:
+        return self.choose
+
+    def __exit__(self, *_: object) -> None:
+        chosen = self._chosen
+        for name in self._held:
+            if chosen[name] > 1:
+                chosen[name] -= 1
+            else:
+                del chosen[name]
+        self._held.clear()
+
+    def choose(self, exclude: Collection[str]) -> str | None:
+        name = self._choose(exclude)
+        if name is not None:
+            self._chosen[name] += 1
+            self._held.append(name)
+        return name
 
 
 class Pool:
@@ -338,28 +369,14 @@ class Pool:
             log.warning("link %s: too many unanswered requests; reconnecting", link.name)
             link.recycle()
 
-    @contextmanager
-    def choosing(self) -> Iterator[Chooser]:
+    def choosing(self) -> Choices:
         """A request's choices of switch: `choose(exclude)` is the switch it goes to next,
         by the strategy (its turn taken), leaving out `exclude`; None when no other switch
         has a usable link. The journal names it in the claim, then the request is
         forwarded to it alone (`forward(switch=..., chosen=True)`). Until the block ends,
         each choice counts as load on its switch for least_latency: requests chosen
         together, before any is written, spread as they would at write time."""
-        held: list[str] = []
-
-        def choose(exclude: Collection[str]) -> str | None:
-            name = self._choose(exclude)
-            if name is not None:
-                self._chosen[name] += 1
-                held.append(name)
-            return name
-
-        try:
-            yield choose
-        finally:
-            self._chosen.subtract(held)
-            self._chosen = +self._chosen  # drop the zeros
+        return Choices(self._choose, self._chosen)
 
     def _choose(self, exclude: Collection[str]) -> str | None:
         usable = {n: up for n, up in self._usable().items() if n not in exclude}
@@ -372,13 +389,22 @@ class Pool:
     def _usable(self, only: str | None = None, chosen: bool = False) -> dict[str, list[Link]]:
         """Each switch's usable links (up, not full); a drained switch only when asked
         for by name, and not chosen by the strategy (a terminal's reversal, or a queued
-        one, still goes where its original went)."""
+        one, still goes where its original went). Looked at twice a request: the checks
+        are written out, not called."""
+        in_flight = self._correlator.in_flight
         return {
             name: up
             for name, links in self.links.items()
             if (only is None or name == only)
             and (name not in self.drained or (only is not None and not chosen))
-            and (up := [link for link in links if link.is_up and not self._full(link)])
+            and (
+                up := [
+                    link
+                    for link in links
+                    if link.state is LinkState.UP
+                    and in_flight(link.connection) < link.switch.max_inflight
+                ]
+            )
         }
 
     def _switch_order(self, names: list[str]) -> list[str]:
@@ -420,9 +446,6 @@ class Pool:
     def in_flight(self, link: Link) -> int:
         """Requests written on `link`'s current connection and not yet answered."""
         return self._correlator.in_flight(link.connection)
-
-    def _full(self, link: Link) -> bool:
-        return self._correlator.in_flight(link.connection) >= link.switch.max_inflight
 
     def _on_response(self, link: Link, response: Message) -> None:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -97,6 +98,12 @@ def test_a_claim_keeps_no_card_data() -> None:
     assert _identity(None).claim(request, NOW).pan_hash is None
     assert TEST_PAN not in repr(claim)
     assert safe_fields(request.with_fields({"999": "x", "55": "9F26"})) == claim.fields
+
+
+@pytest.mark.parametrize("switch", ["beta", None])
+def test_a_claim_named_for_a_switch_keeps_everything_else(switch: str | None) -> None:
+    claim = replace(_identity().claim(financial(7, when=NOW), NOW), switch="alpha")
+    assert claim.naming(switch) == replace(claim, switch=switch)  # every field, compared
 
 
 def test_a_replay_rebuilds_the_answer_with_the_requests_own_card_fields() -> None:
