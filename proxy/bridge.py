@@ -19,6 +19,12 @@ import trio
 T = TypeVar("T")
 
 
+# Steps the loop takes in a row while it has callbacks ready, before trio's tasks get a
+# turn: a query's reply takes three (read it, resume the query, tell its caller), and a
+# turn of trio's between them cost a scheduler pass each.
+STEPS_IN_A_ROW = 3
+
+
 class Stopped(ConnectionError):
     """The store is stopping: a call or a write it cut short (not a fault of the database)."""
 
@@ -54,9 +60,12 @@ class Bridge:
         try:
             with trio.CancelScope(shield=True):
                 while not self._abandon:
-                    loop.stop()
-                    loop.run_forever()  # one step
-                    pending = bool(loop._ready)  # type: ignore[attr-defined]  # next step's
+                    for _ in range(STEPS_IN_A_ROW):
+                        loop.stop()
+                        loop.run_forever()  # one step
+                        pending = bool(loop._ready)  # type: ignore[attr-defined]  # next step's
+                        if not pending:
+                            break
                     if self._closing and not pending and not asyncio.all_tasks(loop):
                         break
                     if pending:
