@@ -9,9 +9,11 @@ health checks and metrics on; the database from --dsn, ISO_PROXY_TEST_DSN or
 ISO_PROXY_DSN, else the embedded PostgreSQL), then runs the load generator
 (`bench.load`, its own process) at each fixed rate (open loop) and as fast as answers come
 (closed loop), straight at a switch (the baseline) and through the proxy, interleaved,
-`--repeats` times. Then, with `--idle` terminal connections held open, an active client
-at 2000 TPS. Prints a table of the medians; writes `results.json` (every run and the
-medians) and, when matplotlib is installed, `latency.png` to --out.
+`--repeats` times; the closed loop also through a bare trio byte forwarder
+(`fixtures.bare_forwarder`), whose CPU a transaction is the yardstick for the proxy's.
+Then, with `--idle` terminal connections held open, an active client at 2000 TPS. Prints
+a table of the medians; writes `results.json` (every run and the medians) and, when
+matplotlib is installed, `latency.png` to --out.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from bench.processes import machine, measured, rss_bytes, until_signalled
 from bench.report import plot, summarize, table
 
 IDLE_ACTIVE_RATE = 2000.0
+TARGETS_CLOSED = ("direct", "bare", "proxy")  # the bare forwarder: closed loop only
 
 
 @dataclass(frozen=True)
@@ -47,10 +50,12 @@ class Plan:
 async def run_case(
     cast: Cast, plan: Plan, target: str, rate: float | None, repeat: int
 ) -> dict[str, Any]:
-    """One load run, straight at the switch or through the proxy, with what it cost."""
-    port = cast.switch.port if target == "direct" else cast.proxy.port
+    """One load run, straight at the switch, through the bare forwarder or through the
+    proxy, with what it cost."""
+    middle = {"direct": cast.proxy, "bare": cast.forwarder, "proxy": cast.proxy}[target]
+    port = cast.switch.port if target == "direct" else middle.port
     rows_before = await journal_rows(cast)
-    with measured(cast.proxy.pid, [switch.pid for switch in cast.switches]) as cost:
+    with measured(middle.pid, [switch.pid for switch in cast.switches]) as cost:
         summary = await cast.load(port, plan.connections, plan.duration, rate)
     rows = await journal_rows(cast) - rows_before
     answered = max(1, summary["answered"])
@@ -64,6 +69,8 @@ async def run_case(
         "switches_cpu_us_per_txn": round(cost["switches_cpu_s"] * 1e6 / answered, 1),
         "load_cpu_us_per_txn": round(summary["cpu_s"] * 1e6 / answered, 1),
     }
+    if target == "bare":
+        result["forwarder_cpu_us_per_txn"] = round(cost["cpu_s"] * 1e6 / answered, 1)
     if target == "proxy":
         result["proxy_cpu_us_per_txn"] = round(cost["cpu_s"] * 1e6 / answered, 1)
         result["postgres_cpu_us_per_row"] = round(cost["postgres_cpu_s"] * 1e6 / max(1, rows), 1)
@@ -125,7 +132,7 @@ async def run(plan: Plan, dsn: str) -> dict[str, Any]:
         for repeat in range(1, plan.repeats + 1):
             print(f"repeat {repeat}/{plan.repeats}", file=sys.stderr)
             for rate in (*plan.rates, None):
-                for target in ("direct", "proxy"):
+                for target in ("direct", "proxy") if rate is not None else TARGETS_CLOSED:
                     runs.append(await run_case(cast, plan, target, rate, repeat))
         if plan.idle:
             print(f"{plan.idle} idle connections", file=sys.stderr)

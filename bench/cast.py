@@ -1,5 +1,7 @@
 """The benchmark's cast: two simulated switches and the proxy in front of them, each its
-own process, with the journal in a schema of its own (dropped afterwards)."""
+own process, with the journal in a schema of its own (dropped afterwards); and beside the
+proxy, a bare trio byte forwarder to the first switch (`fixtures.bare_forwarder`), the
+measure of what the machine can do."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ SWITCHES = ("alpha", "beta")
 class Cast:
     switches: tuple[Service, ...]  # direct runs go to the first
     proxy: Service
+    forwarder: Service  # the bare trio forwarder, to the first switch
     admin_port: int  # the proxy's
     dsn: str
     schema: str
@@ -161,7 +164,7 @@ async def running_cast(dsn: str) -> AsyncIterator[Cast]:
     """Switches and proxy up (the proxy's links too); everything stopped afterwards."""
     raise_fd_limit()  # the proxy inherits it: idle runs need many descriptors
     schema = f"bench_{datetime.now(UTC):%Y%m%d%H%M%S}_{uuid.uuid4().hex[:6]}"
-    ports = {name: free_port() for name in (*SWITCHES, "proxy", "admin")}
+    ports = {name: free_port() for name in (*SWITCHES, "proxy", "admin", "forwarder")}
     with tempfile.TemporaryDirectory(prefix="iso-proxy-bench-") as tmp:
         folder = Path(tmp)
         config = proxy_config(folder, ports, dsn, schema)
@@ -175,6 +178,11 @@ async def running_cast(dsn: str) -> AsyncIterator[Cast]:
                             nursery, name, argv, ports[name], log=folder / f"{name}.log"
                         )
                     )
+                argv = ["fixtures.bare_forwarder", "--port", str(ports["forwarder"])]
+                argv += ["--upstream-port", str(ports[SWITCHES[0]])]
+                forwarder = await start_service(
+                    nursery, "forwarder", argv, ports["forwarder"], log=folder / "forwarder.log"
+                )
                 proxy = await start_service(
                     nursery,
                     "proxy",
@@ -184,7 +192,7 @@ async def running_cast(dsn: str) -> AsyncIterator[Cast]:
                     log=folder / "proxy.log",
                 )
                 await wait_ready(ports["admin"])
-                yield Cast(tuple(switches), proxy, ports["admin"], dsn, schema)
+                yield Cast(tuple(switches), proxy, forwarder, ports["admin"], dsn, schema)
                 nursery.cancel_scope.cancel()
         finally:
             await sql(dsn, "public", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

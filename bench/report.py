@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 LATENCIES = ("p50", "p99", "p999")
+# Issue 8's CPU targets (150 µs a transaction, stretch 100) beside what a bare trio
+# forwarder cost on the machine they were set on (about 25 µs): as multiples of it.
+TARGET_TIMES_BARE, STRETCH_TIMES_BARE = 150 / 25, 100 / 25
 
 
 def _case(run: dict[str, Any]) -> str:
@@ -17,7 +20,8 @@ def _case(run: dict[str, Any]) -> str:
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per case (rate, or closed loop) and target: the medians over repetitions, failures
-    summed, and the latency the proxy adds over the direct run."""
+    summed, the latency the proxy adds over the direct run, and the proxy's CPU as a
+    multiple of the bare forwarder's (closed loop)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
         groups[(_case(run), run["target"])].append(run)
@@ -29,6 +33,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"{name}_ms"] = statistics.median(r["latency_ms"][name] for r in group)
         for name in (
             "proxy_cpu_us_per_txn",
+            "forwarder_cpu_us_per_txn",
             "postgres_cpu_us_per_row",
             "switches_cpu_us_per_txn",
             "load_cpu_us_per_txn",
@@ -48,6 +53,11 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if row["target"] == "proxy" and direct is not None:
             for name in ("p50", "p99"):
                 row[f"added_{name}_ms"] = round(row[f"{name}_ms"] - direct[f"{name}_ms"], 3)
+        bare = by_key.get((row["case"], "bare"))
+        if row["target"] == "proxy" and bare and "proxy_cpu_us_per_txn" in row:
+            row["cpu_times_bare"] = round(
+                row["proxy_cpu_us_per_txn"] / bare["forwarder_cpu_us_per_txn"], 2
+            )
     return rows
 
 
@@ -66,7 +76,7 @@ def table(result: dict[str, Any]) -> str:
             f"{row['case']:>7} {row['target']:<7}{row['throughput_tps']:>8.0f}"
             f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{row['p999_ms']:>9.2f}"
             f"{_maybe(row.get('added_p99_ms'), '.2f'):>9}"
-            f"{_maybe(row.get('proxy_cpu_us_per_txn'), '.0f'):>10}"
+            f"{_maybe(_middle_cpu(row), '.0f'):>10}"
             f"{_maybe(row.get('postgres_cpu_us_per_row'), '.0f'):>10}"
             f"{_maybe(row.get('switches_cpu_us_per_txn'), '.0f'):>9}"
             f"{_maybe(row.get('load_cpu_us_per_txn'), '.0f'):>10}"
@@ -74,6 +84,13 @@ def table(result: dict[str, Any]) -> str:
             f"{row['unsent']:>8}"
             f"{_maybe(row.get('journal_matches'), ''):>8}"
         )
+    for row in result["medians"]:
+        if "cpu_times_bare" in row:
+            lines.append(
+                f"proxy CPU at saturation: {row['cpu_times_bare']:.2f} times the bare trio "
+                f"forwarder's in this run (issue 8's targets: {TARGET_TIMES_BARE:.1f}, "
+                f"stretch {STRETCH_TIMES_BARE:.1f})"
+            )
     idle = result.get("idle")
     if idle:
         active = idle["active"]
@@ -86,6 +103,12 @@ def table(result: dict[str, Any]) -> str:
             f"RSS {idle['proxy_rss_mb_active']:.0f} MB"
         )
     return "\n".join(lines)
+
+
+def _middle_cpu(row: dict[str, Any]) -> float | None:
+    """The CPU a transaction of what stood between load and switch: proxy or forwarder."""
+    value: float | None = row.get("proxy_cpu_us_per_txn", row.get("forwarder_cpu_us_per_txn"))
+    return value
 
 
 def _maybe(value: object, spec: str) -> str:

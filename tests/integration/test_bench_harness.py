@@ -24,13 +24,29 @@ async def test_a_small_benchmark_writes_its_table_and_json(tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     table = result.stdout.decode()
     assert "case target" in table and "200 idle connections" in table
+    assert "times the bare trio forwarder's in this run" in table
     report = json.loads((tmp_path / "results.json").read_text())
     cases = {(row["case"], row["target"]) for row in report["medians"]}
-    assert cases == {("200", "direct"), ("200", "proxy"), ("closed", "direct"), ("closed", "proxy")}
+    assert cases == {
+        ("200", "direct"),
+        ("200", "proxy"),
+        ("closed", "direct"),
+        ("closed", "bare"),
+        ("closed", "proxy"),
+    }
     through_proxy = [run for run in report["runs"] if run["target"] == "proxy"]
     for run in through_proxy:
         assert run["answered"] == run["approved"] == run["journal_rows"] > 0
         assert run["proxy_cpu_us_per_txn"] > 0
+    (bare,) = [run for run in report["runs"] if run["target"] == "bare"]
+    assert bare["answered"] == bare["approved"] > 0 and bare["journal_rows"] == 0
+    assert bare["forwarder_cpu_us_per_txn"] > 0
+    (closed,) = [
+        row for row in report["medians"] if row["target"] == "proxy" and row["case"] == "closed"
+    ]
+    assert closed["cpu_times_bare"] == round(
+        closed["proxy_cpu_us_per_txn"] / bare["forwarder_cpu_us_per_txn"], 2
+    )
     for run in report["runs"]:  # where the rest of the box's CPU went, in every case
         assert run["switches_cpu_us_per_txn"] > 0 and run["load_cpu_us_per_txn"] > 0
     assert report["idle"]["idle_connections"] == 200
@@ -60,7 +76,8 @@ async def test_sigterm_stops_every_child_of_the_benchmark() -> None:
                 assert chunk, output.decode()
                 output += chunk
         children = _children(process.pid)
-        assert len(children) >= 3  # two switches and the proxy (and a load generator, soon)
+        assert len(children) >= 4  # two switches, the forwarder and the proxy (and a load
+        # generator, soon)
         process.terminate()
         with trio.fail_after(30):
             while chunk := await process.stderr.receive_some(4096):
