@@ -60,12 +60,7 @@ class Bridge:
         try:
             with trio.CancelScope(shield=True):
                 while not self._abandon:
-                    for _ in range(STEPS_IN_A_ROW):
-                        loop.stop()
-                        loop.run_forever()  # one step
-                        pending = bool(loop._ready)  # type: ignore[attr-defined]  # next step's
-                        if not pending:
-                            break
+                    pending = self._steps()
                     if self._closing and not pending and not asyncio.all_tasks(loop):
                         break
                     if pending:
@@ -80,6 +75,17 @@ class Bridge:
             self._ended.set()
             for done in self._waiting:  # calls abandoned unfinished: their callers get an error
                 done.set()
+
+    def _steps(self) -> bool:
+        """Up to STEPS_IN_A_ROW steps of the loop while it has callbacks ready; whether it
+        has some still."""
+        loop = self._loop
+        for _ in range(STEPS_IN_A_ROW):
+            loop.stop()
+            loop.run_forever()  # one step
+            if not loop._ready:  # type: ignore[attr-defined]  # the next step's callbacks
+                return False
+        return True
 
     def _next_timer(self) -> float:
         """When the loop's earliest timer falls due, on trio's clock."""
@@ -103,7 +109,17 @@ class Bridge:
         done = trio.Event()
         task.add_done_callback(lambda _: done.set())
         self._waiting.add(done)
-        self._wake()
+        # When the driver sleeps until the loop's descriptor or next timer wakes it, the
+        # call's first steps (its query sent) are taken here instead, and the driver is
+        # woken only if they leave it more to do than those will tell it (a scheduler pass
+        # a query fewer).
+        idle = self._idle
+        if (
+            idle is not None
+            and not idle.cancel_called
+            and (self._steps() or self._next_timer() < idle.deadline)
+        ):
+            idle.cancel()
         try:
             await done.wait()
         except BaseException:
