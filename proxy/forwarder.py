@@ -430,7 +430,8 @@ class Forwarder:
         response = replay(message, recorded)
         allowed, hold = await self._may_replay(claim, recorded, journal, same_content)
         if not allowed:
-            _log_outcome(message, decisions.SYSTEM_MALFUNCTION, "approval being reversed", 0)
+            why = "approval being reversed, or its row busy"
+            _log_outcome(message, decisions.SYSTEM_MALFUNCTION, why, 0)
             return answer(message, decisions.SYSTEM_MALFUNCTION), False, None
         _log_outcome(message, recorded.rc or "", "replayed", 0)
         return response, same_content, hold
@@ -447,8 +448,9 @@ class Forwarder:
         until the replay's delivery is known (`Store.hold_for_replay`): an instance queuing
         the reversal meanwhile waits, then finds the replay noted if it got through, and
         goes ahead if it did not. Other content given the approval (`on_conflict: replay`)
-        is no delivery of the original's: it is only checked. If the journal cannot tell,
-        the approval is replayed, as it always was."""
+        is no delivery of the original's: it is only checked. A row that stays locked
+        (another instance at it) is not waited for past most of store.timeout: the repeat
+        gets 96. If the journal cannot tell, the approval is replayed, as it always was."""
         if not decisions.reversible_approval(Mti.parse(claim.mti), recorded.rc or ""):
             return True, None
         try:
@@ -456,7 +458,7 @@ class Forwarder:
         except StoreUnavailable as error:
             log.warning("%s replayed unchecked for a reversal (%s)", claim.mti, error)
             return claim.key not in self._reversing, None
-        if hold is None:  # a reversal was queued
+        if hold is None:  # a reversal was queued, or the row stayed locked (one may be)
             return False, None
         # Looked at once the row is held: this instance's insert may have been under way.
         if claim.key in self._reversing or not same_content:

@@ -82,6 +82,10 @@ MIGRATION_LOCK = 0x150_8583  # pg_advisory_xact_lock key shared by all instances
 # its transaction for `REPLAY_HOLD_LIMIT` times `store.timeout` (a hold leaked by a bug).
 REPLAY_WRITE_SHARE = 0.5
 REPLAY_HOLD_LIMIT = 4
+# A repeat waits at most this share of `store.timeout` for its approval's row: locked that
+# long, the row is being worked on (another instance queuing the original's reversal, or
+# holding it for a repeat of its own), and the approval is not given again unchecked.
+REPLAY_LOCK_SHARE = 0.75
 # How long a migration waits for a table's lock before it gives up (start-up tries again
 # later): while it waits, every other instance's journal writes queue behind it.
 MIGRATION_LOCK_TIMEOUT = 0.25
@@ -246,21 +250,34 @@ _Held = tuple[asyncpg.Connection, Any]  # the connection, and its open transacti
 
 
 async def _hold(
-    pool: asyncpg.Pool, hold: ReplayHold, holds: dict[ReplayHold, _Held], limit_s: float
+    pool: asyncpg.Pool,
+    hold: ReplayHold,
+    holds: dict[ReplayHold, _Held],
+    limit_s: float,
+    lock_wait_s: float,
 ) -> bool:
     """In the bridge's loop: lock the row, then look for a reversal (a statement of its own,
     in READ COMMITTED, so that it sees one committed while it waited for the lock). Held
-    (True) with none; else the transaction is rolled back."""
+    (True) with none; else the transaction is rolled back: a reversal was seen, or the row
+    stayed locked for `lock_wait_s` (PostgreSQL's `lock_timeout`, an answer of its own,
+    which says nothing against the database)."""
     connection = await pool.acquire()
     transaction = connection.transaction(isolation="read_committed")
     try:
         await transaction.start()
-        limit = f"{round(limit_s * 1000)}ms"
         await connection.execute(
-            "SELECT set_config('idle_in_transaction_session_timeout', $1, true)", limit
+            "SELECT set_config('idle_in_transaction_session_timeout', $1, true),"
+            " set_config('lock_timeout', $2, true)",
+            f"{round(limit_s * 1000)}ms",
+            f"{max(1, round(lock_wait_s * 1000))}ms",
         )
-        await connection.execute(_HOLD_ROW, hold.key)
-        reversal_seen = await connection.fetchval(_REVERSAL_SEEN, hold.key)
+        try:
+            await connection.execute(_HOLD_ROW, hold.key)
+        except asyncpg.LockNotAvailableError:
+            log.warning("replay refused: its row stayed locked %.2f s", lock_wait_s)
+            reversal_seen = True  # as good as: someone else is at this row
+        else:
+            reversal_seen = await connection.fetchval(_REVERSAL_SEEN, hold.key)
     except BaseException:
         await _end_transaction(pool, connection, transaction, commit=False)
         raise
@@ -579,10 +596,11 @@ class Store:
 
     async def hold_for_replay(self, key: str) -> ReplayHold | None:
         """Lock `key`'s row before its approval is given to a repeat: None when a reversal of
-        it was ever queued (the approval is not to be given again). Until `release_hold`,
-        another instance queuing that reversal (`queue_reversal`) waits, and then finds the
-        replay noted if the repeat's terminal got it. StoreUnavailable when the journal
-        cannot tell."""
+        it was ever queued, or the row stayed locked for `REPLAY_LOCK_SHARE` of
+        store.timeout (the approval is not to be given again, at least not now). Until
+        `release_hold`, another instance queuing that reversal (`queue_reversal`) waits, and
+        then finds the replay noted if the repeat's terminal got it. StoreUnavailable when
+        the journal cannot tell."""
         hold = ReplayHold(key)
         try:
             held = await self._guarded(partial(self._take_hold, hold))
@@ -594,9 +612,10 @@ class Store:
     async def _take_hold(self, hold: ReplayHold, deadline: float) -> bool:
         bridge, pool = self._bridge, self._pool
         assert bridge is not None and pool is not None  # `_guarded` found the store ready
-        limit = REPLAY_HOLD_LIMIT * self._settings.timeout
+        timeout = self._settings.timeout
+        limit, lock_wait = REPLAY_HOLD_LIMIT * timeout, REPLAY_LOCK_SHARE * timeout
         with trio.move_on_at(deadline):
-            return await bridge.call(_hold(pool, hold, self._holds, limit))
+            return await bridge.call(_hold(pool, hold, self._holds, limit, lock_wait))
         raise trio.TooSlowError
 
     @property

@@ -379,3 +379,64 @@ async def test_a_reversal_queued_while_a_repeat_holds_the_row_waits_for_its_deli
     rows = await database.fetch("SELECT replayed_at IS NOT NULL AS noted FROM transactions")
     assert rows == [{"noted": delivered}]
     assert len(await database.fetch("SELECT 1 FROM reversals")) == (0 if delivered else 1)
+
+
+async def test_a_repeat_does_not_wait_out_a_row_another_session_keeps_locked(
+    nursery: trio.Nursery, database: Database
+) -> None:
+    """Another session keeps an approval's row locked (an instance queuing its reversal,
+    stuck): a repeat's hold gives up at REPLAY_LOCK_SHARE of store.timeout and the approval
+    is refused (None), not given again unchecked (StoreUnavailable, once store.timeout has
+    passed); the store stays ready, and holds the row again once it is free."""
+    now = datetime.now(UTC)
+    request = financial(15, "CLAIMS09", when=now)
+    claim = IDENTITY.claim(request, now)
+    timeout = 1.0
+    store = Store(StoreSettings(database.dsn, database.schema, timeout, 8, 16, 0.0, "locked"))
+    await nursery.start(store.run)
+    await store.wait_ready()
+    assert await store.claim(claim) is None
+    assert await store.complete(outcome_of(claim, answer(request, "00"), state="answered"))
+    holding, go, released = threading.Event(), threading.Event(), trio.Event()
+
+    async def other_session() -> None:
+        await trio.to_thread.run_sync(partial(_row_locked, database, claim.key, holding, go))
+        released.set()
+
+    nursery.start_soon(other_session)
+    try:
+        assert await trio.to_thread.run_sync(holding.wait, 10)
+        started = trio.current_time()
+        assert await store.hold_for_replay(claim.key) is None
+        waited = trio.current_time() - started
+        assert proxy.store.REPLAY_LOCK_SHARE * timeout <= waited < timeout
+        assert store.ready
+    finally:
+        go.set()  # never a thread left waiting
+    with trio.fail_after(10):
+        await released.wait()
+    hold = await store.hold_for_replay(claim.key)
+    assert hold is not None
+    await store.release_hold(hold, delivered=False)
+
+
+def _row_locked(
+    database: Database, key: str, holding: threading.Event, go: threading.Event
+) -> None:
+    """Another session: `key`'s row locked in a transaction until `go` (10 s at most)."""
+
+    async def lock() -> None:
+        connection = await asyncpg.connect(
+            database.dsn, server_settings={"search_path": database.schema}
+        )
+        try:
+            async with connection.transaction():
+                await connection.execute(
+                    "SELECT 1 FROM transactions WHERE tx_key = $1 FOR UPDATE", key
+                )
+                holding.set()
+                await asyncio.get_running_loop().run_in_executor(None, go.wait, 10)
+        finally:
+            await connection.close()
+
+    asyncio.run(lock())
