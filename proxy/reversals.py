@@ -95,6 +95,12 @@ class ReversalWorker:
         message = due.message()
         if due.attempts > 0 or due.lapsed:  # an earlier attempt was (maybe) written
             message = message.with_fields({}, mti=decisions.repeat_of(message.mti))
+        if due.switch is not None and due.switch not in self._pool.switches:
+            # It goes where its original went, or nowhere: it waits for that switch to be
+            # configured again (or for an operator), and the log says which.
+            why = f"its switch {due.switch!r} is not configured"
+            await self._retry(due, message, why, written=False)
+            return
         try:
             answered = await self._pool.forward(
                 message,

@@ -675,3 +675,25 @@ async def test_a_reversal_answered_without_processing_is_not_acknowledged(
     assert [r.mti.code for r in switch.requests if r.mti.message_class == 4] == ["0400", "0401"]
     rows = await database.fetch("SELECT state, attempts, last_rc FROM reversals")
     assert rows == [{"state": "failed", "attempts": 2, "last_rc": "96"}]
+
+
+async def test_a_reversal_for_a_switch_no_longer_configured_waits_and_says_why(
+    nursery: trio.Nursery, database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A queued reversal names a switch since removed from the config (recovery queued it
+    for the switch its original went to): it is sent nowhere else, spends no attempt, and
+    each try's warning names the missing switch, not merely "no link"."""
+    switch = await start_switch(nursery)
+    app, _ = await _proxy(nursery, database, switch)
+    assert app.store is not None and app.reversals is not None
+    claim = TransactionIdentity(("41", "11"), TEST_PAN_KEY).claim(financial(92), datetime.now(UTC))
+    assert await app.store.claim(claim) is None
+    queued = await app.store.queue_reversal(claim.key, "gone", _queued_reversal(), "timed_out")
+    assert queued is Queued.NOW
+    worker = app.reversals
+    with trio.fail_after(10):
+        await worker.wait_until(lambda: worker.tried >= 2)
+    assert "its switch 'gone' is not configured" in caplog.text
+    rows = await database.fetch("SELECT state, attempts, switch FROM reversals")
+    assert rows == [{"state": "queued", "attempts": 0, "switch": "gone"}]
+    assert switch.received_reversals() == 0
