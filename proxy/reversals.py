@@ -97,9 +97,16 @@ class ReversalWorker:
             message = message.with_fields({}, mti=decisions.repeat_of(message.mti))
         if due.switch is not None and due.switch not in self._pool.switches:
             # It goes where its original went, or nowhere: it waits for that switch to be
-            # configured again (or for an operator), and the log says which.
-            why = f"its switch {due.switch!r} is not configured"
-            await self._retry(due, message, why, written=False)
+            # configured again (or for an operator), looked at again as rarely as backoff
+            # allows, and the log says which switch.
+            delay = self._config.backoff_max
+            log.warning(
+                "reversal %d is for switch %r, which is not configured; again in %.1fs",
+                due.id,
+                due.switch,
+                delay,
+            )
+            await self._record(due, "queued", None, delay, written=False)
             return
         try:
             answered = await self._pool.forward(

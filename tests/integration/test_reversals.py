@@ -681,8 +681,9 @@ async def test_a_reversal_for_a_switch_no_longer_configured_waits_and_says_why(
     nursery: trio.Nursery, database: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A queued reversal names a switch since removed from the config (recovery queued it
-    for the switch its original went to): it is sent nowhere else, spends no attempt, and
-    each try's warning names the missing switch, not merely "no link"."""
+    for the switch its original went to): it is sent nowhere else, spends no attempt, is
+    looked at again only every `backoff_max`, and each look's warning names the missing
+    switch, not merely "no link"."""
     switch = await start_switch(nursery)
     app, _ = await _proxy(nursery, database, switch)
     assert app.store is not None and app.reversals is not None
@@ -693,7 +694,7 @@ async def test_a_reversal_for_a_switch_no_longer_configured_waits_and_says_why(
     worker = app.reversals
     with trio.fail_after(10):
         await worker.wait_until(lambda: worker.tried >= 2)
-    assert "its switch 'gone' is not configured" in caplog.text
+    assert "is for switch 'gone', which is not configured" in caplog.text
     rows = await database.fetch("SELECT state, attempts, switch FROM reversals")
     assert rows == [{"state": "queued", "attempts": 0, "switch": "gone"}]
     assert switch.received_reversals() == 0
