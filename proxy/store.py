@@ -259,8 +259,9 @@ async def _hold(
     """In the bridge's loop: lock the row, then look for a reversal (a statement of its own,
     in READ COMMITTED, so that it sees one committed while it waited for the lock). Held
     (True) with none; else the transaction is rolled back: a reversal was seen, or the row
-    stayed locked for `lock_wait_s` (PostgreSQL's `lock_timeout`, an answer of its own,
-    which says nothing against the database)."""
+    (or the reversals table) stayed locked for `lock_wait_s` (PostgreSQL's `lock_timeout`,
+    for these two statements only: an answer of its own, which says nothing against the
+    database)."""
     connection = await pool.acquire()
     transaction = connection.transaction(isolation="read_committed")
     try:
@@ -273,11 +274,12 @@ async def _hold(
         )
         try:
             await connection.execute(_HOLD_ROW, hold.key)
-        except asyncpg.LockNotAvailableError:
-            log.warning("replay refused: its row stayed locked %.2f s", lock_wait_s)
-            reversal_seen = True  # as good as: someone else is at this row
-        else:
             reversal_seen = await connection.fetchval(_REVERSAL_SEEN, hold.key)
+        except asyncpg.LockNotAvailableError:  # the row, or the reversals table (a migration)
+            log.warning("replay refused: its row or its reversal stayed locked %.2fs", lock_wait_s)
+            reversal_seen = True  # as good as: someone else is at it
+        else:  # held: the replay's note (`_release`) waits for locks as it always did
+            await connection.execute("SELECT set_config('lock_timeout', '0', true)")
     except BaseException:
         await _end_transaction(pool, connection, transaction, commit=False)
         raise

@@ -381,13 +381,22 @@ async def test_a_reversal_queued_while_a_repeat_holds_the_row_waits_for_its_deli
     assert len(await database.fetch("SELECT 1 FROM reversals")) == (0 if delivered else 1)
 
 
+# What another session keeps locked: the approval's row (an instance queuing its reversal,
+# stuck), or the whole reversals table (a migration, a VACUUM FULL).
+LOCKS = {
+    "row": "SELECT 1 FROM transactions WHERE tx_key = $1 FOR UPDATE",
+    "reversals": "LOCK TABLE reversals IN ACCESS EXCLUSIVE MODE",
+}
+
+
+@pytest.mark.parametrize("locked", LOCKS)
 async def test_a_repeat_does_not_wait_out_a_row_another_session_keeps_locked(
-    nursery: trio.Nursery, database: Database
+    nursery: trio.Nursery, database: Database, locked: str
 ) -> None:
-    """Another session keeps an approval's row locked (an instance queuing its reversal,
-    stuck): a repeat's hold gives up at REPLAY_LOCK_SHARE of store.timeout and the approval
-    is refused (None), not given again unchecked (StoreUnavailable, once store.timeout has
-    passed); the store stays ready, and holds the row again once it is free."""
+    """Another session keeps an approval's row, or the reversals table, locked: a repeat's
+    hold gives up at REPLAY_LOCK_SHARE of store.timeout and the approval is refused (None),
+    not given again unchecked (StoreUnavailable, once store.timeout has passed); the store
+    stays ready, and holds the row again once it is free."""
     now = datetime.now(UTC)
     request = financial(15, "CLAIMS09", when=now)
     claim = IDENTITY.claim(request, now)
@@ -400,7 +409,8 @@ async def test_a_repeat_does_not_wait_out_a_row_another_session_keeps_locked(
     holding, go, released = threading.Event(), threading.Event(), trio.Event()
 
     async def other_session() -> None:
-        await trio.to_thread.run_sync(partial(_row_locked, database, claim.key, holding, go))
+        lock = partial(_locked, database, LOCKS[locked], claim.key, holding, go)
+        await trio.to_thread.run_sync(lock)
         released.set()
 
     nursery.start_soon(other_session)
@@ -420,10 +430,11 @@ async def test_a_repeat_does_not_wait_out_a_row_another_session_keeps_locked(
     await store.release_hold(hold, delivered=False)
 
 
-def _row_locked(
-    database: Database, key: str, holding: threading.Event, go: threading.Event
+def _locked(
+    database: Database, sql: str, key: str, holding: threading.Event, go: threading.Event
 ) -> None:
-    """Another session: `key`'s row locked in a transaction until `go` (10 s at most)."""
+    """Another session: `sql` (a lock, given `key` if it takes a parameter) run in a
+    transaction kept open until `go` (10 s at most)."""
 
     async def lock() -> None:
         connection = await asyncpg.connect(
@@ -431,9 +442,7 @@ def _row_locked(
         )
         try:
             async with connection.transaction():
-                await connection.execute(
-                    "SELECT 1 FROM transactions WHERE tx_key = $1 FOR UPDATE", key
-                )
+                await connection.execute(sql, *([key] if "$1" in sql else []))
                 holding.set()
                 await asyncio.get_running_loop().run_in_executor(None, go.wait, 10)
         finally:
