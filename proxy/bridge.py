@@ -95,6 +95,23 @@ class Bridge:
         when: float = scheduled[0].when()
         return trio.current_time() + when - self._loop.time()
 
+    def _step_here(self) -> None:
+        """When the driver sleeps until the loop's descriptor or next timer wakes it, take
+        a new call's first steps (its query sent) in the caller's task, and wake the driver
+        only if they leave it more to do than those will tell it (a scheduler pass a query
+        fewer); else wake it to take them. If a step raises (nothing but a loop fault or a
+        KeyboardInterrupt can), the driver is woken all the same."""
+        idle = self._idle
+        if idle is None or idle.cancel_called:
+            return  # the driver is stepping, or about to: it takes the call's steps too
+        try:
+            if not self._steps() and self._next_timer() >= idle.deadline:
+                return
+        except BaseException:
+            idle.cancel()
+            raise
+        idle.cancel()
+
     def _wake(self) -> None:
         if self._idle is not None:
             self._idle.cancel()
@@ -109,18 +126,8 @@ class Bridge:
         done = trio.Event()
         task.add_done_callback(lambda _: done.set())
         self._waiting.add(done)
-        # When the driver sleeps until the loop's descriptor or next timer wakes it, the
-        # call's first steps (its query sent) are taken here instead, and the driver is
-        # woken only if they leave it more to do than those will tell it (a scheduler pass
-        # a query fewer).
-        idle = self._idle
-        if (
-            idle is not None
-            and not idle.cancel_called
-            and (self._steps() or self._next_timer() < idle.deadline)
-        ):
-            idle.cancel()
         try:
+            self._step_here()
             await done.wait()
         except BaseException:
             if not self._loop.is_closed():
