@@ -54,7 +54,12 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for name in ("p50", "p99"):
                 row[f"added_{name}_ms"] = round(row[f"{name}_ms"] - direct[f"{name}_ms"], 3)
         bare = by_key.get((row["case"], "bare"))
-        if row["target"] == "proxy" and bare and "proxy_cpu_us_per_txn" in row:
+        if (
+            row["target"] == "proxy"
+            and bare
+            and bare.get("forwarder_cpu_us_per_txn")  # 0: too short a run to tell
+            and "proxy_cpu_us_per_txn" in row
+        ):
             row["cpu_times_bare"] = round(
                 row["proxy_cpu_us_per_txn"] / bare["forwarder_cpu_us_per_txn"], 2
             )
