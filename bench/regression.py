@@ -12,7 +12,7 @@ more. The switch is the yardstick because it does the proxy's kind of work (trio
 sockets, pyiso8583, waking for every batch of frames) on the same machine at the same
 time, without any of the proxy's own code: where a machine's wake-ups are dear, both
 pay. Exits 1 when the ratio is more than `TOLERANCE` above the recorded one `ATTEMPTS`
-times running; `--record` writes the median of `ATTEMPTS` measurements.
+times running; `--record` writes the median of `RECORDINGS` measurements.
 
 The baseline names the simulated switch it was measured with (a digest of the bytes of
 fixtures/sim_switch.py, the switch's own code; not the codec or trio it shares with the
@@ -41,7 +41,11 @@ BASELINE = Path(__file__).with_name("baseline.json")
 YARDSTICK = Path(__file__).parent.parent / "fixtures" / "sim_switch.py"
 TOLERANCE = 1.30
 RUNS = 5
-ATTEMPTS = 3
+# A measurement above the limit is taken again, up to ATTEMPTS in all: on the ninth
+# machine one in three or so read above it with no regression (5.02 against a limit of
+# 4.75, then 3.81), so three could all be unlucky a few times in a hundred CI runs.
+ATTEMPTS = 5
+RECORDINGS = 3
 DURATION = 3.0
 CONNECTIONS = 50
 
@@ -99,8 +103,8 @@ async def check(dsn: str) -> tuple[bool, list[dict[str, Any]]]:
 
 
 async def measure_repeatedly(dsn: str) -> list[dict[str, Any]]:
-    """`ATTEMPTS` measurements, for recording the typical one."""
-    return [await proxy_cpu_per_transaction(dsn) for _ in range(ATTEMPTS)]
+    """`RECORDINGS` measurements, for recording the typical one."""
+    return [await proxy_cpu_per_transaction(dsn) for _ in range(RECORDINGS)]
 
 
 def recorded() -> float:
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                     "method": f"min of {RUNS} closed-loop runs of {DURATION:g} s, "
                     f"{CONNECTIONS} connections, journal on, through the proxy and (interleaved) "
                     "straight at a simulated switch; ratio = proxy us/txn / switch us/txn "
-                    f"(direct); the median of {ATTEMPTS} such",
+                    f"(direct); the median of {RECORDINGS} such",
                 },
                 indent=2,
             )

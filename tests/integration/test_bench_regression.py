@@ -14,9 +14,9 @@ from bench.regression import TOLERANCE, check, describe, recorded
 from tests.conftest import journal_dsn
 
 
-@pytest.mark.timeout(200)  # up to three measurements of about 25 s each
+@pytest.mark.timeout(300)  # up to ATTEMPTS (5) measurements of 15-25 s each
 async def test_proxy_cpu_per_transaction_has_not_regressed() -> None:
-    with trio.fail_after(190):
+    with trio.fail_after(290):
         ok, found = await check(journal_dsn())
     assert ok, (
         f"{describe(found)}: more than {TOLERANCE - 1:.0%} above the recorded ratio "
