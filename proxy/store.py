@@ -278,8 +278,9 @@ async def _hold(
         except asyncpg.LockNotAvailableError:  # the row, or the reversals table (a migration)
             log.warning("replay refused: its row or its reversal stayed locked %.2fs", lock_wait_s)
             reversal_seen = True  # as good as: someone else is at it
-        else:  # held: the replay's note (`_release`) waits for locks as it always did
-            await connection.execute("SELECT set_config('lock_timeout', '0', true)")
+        else:  # held: the replay's note (`_release`) waits for locks as it always did (the
+            # session's own setting again, for the rest of this transaction)
+            await connection.execute("RESET lock_timeout")
     except BaseException:
         await _end_transaction(pool, connection, transaction, commit=False)
         raise
