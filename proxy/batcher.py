@@ -10,7 +10,6 @@ import trio
 
 from proxy.bridge import Stopped
 from proxy.deadlines import Deadlines
-from proxy.wakeup import Wakeup
 
 I = TypeVar("I")  # noqa: E741 - item type of a batch
 R = TypeVar("R")
@@ -21,7 +20,7 @@ class _Slot(Generic[R]):
 
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline  # to be taken into a write by then, or dropped
-        self.done = Wakeup()
+        self.done = trio.Event()
         self.taken = False  # in a write under way: its outcome is no longer ours to drop
         self.abandoned = False  # dropped while still queued (late, or its caller gave up)
         self.result: R | None = None

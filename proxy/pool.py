@@ -31,7 +31,6 @@ from proxy.health import LinkState
 from proxy.keys import MatchKey, match_key
 from proxy.network import StanSequence
 from proxy.upstream import WRITE_GRACE, Dialer, Link, dial_tcp
-from proxy.wakeup import Wakeup
 from proxy.watch import Watch
 
 log = logging.getLogger("iso_proxy.upstream")
@@ -68,7 +67,7 @@ class _Waiter:
     __slots__ = ("connection", "error", "event", "response", "tag", "written_at")
 
     def __init__(self, tag: str | None) -> None:
-        self.event = Wakeup()
+        self.event = trio.Event()
         self.response: Message | None = None
         self.error: UpstreamError | None = None
         self.connection = ""
