@@ -274,17 +274,17 @@ async def _hold(
         )
         try:
             await connection.execute(_HOLD_ROW, hold.key)
-            reversal_seen = await connection.fetchval(_REVERSAL_SEEN, hold.key)
+            refused = await connection.fetchval(_REVERSAL_SEEN, hold.key)  # a reversal queued
         except asyncpg.LockNotAvailableError:  # the row, or the reversals table (a migration)
             log.warning("replay refused: its row or its reversal stayed locked %.2fs", lock_wait_s)
-            reversal_seen = True  # as good as: someone else is at it
+            refused = True  # someone else is at it
         else:  # held: the replay's note (`_release`) waits for locks as it always did (the
             # session's own setting again, for the rest of this transaction)
             await connection.execute("RESET lock_timeout")
     except BaseException:
         await _end_transaction(pool, connection, transaction, commit=False)
         raise
-    if reversal_seen:
+    if refused:
         await _end_transaction(pool, connection, transaction, commit=False)
         return False
     holds[hold] = (connection, transaction)
