@@ -161,7 +161,8 @@ async def wait_admitted(cast: Cast, count: int) -> None:
 
 @asynccontextmanager
 async def running_cast(dsn: str) -> AsyncIterator[Cast]:
-    """Switches and proxy up (the proxy's links too); everything stopped afterwards."""
+    """Switches, forwarder and proxy up (the proxy's links too); everything stopped
+    afterwards."""
     raise_fd_limit()  # the proxy inherits it: idle runs need many descriptors
     schema = f"bench_{datetime.now(UTC):%Y%m%d%H%M%S}_{uuid.uuid4().hex[:6]}"
     ports = {name: free_port() for name in (*SWITCHES, "proxy", "admin", "forwarder")}
